@@ -1,0 +1,59 @@
+"""Model checkpoints: weights and buffers as safetensors, the architecture in the JSON beside.
+
+Weights only and byte-stable (no optimiser state, paths or times), so DVC hashes match
+across clones; the JSON says everything needed to rebuild the exact architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.files import load_tensors, save_tensors
+from pipeline.nets import build_model
+
+ARCH_KEYS = ("arch", "in_channels", "num_classes", "image_size")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.safetensors"
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    missing = [k for k in ARCH_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    save_tensors(path, model.state_dict(), meta)
+
+
+def model_from_meta(meta: dict[str, Any]) -> nn.Module:
+    return build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"])
+
+
+def load_checkpoint(path: Path, expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    `expect` maps metadata keys to required values (e.g. the architecture an upload names);
+    a checkpoint of another architecture is refused rather than loaded loosely.
+    """
+    path = Path(path)
+    state, meta = load_tensors(path)
+    missing = [k for k in ARCH_KEYS if k not in meta]
+    if missing:
+        raise PipelineError(f"{path}: not a model checkpoint (metadata lacks {missing[0]!r})")
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise PipelineError(f"{path}: checkpoint has {key}={meta.get(key)!r}, expected {value!r}")
+    model = model_from_meta(meta)
+    if set(state) != set(model.state_dict()):
+        odd = sorted(set(state) ^ set(model.state_dict()))[0]
+        raise PipelineError(f"{path}: weights do not fit a {meta['arch']} ({odd!r} missing or unexpected)")
+    for name, ref in model.state_dict().items():
+        if state[name].shape != ref.shape:
+            raise PipelineError(f"{path}: {name} has shape {tuple(state[name].shape)}, the architecture needs {tuple(ref.shape)}")
+    model.load_state_dict(state)
+    return model, meta

@@ -1,0 +1,119 @@
+"""Files between stages: tensors as safetensors beside a JSON of metadata, written atomically.
+
+A tensor file `x.safetensors` always has its metadata in `x.json`, which records the
+tensor file's SHA-256: a truncated, swapped or tampered file is refused with its path.
+Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces `path` only if the block succeeds.
+
+    A stage that dies half-way leaves its previous output, or none, never a partial one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(dumps_json(obj))
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write `path` (.safetensors) and its metadata beside it (.json, with the file's hash)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        digest = sha256(tmp)
+    write_json(path.with_suffix(".json"), {**meta, "sha256": digest})
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of tensor file `path`; refuses a file whose hash does not match."""
+    path = Path(path)
+    meta = read_json(path.with_suffix(".json"))
+    if not isinstance(meta, dict) or "sha256" not in meta:
+        raise PipelineError(f"{path.with_suffix('.json')}: metadata without the tensor file's sha256")
+    if not path.is_file():
+        raise PipelineError(f"{path}: tensor file not found")
+    if sha256(path) != meta["sha256"]:
+        raise PipelineError(f"{path}: contents do not match the sha256 in its metadata (truncated or modified)")
+    return meta
+
+
+def load_tensors(path: str | Path, expected: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a tensor file and its verified metadata; `expected` names the keys it must hold."""
+    path = Path(path)
+    meta = load_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise PipelineError(f"{path}: not a safetensors file ({err})") from None
+    if expected is not None and set(tensors) != expected:
+        missing = sorted(expected - set(tensors))
+        extra = sorted(set(tensors) - expected)
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise PipelineError(f"{path}: tensors do not match what was expected ({detail})")
+    return tensors, meta

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The project's one entry point.
+#   ./run.sh          set up (venv + dataset) and run the default pipeline (dvc repro)
+#   ./run.sh test     set up and run the whole test suite (fast tests, then the slow end-to-end ones)
+#   ./run.sh setup    only create .venv and install the default dataset
+#   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+VENV=.venv
+export PATH="$PWD/$VENV/bin:$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
+
+setup_env() {
+  # Reinstall only when requirements.lock changed since the last install.
+  if [ -f "$VENV/.installed-lock" ] && cmp -s requirements.lock "$VENV/.installed-lock"; then return; fi
+  echo "run.sh: installing into $VENV from requirements.lock (torch 2.14.1, torchvision 0.29.1, lightning, mlflow, dvc; ~2 min)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r requirements.lock
+  "$VENV/bin/pip" install -q --no-deps -e .
+  cp requirements.lock "$VENV/.installed-lock"
+}
+
+setup_data() {
+  # Only the default source is installed here; an image folder (data.source: imagefolder) is the user's own.
+  local root
+  root=$(python -c 'import yaml; d = yaml.safe_load(open("params.yaml"))["data"]; print(d["root"] if d["source"] == "fashion-mnist" else "")')
+  if [ -z "$root" ] || [ -f "$root/train-images-idx3-ubyte.gz" ]; then return; fi
+  if [ "$root" = /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    echo "run.sh: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "run.sh: Fashion-MNIST not found at $root. Without apt, download it with" \
+         "\`python -c \"from torchvision.datasets import FashionMNIST; FashionMNIST('data/raw', download=True)\"\`" \
+         "and set data.root: data/raw/FashionMNIST/raw in params.yaml" >&2
+    exit 1
+  fi
+}
+
+case "${1:-repro}" in
+  setup) setup_env; setup_data ;;
+  repro)
+    setup_env; setup_data
+    dvc repro
+    echo "run.sh: done. Results: reports/results.md, reports/reconstructions.png; runs: ./run.sh ui" ;;
+  test)
+    setup_env; setup_data
+    python -m pytest -q
+    python -m pytest -q -m slow ;;
+  ui)
+    setup_env
+    export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+    exec mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
+      --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
+  *) echo "usage: ./run.sh [repro|test|setup|ui]" >&2; exit 2 ;;
+esac

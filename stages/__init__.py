@@ -1,0 +1,1 @@
+"""Thin command-line stages, one per DVC stage: `python -m stages.<name>`."""

@@ -1,0 +1,60 @@
+"""attack: rebuild each upload's images from its gradient alone (the truth is never read)."""
+
+from pathlib import Path
+
+from pipeline.attack import AttackSettings, invert, recover_labels
+from pipeline.checkpoints import load_checkpoint
+from pipeline.config import AttackParams
+from pipeline.data import to_unit_range
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_dir, save_tensors
+from pipeline.nets import classifier_weight_name
+from pipeline.report import save_grid
+from pipeline.uploads import load_upload
+from stages._common import Stage, run
+
+UPLOADS, OUT = Path("uploads"), Path("attacks")
+
+
+def attack_upload(path: Path, out: Path, a: AttackParams, seed: int, mlflow) -> None:
+    upload = load_upload(path)
+    tm = upload.threat_model
+    # The attacker rebuilds exactly the client's model from the threat model.
+    arch = {k: tm[k] for k in ("arch", "in_channels", "num_classes", "image_size")}
+    model, _ = load_checkpoint(Path(tm["checkpoint"]), expect={"sha256": tm["checkpoint_sha256"], **arch})
+    model.train(tm["mode"] == "train")
+    labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
+    print(f"attack: {path.name}: labels {labels.tolist()} ({a.labels})")
+    settings = AttackSettings(
+        iterations=a.iterations, lr=a.lr, lr_min=a.lr_min, tv_weight=a.tv_weight, restarts=a.restarts, seed=seed
+    )
+    shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
+    rec = invert(model, upload.gradients, labels, shape, tm["mean"], tm["std"], settings)
+    images = to_unit_range(rec.images, tm["mean"], tm["std"])
+    meta = {
+        "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "labels_method": a.labels,
+        "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
+    }
+    save_tensors(out / path.name, {"images": images, "labels": labels}, meta)
+    save_grid((out / path.name).with_suffix(".png"), [images])
+    key = f"epoch_{tm['epoch']}"
+    for iteration, loss in rec.curve:
+        mlflow.log_metric(f"grad_loss.{key}", loss, step=iteration)
+    mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
+    print(f"attack: {path.name}: lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})")
+
+
+def main(stage: Stage) -> None:
+    p = stage.params
+    uploads = sorted(UPLOADS.glob("*.safetensors"))
+    if not uploads:
+        raise PipelineError(f"{UPLOADS}: no uploads to attack (run the extract stage first)")
+    with stage.track({"seed": p.seed, "attack": p.attack.model_dump()}) as mlflow:
+        with atomic_dir(OUT) as out:
+            for path in uploads:
+                attack_upload(path, out, p.attack, p.seed, mlflow)
+        mlflow.log_artifacts(str(OUT), "reconstructions")
+
+
+if __name__ == "__main__":
+    run("attack", main)

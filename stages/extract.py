@@ -1,0 +1,49 @@
+"""extract: the update one client uploads at each listed checkpoint, and its ground truth apart."""
+
+from pathlib import Path
+
+from pipeline.checkpoints import checkpoint_name, load_checkpoint
+from pipeline.client import batch_gradient, check_batchnorm_batch, choose_batch
+from pipeline.data import load_split, normalise
+from pipeline.files import atomic_dir
+from pipeline.uploads import Upload, save_truth, save_upload
+from stages._common import Stage, run
+
+DATA = Path("data/prepared")
+UPLOADS, TRUTH = Path("uploads"), Path("truth")
+
+
+def main(stage: Stage) -> None:
+    p = stage.params
+    victims, meta = load_split(DATA, "victims")
+    chosen = choose_batch(len(victims.labels), p.extract.batch_size, p.seed)
+    images, labels = victims.images[chosen], victims.labels[chosen]
+    inputs = normalise(images, meta["mean"], meta["std"])
+    norms = {}
+    with atomic_dir(UPLOADS) as uploads, atomic_dir(TRUTH) as truth:
+        for epoch in p.extract.epochs:
+            path = Path("models") / p.train.scheme / checkpoint_name(epoch)
+            model, ckpt = load_checkpoint(path)
+            check_batchnorm_batch(model, p.extract.batch_size, p.extract.mode, ckpt["in_channels"], ckpt["image_size"])
+            gradients = batch_gradient(model, inputs, labels, p.extract.mode)
+            threat_model = {
+                **{k: ckpt[k] for k in ("arch", "in_channels", "num_classes", "image_size", "mean", "std", "scheme", "epoch")},
+                "checkpoint": path.as_posix(),
+                "checkpoint_sha256": ckpt["sha256"],
+                "batch_size": p.extract.batch_size,
+                "mode": p.extract.mode,
+                "labels": labels.tolist() if p.extract.reveal_labels else None,
+            }
+            name = checkpoint_name(epoch)
+            save_upload(uploads / name, Upload(gradients, threat_model))
+            save_truth(truth / name, images, labels, {"epoch": epoch, "victim_positions": chosen.tolist()})
+            norms[f"gradient_norm.epoch_{epoch}"] = float(sum(g.pow(2).sum() for g in gradients.values()) ** 0.5)
+            print(f"extract: epoch {epoch}: upload of {len(labels)} images, gradient norm {norms[f'gradient_norm.epoch_{epoch}']:.4g}")
+    with stage.track({"seed": p.seed, "extract": p.extract.model_dump(), "train.scheme": p.train.scheme},
+                     scheme=p.train.scheme) as mlflow:
+        mlflow.log_metrics(norms)
+        mlflow.log_artifacts(str(UPLOADS), "uploads")
+
+
+if __name__ == "__main__":
+    run("extract", main)

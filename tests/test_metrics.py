@@ -1,0 +1,42 @@
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
+
+
+def _pairs(n=6):
+    truth = torch.rand(n, 1, 32, 32)
+    recon = (truth + 0.1 * torch.randn_like(truth)).clamp(0, 1)
+    return recon, truth
+
+
+def test_psnr_and_ssim_equal_torchmetrics_per_image():
+    recon, truth = _pairs()
+    ours = image_metrics(recon, truth)
+    for i in range(len(truth)):
+        psnr = PeakSignalNoiseRatio(data_range=1.0)(recon[i : i + 1], truth[i : i + 1])
+        ssim = StructuralSimilarityIndexMeasure(data_range=1.0)(recon[i : i + 1], truth[i : i + 1])
+        assert abs(float(ours["psnr"][i]) - float(psnr)) < 1e-4
+        assert abs(float(ours["ssim"][i]) - float(ssim)) < 1e-5
+        mse = float(((recon[i] - truth[i]) ** 2).mean())
+        assert abs(float(ours["psnr"][i]) - 10 * torch.log10(torch.tensor(1 / mse))) < 1e-4
+
+
+def test_hungarian_pairing_makes_a_shuffle_score_like_the_ordered_batch():
+    recon, truth = _pairs(8)
+    shuffle = torch.randperm(8)
+    shuffled = recon[shuffle]
+    order = pair_by_hungarian(shuffled, truth)
+    assert torch.equal(shuffle[order], torch.arange(8))
+    ordered, paired = image_metrics(recon, truth), image_metrics(shuffled[order], truth)
+    for key in ordered:
+        assert torch.equal(ordered[key], paired[key])
+    # index pairing, as the original did, would score the same images far worse
+    assert image_metrics(shuffled, truth)["psnr"].mean() < ordered["psnr"].mean() - 3
+
+
+def test_label_accuracy_is_a_multiset_overlap():
+    true = torch.tensor([3, 3, 1, 7])
+    assert label_accuracy(true[torch.tensor([2, 0, 3, 1])], true) == 1.0
+    assert label_accuracy(torch.tensor([3, 1, 7, 7]), true) == 0.75
+    assert label_accuracy(torch.tensor([0, 0, 0, 0]), true) == 0.0

@@ -1,0 +1,56 @@
+"""Stage command lines on bad input: one line on stderr, a non-zero exit, nothing that looks finished."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import RAW_PARAMS, REPO
+
+
+def run_stage(stage: str, cwd: Path, params: dict) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _assert_one_line_failure(done: subprocess.CompletedProcess, expected: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert expected in lines[0]
+
+
+def test_unknown_key(tmp_path):
+    params = {**RAW_PARAMS, "train": {**RAW_PARAMS["train"], "epoch": 3}}
+    done = run_stage("prepare", tmp_path, params)
+    _assert_one_line_failure(done, "prepare: error: params.yaml: unknown key 'train.epoch'")
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_dataset(tmp_path):
+    params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "root": str(tmp_path / "absent")}}
+    done = run_stage("prepare", tmp_path, params)
+    _assert_one_line_failure(done, "Fashion-MNIST not found at")
+    assert "apt-get install dataset-fashion-mnist" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_empty_image_folder_keeps_the_previous_output(tmp_path):
+    (tmp_path / "imgs" / "cats").mkdir(parents=True)
+    finished = tmp_path / "data" / "prepared"
+    finished.mkdir(parents=True)
+    (finished / "train.json").write_text("{}\n")  # the output of an earlier, good run
+    params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "source": "imagefolder", "root": str(tmp_path / "imgs")}}
+    done = run_stage("prepare", tmp_path, params)
+    _assert_one_line_failure(done, "cats: class folder holds no images")
+    assert [p.name for p in finished.iterdir()] == ["train.json"]
+    assert not list((tmp_path / "data").glob(".*partial"))
+
+
+def test_attack_without_uploads(tmp_path):
+    done = run_stage("attack", tmp_path, RAW_PARAMS)
+    _assert_one_line_failure(done, "attack: error: uploads: no uploads to attack")

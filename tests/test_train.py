@@ -1,0 +1,31 @@
+import torch
+
+from pipeline.checkpoints import load_checkpoint
+from pipeline.data import prepare
+from pipeline.files import sha256
+from pipeline.train import train
+from tests.conftest import make_params
+
+
+def test_training_writes_every_epoch_learns_and_is_byte_reproducible(fashion_root, tmp_path):
+    params = make_params(data__train_size=1024, data__test_size=256, model__arch="convnet", train__epochs=2,
+                         train__batch_size=64, extract__epochs=[0, 2])
+    data = prepare(params.data, params.seed)
+    meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
+    runs = []
+    for name in ("a", "b"):
+        written = train(data.train, data.test, meta, params, tmp_path / name)
+        runs.append(written)
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert names == ["epoch-000.safetensors", "epoch-001.safetensors", "epoch-002.safetensors"]
+    for n in names:  # same seed, same bytes
+        assert sha256(tmp_path / "a" / n) == sha256(tmp_path / "b" / n)
+    accuracy = [m["test_accuracy"] for m in runs[0]]
+    assert [m["epoch"] for m in runs[0]] == [0, 1, 2]
+    assert accuracy[0] < 0.25 and accuracy[2] > 0.6  # chance at init, learning after two epochs
+    model, ckpt = load_checkpoint(tmp_path / "a" / "epoch-002.safetensors")
+    assert ckpt["test_accuracy"] == accuracy[2] and ckpt["scheme"] == "pure" and ckpt["mean"] == data.mean
+    images = (data.test.images[:256].float() / 255 - data.mean[0]) / data.std[0]
+    with torch.no_grad():
+        again = (model.eval()(images).argmax(1) == data.test.labels[:256]).float().mean()
+    assert abs(float(again) - accuracy[2]) < 1e-6  # the checkpoint's accuracy is the saved weights' accuracy
