@@ -9,13 +9,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=.venv
 export PATH="$PWD/$VENV/bin:$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
 
+pip_install() {
+  # pip warns once per package about this machine's absent mirror folders; keep its real messages.
+  { "$VENV/bin/pip" install -q "$@" 2>&1 1>&3 | { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }; } 3>&1
+}
+
 setup_env() {
   # Reinstall only when requirements.lock changed since the last install.
   if [ -f "$VENV/.installed-lock" ] && cmp -s requirements.lock "$VENV/.installed-lock"; then return; fi
   echo "run.sh: installing into $VENV from requirements.lock (torch 2.14.1, torchvision 0.29.1, lightning, mlflow, dvc; ~2 min)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -r requirements.lock
-  "$VENV/bin/pip" install -q --no-deps -e .
+  pip_install -r requirements.lock
+  pip_install --no-deps -e .
   cp requirements.lock "$VENV/.installed-lock"
 }
 

@@ -1,5 +1,6 @@
 """prepare: the dataset as a deterministic split, its normalisation and a pool of victims."""
 
+import tempfile
 from pathlib import Path
 
 from pipeline.data import prepare, save_prepared
@@ -22,10 +23,10 @@ def main(stage: Stage) -> None:
     with stage.track({"seed": p.seed, "data": p.data.model_dump()}) as mlflow:
         mlflow.log_metrics({"train_size": len(data.train.labels), "test_size": len(data.test.labels)})
         mlflow.log_dict({"classes": data.classes, "mean": data.mean, "std": data.std}, "data.json")
-        grid = OUT.parent / ".victims.png"
-        save_grid(grid, [data.victims.images.float() / 255])
-        mlflow.log_artifact(str(grid), "victims")
-        grid.unlink()
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = Path(tmp) / "victims.png"
+            save_grid(grid, [data.victims.images.float() / 255])
+            mlflow.log_artifact(str(grid))
 
 
 if __name__ == "__main__":
