@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,26 +41,59 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: name the output
+            err.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+FINGERPRINT = ".fingerprint"
+
+
+def partial_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `path` only if the block succeeds.
+def atomic_dir(path: str | Path, fingerprint: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block succeeds.
 
     A stage that dies half-way leaves its previous output, or none, never a partial one.
+    With a `fingerprint` (a digest of everything the output depends on), the work a killed
+    run left in the temporary directory is kept for the next run with the same
+    fingerprint, so long stages can resume; any other leftover is discarded.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path, tmp = Path(path), partial_path(path)
+    marker = tmp / FINGERPRINT
+    resumable = fingerprint is not None and marker.is_file() and marker.read_text() == fingerprint
+    if not resumable:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if fingerprint is not None:
+            marker.write_text(fingerprint)
     try:
         yield tmp
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        if fingerprint is None:  # nothing to resume: leave no trace
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def digest(*parts: Any) -> str:
+    """A digest of JSON-able parts (parameters, input hashes): equal inputs, equal digest."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_digest(folder: str | Path) -> str:
+    """A digest of every file's name and contents under `folder`."""
+    folder = Path(folder)
+    return digest(sorted((p.relative_to(folder).as_posix(), sha256(p)) for p in folder.rglob("*") if p.is_file()))
 
 
 def dumps_json(obj: Any) -> str:
@@ -85,9 +119,15 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     """Write `path` (.safetensors) and its metadata beside it (.json, with the file's hash)."""
     path = Path(path)
     with atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        digest = sha256(tmp)
-    write_json(path.with_suffix(".json"), {**meta, "sha256": digest})
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        except SafetensorError as err:  # its I/O errors (a full disk) surface as OSError, like any write
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        file_digest = sha256(tmp)
+    write_json(path.with_suffix(".json"), {**meta, "sha256": file_digest})
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:

@@ -9,11 +9,14 @@ place. Nothing here is written into DVC outputs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import PipelineError
 
 EXPERIMENT = "gradient-heterogeneity"
 
@@ -34,15 +37,42 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _connect(uri: str, experiment: str) -> Any:
+    """Point MLflow at `uri` and return the experiment (None if absent); one line if unreachable."""
+    import mlflow  # slow to import: only code that tracks pays for it
+    from mlflow.exceptions import MlflowException
+
+    # The first use of a sqlite store announces its schema migration; a stage's stderr is for errors.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.get_experiment_by_name(experiment)
+    except MlflowException as err:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        reason = str(err).split(" failed with exception ")[-1][:160]
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset MLFLOW_TRACKING_URI "
+            "to track into the project's sqlite store. Nothing was computed."
+        ) from None
+
+
 @contextmanager
 def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
-    """Open one MLflow run; yields the `mlflow` module with the run active."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow  # slow to import: only code that tracks pays for it
+    """Open one MLflow run; yields the `mlflow` module with the run active.
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    Called before a stage does any work, so an unreachable server fails fast (a few seconds
+    instead of MLflow's minutes of retries) and loses nothing.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    import mlflow
+
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None:
+    if _connect(tracking_uri(root), name) is None:
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.create_experiment(name, artifact_location=(root.resolve() / "mlruns").as_uri() if local else None)
     mlflow.set_experiment(name)

@@ -9,12 +9,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.checkpoints import checkpoint_name, save_checkpoint
 from pipeline.config import Params
 from pipeline.data import Split, normalise
+from pipeline.files import atomic_file, read_json
 from pipeline.nets import build_model
 
 
@@ -50,27 +51,37 @@ class Classifier(L.LightningModule):
         return [opt], [sched]
 
 
+RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
+
+
 class EpochCheckpoints(Callback):
-    """Write the weights before training (epoch 0) and after every epoch's evaluation."""
+    """Write the weights before training (epoch 0) and after every epoch's evaluation.
+
+    After each epoch the whole training state (optimizer momentum, schedule, loop counters)
+    is saved too, so a killed run resumes where it stopped and ends with the same weights.
+    """
 
     def __init__(self, folder: Path, meta: dict[str, Any]):
         self.folder, self.meta = folder, meta
-        self.written: list[dict[str, Any]] = []
 
     def on_validation_end(self, trainer: L.Trainer, module: Classifier) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch + 1 if trainer.state.fn == "fit" else 0
         meta = {**self.meta, "epoch": epoch, "test_accuracy": round(module.last_test_accuracy, 6)}
-        if trainer.is_global_zero:
-            save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
-        self.written.append(meta)
+        save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
+        if trainer.state.fn == "fit":
+            with atomic_file(self.folder / RESUME) as tmp:
+                trainer.save_checkpoint(tmp)
 
 
 def _loader(split: Split, mean: list[float], std: list[float], batch_size: int, seed: int | None) -> DataLoader:
     dataset = TensorDataset(normalise(split.images, mean, std), split.labels)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=seed is not None, generator=gen)
+    if seed is None:
+        return DataLoader(dataset, batch_size=batch_size)
+    # The order of epoch e is a function of (seed, e) alone, so a resumed run sees the same batches.
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
 def train(
@@ -81,7 +92,10 @@ def train(
     out_dir: Path,
     logger: Any = False,
 ) -> list[dict[str, Any]]:
-    """Train `params.model.arch` on the split; checkpoints go to `out_dir`. Returns their metadata."""
+    """Train `params.model.arch` on the split; checkpoints go to `out_dir`. Returns their metadata.
+
+    If `out_dir` holds the training state of an interrupted run, training resumes from it.
+    """
     L.seed_everything(params.seed, workers=True, verbose=False)
     num_classes = len(data_meta["classes"])
     arch = {
@@ -103,12 +117,19 @@ def train(
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,
         default_root_dir=out_dir,
     )
     module = Classifier(model, num_classes, params)
     mean, std = data_meta["mean"], data_meta["std"]
     test_loader = _loader(test_split, mean, std, 256, seed=None)
-    trainer.validate(module, test_loader, verbose=False)
+    resume = out_dir / RESUME
+    if resume.is_file():
+        print(f"train: resuming after epoch {len(list(out_dir.glob('epoch-*.json'))) - 1} of an interrupted run")
+    else:
+        trainer.validate(module, test_loader, verbose=False)
     if params.train.epochs:
-        trainer.fit(module, _loader(train_split, mean, std, params.train.batch_size, params.seed), test_loader)
-    return checkpoints.written
+        train_loader = _loader(train_split, mean, std, params.train.batch_size, params.seed)
+        trainer.fit(module, train_loader, test_loader, ckpt_path=resume if resume.is_file() else None, weights_only=True)
+    resume.unlink(missing_ok=True)
+    return [read_json(p) for p in sorted(out_dir.glob("epoch-*.json"))]

@@ -6,18 +6,23 @@ project root (DVC_ROOT, which differs from the working folder in temporary exper
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError
+from pipeline.files import digest, sha256
 from pipeline.tracking import open_run, tracking_uri
+
+# Write failures that are the machine's state, not a bug: reported in one line.
+_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -28,38 +33,83 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
+def code_digest() -> str:
+    """A digest of the library's and the stages' source: resumed work must come from the same code."""
+    import pipeline
+
+    here = Path(__file__).parent
+    files = sorted([*Path(pipeline.__file__).parent.rglob("*.py"), *here.glob("*.py")])
+    return digest([(p.name, sha256(p)) for p in files])
+
+
+class _NoTracking:
+    """Stands in for `mlflow` on processes other than rank 0: only rank 0 logs."""
+
+    def __getattr__(self, _name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
 @dataclass
 class Stage:
     name: str
     params: Params
     root: Path  # where the MLflow store lives
+    mlflow: Any = None  # the tracking module, with this execution's run active
 
     @property
     def tracking_uri(self) -> str:
         return tracking_uri(self.root)
 
-    @contextmanager
-    def track(self, params: dict[str, Any], **tags: str) -> Iterator[Any]:
-        """This execution's MLflow run, tagged with the DVC stage and the git commit."""
-        all_tags = {
+    def _tags(self) -> dict[str, str]:
+        return {
             "dvc.stage": os.environ.get("DVC_STAGE", self.name),
             "stage": self.name,
             "git.commit": _git(self.root, "rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git(self.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
             **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
-            **tags,
         }
-        with open_run(self.root, os.environ.get("DVC_STAGE", self.name), params, all_tags) as mlflow:
-            yield mlflow
 
 
-def run(name: str, body: Callable[[Stage], None]) -> None:
-    """Run a stage body; a PipelineError becomes one line on stderr and exit status 2."""
+def _sections(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The parameter sections (or dotted single keys) a stage reads, as a nested dict."""
+    picked: dict[str, Any] = {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        src, dst = tree, picked
+        for part in parents:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[leaf] = src[leaf]
+    return picked
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> None:
+    """Run a stage body inside its MLflow run (rank 0 only), logging the `reads` parameter sections.
+
+    A PipelineError, or a write the disk refuses, becomes one line on stderr and exit status 2.
+    """
     try:
         params = load_params(Path("params.yaml"))
-        body(Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve()))
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve())
+        logged = _sections(params.model_dump(), reads)
+        tracked = open_run(stage.root, os.environ.get("DVC_STAGE", name), logged, stage._tags()) if _rank() == 0 \
+            else nullcontext(_NoTracking())
+        with tracked as stage.mlflow:
+            body(stage)
     except PipelineError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _DISK_ERRORS:
+            raise
+        print(f"{name}: error: cannot write {err.filename or 'an output'}: {err.strerror}; "
+              "no output was finished", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{name}: interrupted; no output was finished", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""attack: rebuild each upload's images from its gradient alone (the truth is never read)."""
+"""attack: rebuild each upload's images from its gradient alone (the truth is never read).
+
+A killed attack resumes: reconstructions finished before the kill are kept (the temporary
+output is fingerprinted by the parameters and the uploads) and only the rest are attacked.
+"""
 
 from pathlib import Path
 
@@ -7,11 +11,11 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, save_tensors
+from pipeline.files import atomic_dir, digest, save_tensors, tree_digest
 from pipeline.nets import classifier_weight_name
 from pipeline.report import save_grid
 from pipeline.uploads import load_upload
-from stages._common import Stage, run
+from stages._common import Stage, code_digest, run
 
 UPLOADS, OUT = Path("uploads"), Path("attacks")
 
@@ -35,11 +39,10 @@ def attack_upload(path: Path, out: Path, a: AttackParams, seed: int, mlflow) -> 
         "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "labels_method": a.labels,
         "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
     }
-    save_tensors(out / path.name, {"images": images, "labels": labels}, meta)
     save_grid((out / path.name).with_suffix(".png"), [images])
-    key = f"epoch_{tm['epoch']}"
+    save_tensors(out / path.name, {"images": images, "labels": labels}, meta)  # its JSON, last, marks it done
     for iteration, loss in rec.curve:
-        mlflow.log_metric(f"grad_loss.{key}", loss, step=iteration)
+        mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
     mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
     print(f"attack: {path.name}: lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})")
 
@@ -49,12 +52,15 @@ def main(stage: Stage) -> None:
     uploads = sorted(UPLOADS.glob("*.safetensors"))
     if not uploads:
         raise PipelineError(f"{UPLOADS}: no uploads to attack (run the extract stage first)")
-    with stage.track({"seed": p.seed, "attack": p.attack.model_dump()}) as mlflow:
-        with atomic_dir(OUT) as out:
-            for path in uploads:
-                attack_upload(path, out, p.attack, p.seed, mlflow)
-        mlflow.log_artifacts(str(OUT), "reconstructions")
+    inputs = digest(p.seed, p.attack.model_dump(), tree_digest(UPLOADS), code_digest())
+    with atomic_dir(OUT, fingerprint=inputs) as out:
+        for path in uploads:
+            if (out / path.name).with_suffix(".json").is_file():
+                print(f"attack: {path.name}: kept from the interrupted run")
+                continue
+            attack_upload(path, out, p.attack, p.seed, stage.mlflow)
+    stage.mlflow.log_artifacts(str(OUT), "reconstructions")
 
 
 if __name__ == "__main__":
-    run("attack", main)
+    run("attack", main, reads=("seed", "train.scheme", "attack"))

@@ -49,13 +49,12 @@ def main(stage: Stage) -> None:
     with atomic_file(PER_IMAGE) as tmp:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
-    with stage.track({}) as mlflow:
-        for s in summary.values():  # step = training epoch: the UI plots each metric through training
-            mlflow.log_metrics({k: s[k]["mean"] for k in ("psnr", "ssim", "mse")}, step=s["epoch"])
-            mlflow.log_metric("label_accuracy", s["label_accuracy"], step=s["epoch"])
-        mlflow.log_artifact(str(METRICS))
-        mlflow.log_artifact(str(PER_IMAGE))
+    for s in summary.values():  # step = training epoch: the UI plots each metric through training
+        stage.mlflow.log_metrics({k: s[k]["mean"] for k in ("psnr", "ssim", "mse")}, step=s["epoch"])
+        stage.mlflow.log_metric("label_accuracy", s["label_accuracy"], step=s["epoch"])
+    stage.mlflow.log_artifact(str(METRICS))
+    stage.mlflow.log_artifact(str(PER_IMAGE))
 
 
 if __name__ == "__main__":
-    run("evaluate", main)
+    run("evaluate", main, reads=("train.scheme",))

@@ -39,11 +39,9 @@ def main(stage: Stage) -> None:
             save_truth(truth / name, images, labels, {"epoch": epoch, "victim_positions": chosen.tolist()})
             norms[f"gradient_norm.epoch_{epoch}"] = float(sum(g.pow(2).sum() for g in gradients.values()) ** 0.5)
             print(f"extract: epoch {epoch}: upload of {len(labels)} images, gradient norm {norms[f'gradient_norm.epoch_{epoch}']:.4g}")
-    with stage.track({"seed": p.seed, "extract": p.extract.model_dump(), "train.scheme": p.train.scheme},
-                     scheme=p.train.scheme) as mlflow:
-        mlflow.log_metrics(norms)
-        mlflow.log_artifacts(str(UPLOADS), "uploads")
+    stage.mlflow.log_metrics(norms)
+    stage.mlflow.log_artifacts(str(UPLOADS), "uploads")
 
 
 if __name__ == "__main__":
-    run("extract", main)
+    run("extract", main, reads=("seed", "train.scheme", "extract"))

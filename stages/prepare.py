@@ -12,7 +12,7 @@ OUT = Path("data/prepared")
 
 
 def main(stage: Stage) -> None:
-    p = stage.params
+    p, mlflow = stage.params, stage.mlflow
     data = prepare(p.data, p.seed)
     with atomic_dir(OUT) as tmp:
         save_prepared(tmp, data, p.data.source)
@@ -20,14 +20,13 @@ def main(stage: Stage) -> None:
         f"prepare: {len(data.train.labels)} train, {len(data.test.labels)} test, {len(data.victims.labels)} victims, "
         f"{len(data.classes)} classes, {tuple(data.train.images.shape[1:])} -> {OUT}"
     )
-    with stage.track({"seed": p.seed, "data": p.data.model_dump()}) as mlflow:
-        mlflow.log_metrics({"train_size": len(data.train.labels), "test_size": len(data.test.labels)})
-        mlflow.log_dict({"classes": data.classes, "mean": data.mean, "std": data.std}, "data.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            grid = Path(tmp) / "victims.png"
-            save_grid(grid, [data.victims.images.float() / 255])
-            mlflow.log_artifact(str(grid))
+    mlflow.log_metrics({"train_size": len(data.train.labels), "test_size": len(data.test.labels)})
+    mlflow.log_dict({"classes": data.classes, "mean": data.mean, "std": data.std}, "data.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(tmp) / "victims.png"
+        save_grid(grid, [data.victims.images.float() / 255])
+        mlflow.log_artifact(str(grid))
 
 
 if __name__ == "__main__":
-    run("prepare", main)
+    run("prepare", main, reads=("seed", "data"))

@@ -43,10 +43,9 @@ def main(stage: Stage) -> None:
                        + markdown_table(table))
     overview_figure(FIGURE, panels)
     print(markdown_table(table))
-    with stage.track({}) as mlflow:
-        for path in (RESULTS_CSV, RESULTS_MD, FIGURE):
-            mlflow.log_artifact(str(path))
+    for path in (RESULTS_CSV, RESULTS_MD, FIGURE):
+        stage.mlflow.log_artifact(str(path))
 
 
 if __name__ == "__main__":
-    run("report", main)
+    run("report", main, reads=("train.scheme", "extract.mode"))

@@ -29,3 +29,47 @@ def test_training_writes_every_epoch_learns_and_is_byte_reproducible(fashion_roo
     with torch.no_grad():
         again = (model.eval()(images).argmax(1) == data.test.labels[:256]).float().mean()
     assert abs(float(again) - accuracy[2]) < 1e-6  # the checkpoint's accuracy is the saved weights' accuracy
+
+
+RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+from pipeline.data import prepare
+from pipeline.train import train
+from tests.conftest import make_params
+params = make_params(data__train_size=2048, data__test_size=256, model__arch="convnet", train__epochs=4,
+                     train__batch_size=32, extract__epochs=[0, 4], train__lr_milestones=[2])
+data = prepare(params.data, params.seed)
+meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
+train(data.train, data.test, meta, params, Path(sys.argv[1]))
+"""
+
+
+def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(whole)], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "epoch-002.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "epoch-004.json").exists(), "the run finished before it could be killed"
+    assert (killed / "resume.ckpt").exists()
+    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(killed)], env=env, check=True,
+                          capture_output=True, text=True)
+    assert "resuming after epoch" in done.stdout
+    for epoch in range(5):
+        name = f"epoch-{epoch:03d}.safetensors"
+        assert sha256(whole / name) == sha256(killed / name), name
+    assert not (killed / "resume.ckpt").exists()

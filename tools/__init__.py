@@ -1,0 +1,1 @@
+"""Project tools that are not pipeline stages: profiles, the reproducibility gate."""

@@ -1,0 +1,128 @@
+"""The reproducibility gate: a clean clone runs the pipeline twice and must give the same bytes.
+
+    python -m tools.repro_gate [--source .] [--profile profiles/tiny.yaml]
+                               [--reference profiles/tiny.reference.json] [--update-reference]
+
+1. Clone `source` (its committed HEAD only) into a fresh folder and apply the profile.
+2. `dvc repro`, then `dvc repro --force`: `dvc.lock` must not change, i.e. every data file,
+   checkpoint, upload, reconstruction and metric is byte-identical.
+3. The headline numbers (`reports/results.csv`) must match the committed reference values
+   within the reference's tolerances; those travel across machines, where bytes may not.
+
+Exit status 0 when both hold, 1 otherwise, with one line per difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("scheme", "arch", "epoch", "batch_size", "client_mode", "labels")
+DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(args)}\n")
+        out.flush()
+        done = subprocess.run(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"repro_gate: FAIL: `{' '.join(args)}` exited with {done.returncode}; see {log}")
+
+
+def lock_differences(before: str, after: str) -> list[str]:
+    """Which outputs (or deps, params) of which stage changed between two dvc.lock texts."""
+    def entries(text: str) -> dict[tuple[str, str], str]:
+        found = {}
+        for stage, spec in (yaml.safe_load(text) or {}).get("stages", {}).items():
+            for kind in ("deps", "outs"):
+                for item in spec.get(kind, []):
+                    found[(stage, f"{kind[:-1]} {item['path']}")] = item.get("md5", "")
+            found[(stage, "params")] = json.dumps(spec.get("params", {}), sort_keys=True)
+        return found
+
+    a, b = entries(before), entries(after)
+    return [f"stage {stage}: {what} changed" for stage, what in sorted(set(a) | set(b)) if a.get((stage, what)) != b.get((stage, what))]
+
+
+def headline(results_csv: Path) -> pd.DataFrame:
+    table = pd.read_csv(results_csv)
+    return table[[c for c in (*KEYS, *DEFAULT_TOLERANCE) if c in table.columns]]
+
+
+def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
+    tolerance = reference["tolerance"]
+    keys = [k for k in KEYS if k in table.columns]
+    ref = pd.DataFrame(reference["rows"])
+    merged = ref.merge(table, on=keys, how="outer", suffixes=("_ref", ""), indicator=True)
+    problems = []
+    for _, row in merged.iterrows():
+        where = ", ".join(f"{k}={row[k]}" for k in keys)
+        if row["_merge"] != "both":
+            problems.append(f"row {where}: {'missing from this run' if row['_merge'] == 'left_only' else 'not in the reference'}")
+            continue
+        for metric, tol in tolerance.items():
+            got, want = float(row[metric]), float(row[f"{metric}_ref"])
+            if abs(got - want) > tol:
+                problems.append(f"row {where}: {metric} {got:.4f} vs reference {want:.4f} (tolerance {tol})")
+    return problems
+
+
+def gate(source: Path, profile: Path, reference: Path, workdir: Path, update_reference: bool = False) -> list[str]:
+    project = workdir / "project"
+    log = workdir / "gate.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               PYTHONPATH=str(project))
+    _run(["git", "clone", "--quiet", str(source), str(project)], workdir, env, log)
+    _run([sys.executable, "-m", "tools.apply_profile", str(project / profile)], project, env, log)
+    started = time.time()
+    _run([sys.executable, "-m", "dvc", "repro"], project, env, log)
+    first = (project / "dvc.lock").read_text()
+    table = headline(project / "reports/results.csv")
+    print(f"repro_gate: first run done in {time.time() - started:.0f} s")
+    started = time.time()
+    _run([sys.executable, "-m", "dvc", "repro", "--force"], project, env, log)
+    print(f"repro_gate: forced re-run done in {time.time() - started:.0f} s")
+    problems = lock_differences(first, (project / "dvc.lock").read_text())
+    if update_reference:
+        rows = json.loads(table.to_json(orient="records"))
+        reference.write_text(json.dumps({"tolerance": DEFAULT_TOLERANCE, "rows": rows}, indent=2) + "\n")
+        print(f"repro_gate: wrote {reference}")
+    else:
+        problems += metric_differences(table, json.loads(reference.read_text()))
+    print(table.to_string(index=False))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=REPO, help="repository to clone (its HEAD)")
+    parser.add_argument("--profile", type=Path, default=Path("profiles/tiny.yaml"), help="relative to the clone")
+    parser.add_argument("--reference", type=Path, default=REPO / "profiles/tiny.reference.json")
+    parser.add_argument("--workdir", type=Path, help="keep the clone and log here (default: a temporary folder)")
+    parser.add_argument("--update-reference", action="store_true", help="write the reference from this run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="repro-gate-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        problems = gate(args.source.resolve(), args.profile, args.reference.resolve(), workdir, args.update_reference)
+    for line in problems:
+        print(f"repro_gate: FAIL: {line}")
+    if problems:
+        sys.exit(1)
+    print("repro_gate: PASS: dvc.lock identical after `dvc repro --force`; headline metrics within tolerance")
+
+
+if __name__ == "__main__":
+    main()
