@@ -18,6 +18,9 @@ def test_project_params_validate():
     "key, value, message",
     [
         ("train.optimizer", "adam", "params.yaml: unknown key 'train.optimizer'"),
+        ("train.scheme", "gh", "params.yaml: train.scheme: Input should be 'pure' (got 'gh')"),
+        ("attack.lr", -0.1, "params.yaml: attack.lr: Input should be greater than 0 (got -0.1)"),
+        ("extract.batch_size", 0, "params.yaml: extract.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("extract.mode", "both", "params.yaml: extract.mode: Input should be 'train' or 'eval' (got 'both')"),
         ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18' or 'convnet' (got 'vgg99')"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),

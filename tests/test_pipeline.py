@@ -1,30 +1,27 @@
-"""End to end: the real `dvc repro` on a tiny configuration in a temporary copy of the project."""
+"""End to end: the real `dvc repro` on the tiny profile in a temporary copy of the project.
+
+Also: stages killed by a signal part-way, and the next `dvc repro` finishing with the same
+bytes as the uninterrupted run.
+"""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import RAW_PARAMS, REPO
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 STAGES = {"prepare", "train", "extract", "attack", "evaluate", "report"}
-PROJECT_FILES = ["pipeline", "stages", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
-
-
-def tiny_params() -> dict:
-    params = json.loads(json.dumps(RAW_PARAMS))
-    params["data"].update(train_size=512, test_size=256, victims_per_class=1)
-    params["train"].update(epochs=1, batch_size=64)
-    params["extract"].update(epochs=[0, 1], batch_size=1, mode="eval")
-    params["attack"].update(iterations=40, labels="known")
-    return params
+PROJECT_FILES = ["pipeline", "stages", "tools", "profiles", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore",
+                 ".gitignore", "pyproject.toml"]
 
 
 def sh(args, cwd, env, check=True):
@@ -34,9 +31,8 @@ def sh(args, cwd, env, check=True):
     return done
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, fashion_root):
-    root = tmp_path_factory.mktemp("project")
+def copy_project(root: Path) -> dict:
+    """The project's files in `root`, the tiny profile applied, committed; returns the environment to run in."""
     for name in PROJECT_FILES:
         src, dst = REPO / name, root / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -44,23 +40,30 @@ def project(tmp_path_factory, fashion_root):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
+    sh([sys.executable, "-m", "tools.apply_profile", "profiles/tiny.yaml"], root, env)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     sh(git + ["init", "-q"], root, env)
     sh(git + ["add", "-A"], root, env)
     sh(git + ["commit", "-qm", "tiny project"], root, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, fashion_root):
+    root = tmp_path_factory.mktemp("project")
+    env = copy_project(root)
     first = sh([sys.executable, "-m", "dvc", "repro"], root, env)
-    return root, env, first
+    return root, env, first, (root / "dvc.lock").read_text()
 
 
 def test_repro_writes_metrics_from_a_real_chain(project):
-    root, _, first = project
+    root, _, first, _ = project
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics["uploads"]) == {"epoch-000", "epoch-001"}
+    assert set(metrics["uploads"]) == {"epoch-000", "epoch-002"}
     for upload in metrics["uploads"].values():
         assert upload["label_accuracy"] == 1.0  # known labels
         assert 5 < upload["psnr"]["mean"] < 60 and 0 < upload["ssim"]["mean"] <= 1
@@ -72,7 +75,7 @@ def test_repro_writes_metrics_from_a_real_chain(project):
 
 
 def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
-    root, env, _ = project
+    root, env, _, _ = project
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -80,6 +83,7 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["gradient-heterogeneity"])
     assert sorted(runs["tags.dvc.stage"]) == sorted(STAGES)
+    assert set(runs["status"]) == {"FINISHED"}
     assert set(runs["tags.git.commit"]) == {sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()}
     client = MlflowClient(uri)
     by_stage = dict(zip(runs["tags.dvc.stage"], runs["run_id"]))
@@ -87,24 +91,61 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     def files(stage, folder=""):
         return {Path(a.path).name for a in client.list_artifacts(by_stage[stage], folder)}
 
-    assert {"epoch-000.safetensors", "epoch-001.safetensors", "epoch-001.json"} <= files("train", "checkpoints")
-    assert {"epoch-000.safetensors", "epoch-001.safetensors"} <= files("extract", "uploads")
+    assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files("train", "checkpoints")
+    assert "resume.ckpt" not in files("train", "checkpoints")
+    assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files("extract", "uploads")
     assert {"epoch-000.png", "epoch-000.safetensors"} <= files("attack", "reconstructions")
     assert {"metrics.json", "per_image.csv"} <= files("evaluate")
     assert {"results.md", "results.csv", "reconstructions.png"} <= files("report")
     train = runs[runs["tags.dvc.stage"] == "train"].iloc[0]
-    assert 0 <= train["metrics.test_accuracy"] <= 1
+    assert 0 <= train["metrics.test_accuracy"] <= 1 and train["params.train.scheme"] == "pure"
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
     assert evaluate["metrics.psnr"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
 
 
-def test_second_repro_runs_nothing_and_force_gives_the_same_lock(project):
-    root, env, _ = project
+def test_second_repro_runs_nothing(project):
+    root, env, _, lock = project
     status = sh([sys.executable, "-m", "dvc", "status"], root, env)
     assert "up to date" in status.stdout, status.stdout
     again = sh([sys.executable, "-m", "dvc", "repro"], root, env)
     assert "Running stage" not in again.stdout
-    lock = (root / "dvc.lock").read_text()
-    sh([sys.executable, "-m", "dvc", "repro", "--force"], root, env)
-    assert (root / "dvc.lock").read_text() == lock  # every output byte-identical
+    assert (root / "dvc.lock").read_text() == lock
+
+
+def _kill_when(args, root, env, marker: Path, timeout=300) -> str:
+    """Start `args` in its own process group, SIGKILL the whole group once `marker` exists; its output."""
+    log = root.parent / f"{root.name}-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return log.read_text()
+
+
+def test_stages_killed_part_way_resume_and_end_with_the_same_bytes(project, tmp_path):
+    """A fresh copy whose first `dvc repro` is killed in train, its second in attack, the third completes."""
+    _, _, _, uninterrupted = project
+    root = tmp_path / "killed"
+    env = copy_project(root)
+    repro = [sys.executable, "-m", "dvc", "repro"]
+    trained, attacked = root / "models" / ".pure.partial", root / ".attacks.partial"
+
+    _kill_when(repro, root, env, trained / "resume.ckpt")
+    assert not (root / "models" / "pure").exists()  # nothing that looks finished
+    assert (trained / "epoch-001.json").exists() and not (trained / "epoch-002.json").exists()
+
+    second = _kill_when(repro, root, env, attacked / "epoch-000.json")
+    assert "train: resuming after epoch 1 of an interrupted run" in second
+    assert not (root / "attacks").exists()
+    assert not (trained / "epoch-002.json").exists() and (root / "models" / "pure" / "epoch-002.json").exists()
+
+    done = sh(repro, root, env)
+    assert "epoch-000.safetensors: kept from the interrupted run" in done.stdout
+    assert (root / "dvc.lock").read_text() == uninterrupted
+    assert not trained.exists() and not attacked.exists()
+    assert "Running stage" not in sh(repro, root, env).stdout

@@ -54,3 +54,32 @@ def test_empty_image_folder_keeps_the_previous_output(tmp_path):
 def test_attack_without_uploads(tmp_path):
     done = run_stage("attack", tmp_path, RAW_PARAMS)
     _assert_one_line_failure(done, "attack: error: uploads: no uploads to attack")
+
+
+def test_unreachable_mlflow_server_fails_fast_before_any_work(tmp_path):
+    params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 512, "test_size": 128}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_line_failure(done, "prepare: error: MLflow tracking server http://127.0.0.1:9 is unreachable")
+    assert not (tmp_path / "data").exists()
+
+
+def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
+    """The disk refuses writes past 2 MB (RLIMIT_FSIZE); the train split needs 4 MB."""
+    import resource
+    import signal
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 4000, "test_size": 128}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=small_disk)
+    _assert_one_line_failure(done, "prepare: error: cannot write data/.prepared.partial/train.safetensors: File too large")
+    assert not (tmp_path / "data" / "prepared").exists()
+    assert not list((tmp_path / "data").glob(".*"))

@@ -1,0 +1,77 @@
+"""The reproducibility gate: it passes on the project and fails on a deliberate nondeterminism."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_pipeline import copy_project, sh
+from tools.repro_gate import lock_differences, metric_differences
+
+LOCK = """schema: '2.0'
+stages:
+  extract:
+    cmd: python -m stages.extract
+    deps:
+    - path: models/pure
+      md5: aaa.dir
+    outs:
+    - path: uploads
+      md5: {uploads}.dir
+"""
+
+
+def test_lock_differences_name_the_changed_output():
+    assert lock_differences(LOCK.format(uploads="bbb"), LOCK.format(uploads="bbb")) == []
+    assert lock_differences(LOCK.format(uploads="bbb"), LOCK.format(uploads="ccc")) == [
+        "stage extract: out uploads changed"
+    ]
+
+
+def test_metric_differences_respect_the_tolerance():
+    import pandas as pd
+
+    reference = {"tolerance": {"psnr": 0.5, "label_accuracy": 0.0},
+                 "rows": [{"scheme": "pure", "epoch": 0, "psnr": 20.0, "label_accuracy": 1.0}]}
+    close = pd.DataFrame([{"scheme": "pure", "epoch": 0, "psnr": 20.4, "label_accuracy": 1.0}])
+    far = pd.DataFrame([{"scheme": "pure", "epoch": 0, "psnr": 19.0, "label_accuracy": 1.0},
+                        {"scheme": "pure", "epoch": 3, "psnr": 19.0, "label_accuracy": 1.0}])
+    assert metric_differences(close, reference) == []
+    assert metric_differences(far, reference) == [
+        "row scheme=pure, epoch=0: psnr 19.0000 vs reference 20.0000 (tolerance 0.5)",
+        "row scheme=pure, epoch=3: not in the reference",
+    ]
+
+
+UNSEEDED_NOISE = '''
+import os as _os
+
+
+def _unseeded(grads):
+    # a deliberate bug: noise from the operating system's entropy, not from params.yaml's seed
+    gen = torch.Generator().manual_seed(int.from_bytes(_os.urandom(8), "little"))
+    return {n: g + 1e-7 * torch.randn(g.shape, generator=gen) for n, g in grads.items()}
+
+
+_seeded_batch_gradient = batch_gradient
+
+
+def batch_gradient(*args, **kwargs):
+    return _unseeded(_seeded_batch_gradient(*args, **kwargs))
+'''
+
+
+@pytest.mark.slow
+def test_gate_fails_on_an_unseeded_noise_draw(tmp_path, fashion_root):
+    source = tmp_path / "source"
+    env = copy_project(source)
+    with open(source / "pipeline" / "client.py", "a") as f:
+        f.write(UNSEEDED_NOISE)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    sh(git + ["commit", "-qam", "unseeded noise in the client upload"], source, env)
+    done = subprocess.run([sys.executable, "-m", "tools.repro_gate", "--source", str(source)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "repro_gate: FAIL: stage extract: out uploads changed" in done.stdout
+    assert "PASS" not in done.stdout

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.client import batch_gradient
+from pipeline.errors import PipelineError
+from pipeline.files import load_meta
+from pipeline.nets import build_model
+from pipeline.uploads import Upload, load_truth, load_upload, save_truth, save_upload
+
+ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32}
+
+
+@pytest.fixture
+def upload_file(tmp_path):
+    model = build_model(**ARCH)
+    save_checkpoint(tmp_path / "ckpt.safetensors", model, ARCH)
+    threat = {**ARCH, "mean": [0.3], "std": [0.3], "checkpoint": str(tmp_path / "ckpt.safetensors"),
+              "checkpoint_sha256": load_meta(tmp_path / "ckpt.safetensors")["sha256"], "epoch": 0, "scheme": "pure",
+              "batch_size": 2, "mode": "train", "labels": None}
+    grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")
+    save_upload(tmp_path / "up.safetensors", Upload(grads, threat))
+    return tmp_path / "up.safetensors"
+
+
+def test_upload_round_trip_keeps_gradients_and_threat_model(upload_file):
+    upload = load_upload(upload_file)
+    assert upload.threat_model["batch_size"] == 2 and upload.labels is None
+    assert set(upload.gradients) == {n for n, _ in build_model(**ARCH).named_parameters()}
+
+
+def test_tampered_gradient_bytes_are_refused(upload_file):
+    raw = bytearray(upload_file.read_bytes())
+    raw[-5] ^= 0xFF  # same length, one value changed
+    upload_file.write_bytes(bytes(raw))
+    with pytest.raises(PipelineError, match="do not match the sha256"):
+        load_upload(upload_file)
+
+
+def test_threat_model_pointing_at_another_checkpoint_is_refused(upload_file, tmp_path):
+    save_checkpoint(tmp_path / "other.safetensors", build_model(**ARCH), ARCH)  # other random weights
+    meta_path = upload_file.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["checkpoint"] = str(tmp_path / "other.safetensors")
+    meta_path.write_text(json.dumps(meta))
+    upload = load_upload(upload_file)
+    with pytest.raises(PipelineError, match="checkpoint has sha256="):
+        load_checkpoint(upload.threat_model["checkpoint"], expect={"sha256": upload.threat_model["checkpoint_sha256"]})
+
+
+def test_truth_is_not_an_upload(tmp_path):
+    save_truth(tmp_path / "t.safetensors", torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.tensor([3]), {})
+    with pytest.raises(PipelineError, match="not an upload"):
+        load_upload(tmp_path / "t.safetensors")
+    images, labels, _ = load_truth(tmp_path / "t.safetensors")
+    assert labels.tolist() == [3]
