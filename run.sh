@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one entry point.
 #   ./run.sh          set up (venv + dataset) and run the default pipeline (dvc repro)
-#   ./run.sh test     set up and run the whole test suite (fast tests, then the slow end-to-end ones)
+#   ./run.sh test     set up and run what CI runs: fast tests, slow end-to-end tests, the reproducibility gate
+#   ./run.sh gate     the reproducibility gate alone (tools/repro_gate.py)
 #   ./run.sh setup    only create .venv and install the default dataset
 #   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
 set -euo pipefail
@@ -50,11 +51,15 @@ case "${1:-repro}" in
   test)
     setup_env; setup_data
     python -m pytest -q
-    python -m pytest -q -m slow ;;
+    python -m pytest -q -m slow
+    python -m tools.repro_gate ;;
+  gate)
+    setup_env; setup_data
+    python -m tools.repro_gate ;;
   ui)
     setup_env
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     exec mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
       --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
-  *) echo "usage: ./run.sh [repro|test|setup|ui]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh [repro|test|gate|setup|ui]" >&2; exit 2 ;;
 esac

@@ -48,7 +48,7 @@ class TrainParams(_Section):
     lr_milestones: list[int]
     lr_gamma: float = Field(gt=0, le=1)
     accelerator: Literal["cpu", "gpu", "auto"]
-    devices: int = Field(ge=1)
+    devices: int = Field(ge=1, le=1)  # one process until the BatchNorm sync across processes lands (#4)
 
 
 class ExtractParams(_Section):

@@ -37,14 +37,14 @@ def attack_upload(path: Path, out: Path, a: AttackParams, seed: int, mlflow) -> 
     images = to_unit_range(rec.images, tm["mean"], tm["std"])
     meta = {
         "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "labels_method": a.labels,
-        "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
+        "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations, "note": rec.note,
     }
     save_grid((out / path.name).with_suffix(".png"), [images])
     save_tensors(out / path.name, {"images": images, "labels": labels}, meta)  # its JSON, last, marks it done
     for iteration, loss in rec.curve:
         mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
     mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
-    print(f"attack: {path.name}: lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})")
+    print(f"attack: {path.name}: " + (rec.note or f"lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})"))
 
 
 def main(stage: Stage) -> None:

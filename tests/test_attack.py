@@ -85,3 +85,13 @@ def test_reconstruction_stays_in_the_pixel_box(fashion_images):
     pixels = rec.images * std[0] + mean[0]
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
     assert F.cosine_similarity(rec.images.flatten(), images[:1].flatten(), dim=0) > -1  # a number, not NaN
+
+
+def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
+    """A batch fit exactly (softmax saturated in float32) uploads zeros: no direction, no reconstruction."""
+    model = build_model("convnet", 1, 10, 32).eval()
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    settings = AttackSettings(iterations=50, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0)
+    rec = invert(model, zeros, torch.tensor([1]), (1, 32, 32), [0.3], [0.3], settings, progress=False)
+    assert rec.note == "the upload is all zeros: nothing to invert"
+    assert rec.grad_loss == 1.0 and torch.isfinite(rec.images).all()

@@ -36,6 +36,7 @@ class Reconstruction:
     grad_loss: float  # the lowest 1 - cosine reached (without TV)
     restart: int
     curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) of the kept restart
+    note: str | None = None  # why the attack could not run, when it could not
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +81,14 @@ def invert(
     if missing:
         raise ValueError(f"the upload has no gradient for {missing[0]} (and {len(missing) - 1} more)")
     target_flat = torch.cat([target[n].reshape(-1).float() for n in names])
-    target_unit = target_flat / target_flat.norm()
     low, high = pixel_box(mean, std)
     batch = (len(labels), *image_shape)
+    if target_flat.norm() == 0:
+        # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
+        # it has no direction to match, so the attacker is left with its starting guess.
+        start = torch.randn(batch, generator=torch.Generator().manual_seed(settings.seed * 1000)).clamp_(low, high)
+        return Reconstruction(start, labels, 1.0, 0, note="the upload is all zeros: nothing to invert")
+    target_unit = target_flat / target_flat.norm()
 
     best: Reconstruction | None = None
     bar = tqdm(total=settings.iterations * settings.restarts, desc="attack", disable=not progress,
@@ -100,7 +106,7 @@ def invert(
             (x.grad,) = torch.autograd.grad(loss, x)
             g_value = float(g_loss.detach())
             # The loss is that of the current x, before this step moves it: keep x as it is now.
-            if g_value < kept.grad_loss:
+            if g_value < kept.grad_loss:  # (a NaN loss is never kept)
                 kept.grad_loss = g_value
                 kept.images = x.detach().clone()
             x.grad.sign_()
