@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import build_model
 
-ARCH_KEYS = ("arch", "in_channels", "num_classes", "image_size")
+ARCH_KEYS = ("arch", "in_channels", "num_classes", "image_size", "norm", "maxpool_kernel")
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -31,7 +31,7 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
-    return build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"])
+    return build_model(**{k: meta[k] for k in ARCH_KEYS})
 
 
 def load_checkpoint(path: Path, expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:

@@ -6,8 +6,9 @@ allowed, before any stage does work.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,20 +36,59 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    arch: Literal["resnet18", "convnet"]
+    arch: Literal["resnet18", "vgg11", "convnet"]
 
 
 class TrainParams(_Section):
-    scheme: Literal["pure"]
+    """What all schemes share."""
+
     epochs: int = Field(ge=0)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # the global batch (over all processes) before a scheme's multiplier
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     lr_milestones: list[int]
     lr_gamma: float = Field(gt=0, le=1)
     accelerator: Literal["cpu", "gpu", "auto"]
-    devices: int = Field(ge=1, le=1)  # one process until the BatchNorm sync across processes lands (#4)
+    devices: int = Field(ge=1)  # data-parallel processes per node
+    num_nodes: int = Field(ge=1)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]
+
+
+class DPParams(_Section):
+    # per-sample: DP-SGD (clip each sample's gradient, Poisson batches, epsilon from the RDP
+    # accountant). batch: the original's "DP-SGD", the batch gradient clipped: no guarantee.
+    kind: Literal["per-sample", "batch"]
+    clip: float = Field(gt=0)
+    sigma: float = Field(ge=0)  # noise standard deviation is sigma * clip
+    delta: float | None = Field(gt=0, lt=1)  # per-sample only
+    # how per-sample gradients are computed: auto takes the faster here (bench/per_sample.py)
+    per_sample: Literal["auto", "loop", "vmap"] | None
+
+    @model_validator(mode="after")
+    def _kind(self) -> "DPParams":
+        if self.kind == "per-sample" and (self.delta is None or self.per_sample is None):
+            raise ValueError("per-sample DP needs delta and per_sample (auto, loop or vmap)")
+        if self.kind == "batch" and (self.delta is not None or self.per_sample is not None):
+            raise ValueError("batch clipping has no delta and no per_sample: it gives no guarantee to account")
+        return self
+
+
+class SchemeParams(_Section):
+    """One defense scheme: how its model is normalised and trained."""
+
+    # batch-sync: BatchNorm over the global batch; batch-async: each process its own shard;
+    # group: GroupNorm (no batch statistics, as per-sample clipping needs).
+    norm: Literal["batch-sync", "batch-async", "group"]
+    batch_multiplier: int = Field(ge=1)  # the scheme's global batch is train.batch_size times this
+    maxpool_kernel: Annotated[int, Field(ge=2)] | Literal["auto"] | None  # ResNet-18's stem maxpool (RA defense)
+    dp: DPParams | None
+
+    @model_validator(mode="after")
+    def _dp_needs_group_norm(self) -> "SchemeParams":
+        if self.dp is not None and self.dp.kind == "per-sample" and self.norm != "group":
+            raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
+        return self
 
 
 class ExtractParams(_Section):
@@ -75,6 +115,7 @@ class Params(_Section):
     data: DataParams
     model: ModelParams
     train: TrainParams
+    schemes: dict[str, SchemeParams] = Field(min_length=1)
     extract: ExtractParams
     attack: AttackParams
 
@@ -86,6 +127,18 @@ class Params(_Section):
                     f"extract.epochs: checkpoint epoch {epoch} is past the last one trained "
                     f"(train.epochs is {self.train.epochs})"
                 )
+        for name, scheme in self.schemes.items():
+            if scheme.maxpool_kernel is not None and self.model.arch not in ("resnet18", "convnet"):
+                raise ValueError(f"schemes.{name}.maxpool_kernel: {self.model.arch} has no stem maxpool to enlarge "
+                                 "(resnet18 and convnet have)")
+            processes = self.train.devices * self.train.num_nodes
+            if (self.train.batch_size * scheme.batch_multiplier) % processes:
+                raise ValueError(
+                    f"schemes.{name}: the global batch {self.train.batch_size * scheme.batch_multiplier} "
+                    f"does not split evenly over {processes} processes"
+                )
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(f"schemes: {name!r} is not a usable scheme name (lower-case letters, digits, - and _)")
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
         if self.attack.lr_min > self.attack.lr:
@@ -96,6 +149,11 @@ class Params(_Section):
             raise ValueError("attack.labels: 'idlg' needs extract.batch_size: 1")
         return self
 
+    def scheme(self, name: str) -> SchemeParams:
+        if name not in self.schemes:
+            raise PipelineError(f"unknown scheme {name!r}; params.yaml defines {', '.join(self.schemes)}")
+        return self.schemes[name]
+
 
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -105,8 +163,8 @@ def _one_line(err: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         return f"{source}: missing key {key!r}"
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error":  # our own cross-key checks name their key already
-        return f"{source}: {message}"
+    if first["type"] == "value_error":  # our own checks; those across sections name their keys already
+        return f"{source}: {key}: {message}" if first["loc"] else f"{source}: {message}"
     return f"{source}: {key}: {message} (got {first['input']!r})"
 
 

@@ -1,18 +1,23 @@
-"""Model builders: ResNet-18 (the original's model), a small ConvNet for fast runs.
+"""Model builders: ResNet-18 (the original's model), VGG-11 (dropout), a small ConvNet.
 
 Every builder takes the data's input shape and class count, so the same code serves
-Fashion-MNIST (1 channel), CIFAR and ImageNet folders (3 channels).
+Fashion-MNIST (1 channel), CIFAR and ImageNet folders (3 channels). Two architecture
+variants come from the defense schemes: GroupNorm instead of BatchNorm (DP-SGD) and a
+larger ResNet maxpool kernel (the RA defense). Checkpoint metadata records both, so every
+stage rebuilds exactly the model that was trained.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
 
-ARCHS = ("resnet18", "convnet")
+ARCHS = ("resnet18", "vgg11", "convnet")
+NORMS = ("batch", "group")
+RA_ARCHS = ("resnet18", "convnet")  # the architectures with a stem maxpool to enlarge
 
 
 def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
@@ -25,29 +30,89 @@ def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
 
 
 class ConvNet(nn.Module):
-    """Three conv + BatchNorm blocks and one linear layer: cheap to train and to attack."""
+    """Three conv + BatchNorm blocks and one linear layer: cheap to train and to attack.
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32):
+    With `maxpool_kernel`, a stride-2 maxpool follows the first block (the RA defense's
+    variant, as ResNet-18's stem maxpool).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32,
+                 maxpool_kernel: int | None = None):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        side = image_size
+        if maxpool_kernel is not None:
+            layers.append(nn.MaxPool2d(maxpool_kernel, stride=2, padding=1))
+            side = (side + 2 - maxpool_kernel) // 2 + 1
+        layers += [
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        )
-        side = (image_size + 3) // 4
+        ]
+        if side < 1:
+            raise PipelineError(f"maxpool kernel {maxpool_kernel} leaves nothing of a {image_size} px image")
+        self.features = nn.Sequential(*layers)
+        side = ((side + 1) // 2 + 1) // 2
         self.fc = nn.Linear(2 * width * side * side, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """A freshly initialised model (initialise under a seeded generator for reproducibility)."""
+def _vgg11(in_channels: int, num_classes: int) -> nn.Module:
+    # torchvision's VGG-11 features (no BatchNorm) with a head for small inputs: its
+    # 25088x4096 classifier is built for 224 px. Dropout stays, as in the original.
+    model = vgg11(num_classes=num_classes)
+    if in_channels != 3:
+        model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, num_classes)
+    )
+    return model
+
+
+def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> nn.Module:
+    """Replace every BatchNorm2d by a GroupNorm over the same channels (affine kept)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            groups = max(g for g in range(1, max_groups + 1) if child.num_features % g == 0)
+            setattr(module, name, nn.GroupNorm(groups, child.num_features, eps=child.eps, affine=child.affine))
+        else:
+            batchnorm_to_groupnorm(child, max_groups)
+    return module
+
+
+def build_model(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    norm: str = "batch",
+    maxpool_kernel: int | None = None,
+) -> nn.Module:
+    """A freshly initialised model (initialise under a seeded generator for reproducibility).
+
+    `norm="group"` swaps BatchNorm for GroupNorm; `maxpool_kernel` sets the stem maxpool
+    kernel (ResNet-18's, stride 2 and padding 1 kept as the original's RA defense did; the
+    ConvNet gains one after its first block).
+    """
+    if maxpool_kernel is not None and arch not in RA_ARCHS:
+        raise PipelineError(f"a maxpool kernel (the RA defense) needs a stem maxpool: {arch} has none")
     if arch == "resnet18":
-        return _resnet18(in_channels, num_classes)
-    if arch == "convnet":
-        return ConvNet(in_channels, num_classes, image_size)
-    raise PipelineError(f"unknown model architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        model = _resnet18(in_channels, num_classes)
+        if maxpool_kernel is not None:
+            model.maxpool.kernel_size = maxpool_kernel
+    elif arch == "vgg11":
+        model = _vgg11(in_channels, num_classes)
+    elif arch == "convnet":
+        model = ConvNet(in_channels, num_classes, image_size, maxpool_kernel=maxpool_kernel)
+    else:
+        raise PipelineError(f"unknown model architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if norm == "group":
+        batchnorm_to_groupnorm(model)
+    elif norm != "batch":
+        raise PipelineError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORMS)}")
+    return model
 
 
 def smallest_batchnorm_input(model: nn.Module, in_channels: int, image_size: int) -> int:

@@ -1,37 +1,124 @@
-"""Training under a defense scheme with Lightning, a weights-only checkpoint every epoch."""
+"""Training under a defense scheme with Lightning, a weights-only checkpoint every epoch.
+
+The same code runs on one CPU process, several gloo processes, or GPUs over several nodes;
+only `train.devices`, `train.num_nodes` and `train.accelerator` change. What a scheme
+changes:
+
+* norm: BatchNorm synchronised over all processes (`batch-sync`), each process with its own
+  statistics and buffers (`batch-async`, DDP's buffer broadcast off), or GroupNorm (`group`);
+* batch_multiplier: the scheme's global batch is `train.batch_size` times it (`gh`: 3);
+* maxpool_kernel: ResNet-18's stem maxpool (`ra`), "auto" for the smallest with RA-i > 0;
+* dp: per-sample DP-SGD (Poisson batches, clipping, noise, epsilon per epoch), or the
+  original's batch clipping plus noise (no guarantee).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from pipeline.bn import CrossProcessSyncBatchNorm
 from pipeline.checkpoints import checkpoint_name, save_checkpoint
-from pipeline.config import Params
+from pipeline.config import Params, SchemeParams, TrainParams
 from pipeline.data import Split, normalise
-from pipeline.files import atomic_file, read_json
+from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
+from pipeline.files import read_json
 from pipeline.nets import build_model
+
+RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63)
+    return torch.Generator().manual_seed(seed)
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, num_classes: int, params: Params):
+    def __init__(self, model: torch.nn.Module, train: Split, test: Split, num_classes: int, params: Params, scheme: SchemeParams):
         super().__init__()
         self.model = model
-        self.hp = params.train
+        self.hp, self.scheme, self.seed = params.train, scheme, params.seed
+        self.per_sample = per_sample_method(scheme.dp.per_sample, params.model.arch) if self.per_sample_dp else None
+        self.train_set, self.test_set = train, test
+        self.global_batch = params.train.batch_size * scheme.batch_multiplier
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.last_test_accuracy = float("nan")
+        self.loss_sum = torch.zeros(2)  # (summed loss, samples) of the epoch: logged once, not every step
+
+    @property
+    def per_sample_dp(self) -> bool:  # DP-SGD: clipping sample by sample
+        return self.scheme.dp is not None and self.scheme.dp.kind == "per-sample"
+
+    @property
+    def sample_rate(self) -> float:
+        return self.global_batch / len(self.train_set)
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1 and not torch.cuda.is_available():
+            # processes share the cores: one thread each on two cores, not two each
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.hp.devices))
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if self.per_sample_dp:  # the accountant's guarantee assumes Poisson sampling
+            batches = PoissonBatches(len(self.train_set), self.sample_rate, self.seed, rank, world)
+            return DataLoader(self.train_set, batch_sampler=batches)
+        # The order of epoch e is a function of (seed, e) alone, so a resumed run sees the same batches.
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.global_batch // world, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return DataLoader(self.test_set, batch_size=256, sampler=list(range(rank, len(self.test_set), world)))
 
     def training_step(self, batch, _index):
         images, labels = batch
-        loss = F.cross_entropy(self.model(images), labels)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        return loss
+        if not self.per_sample_dp:
+            loss = F.cross_entropy(self.model(images), labels)
+            self._count_loss(loss.detach(), len(labels))
+            return loss
+        dp, world = self.scheme.dp, self.trainer.world_size
+        noise = _generator(self.seed, self.global_step, self.trainer.global_rank)
+        grads = dp_gradient(self.model, images, labels, dp.clip, dp.sigma, self.global_batch / world, noise,
+                            self.per_sample, noise_share=1 / world)
+        if len(labels):
+            with torch.no_grad():
+                self._count_loss(F.cross_entropy(self.model(images), labels), len(labels))
+        # A loss whose gradient is exactly the DP gradient: DDP then averages it over processes
+        # like any other, and the optimiser, schedule and checkpointing stay Lightning's.
+        return sum((p * grads[n]).sum() for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def _count_loss(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += torch.stack([loss.float() * samples, torch.tensor(float(samples))])
+
+    def on_train_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self.loss_sum.clone(), reduce_op="sum")  # over processes
+        self.log("train_loss", float(total[0] / total[1].clamp_min(1)), prog_bar=True)
+        self.loss_sum.zero_()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        dp = self.scheme.dp
+        if dp is None or dp.kind != "batch":
+            return
+        # The original's clip-noise, after the gradient is averaged over processes, with the same
+        # noise on every process (the original drew it per process, and its replicas drifted apart).
+        named = {n: p for n, p in self.model.named_parameters() if p.grad is not None}
+        noisy = batch_clip_noise_gradient({n: p.grad for n, p in named.items()}, dp.clip, dp.sigma,
+                                          _generator(self.seed, self.global_step))
+        for name, p in named.items():
+            p.grad.copy_(noisy[name])
 
     def validation_step(self, batch, _index):
         images, labels = batch
@@ -42,6 +129,21 @@ class Classifier(L.LightningModule):
         self.test_accuracy.reset()
         self.last_test_accuracy = float(accuracy)
         self.log("test_accuracy", accuracy, prog_bar=True)
+        if self.per_sample_dp and self.trainer.state.fn == "fit":
+            self.log("epsilon", self.privacy(self.current_epoch + 1)["epsilon"])
+
+    def privacy(self, epochs: int) -> dict[str, Any]:
+        """What the scheme guarantees after `epochs` epochs, for the checkpoint's metadata."""
+        dp = self.scheme.dp
+        if dp is None:
+            return {}
+        if dp.kind == "batch":
+            return {"guarantee": "none (batch clipping, not DP-SGD)", "clip": dp.clip, "sigma": dp.sigma}
+        steps = epochs * max(1, round(1 / self.sample_rate))
+        return {
+            "guarantee": "(epsilon, delta)-DP, RDP accountant", "epsilon": round(epsilon(dp.sigma, self.sample_rate, steps, dp.delta), 6),
+            "delta": dp.delta, "sigma": dp.sigma, "clip": dp.clip, "sample_rate": round(self.sample_rate, 8), "steps": steps,
+        }
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(
@@ -51,37 +153,60 @@ class Classifier(L.LightningModule):
         return [opt], [sched]
 
 
-RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
-
-
 class EpochCheckpoints(Callback):
     """Write the weights before training (epoch 0) and after every epoch's evaluation.
 
     After each epoch the whole training state (optimizer momentum, schedule, loop counters)
     is saved too, so a killed run resumes where it stopped and ends with the same weights.
+    Only the first process writes; with asynchronous BatchNorm its running statistics are
+    the ones saved (`bn_state_rank` in the metadata).
     """
 
     def __init__(self, folder: Path, meta: dict[str, Any]):
         self.folder, self.meta = folder, meta
 
     def on_validation_end(self, trainer: L.Trainer, module: Classifier) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
-        epoch = trainer.current_epoch + 1 if trainer.state.fn == "fit" else 0
-        meta = {**self.meta, "epoch": epoch, "test_accuracy": round(module.last_test_accuracy, 6)}
-        save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
-        if trainer.state.fn == "fit":
-            with atomic_file(self.folder / RESUME) as tmp:
-                trainer.save_checkpoint(tmp)
+        fitting = trainer.state.fn == "fit"
+        epoch = trainer.current_epoch + 1 if fitting else 0
+        if trainer.is_global_zero:
+            meta = {**self.meta, "epoch": epoch, "test_accuracy": round(module.last_test_accuracy, 6),
+                    **module.privacy(epoch)}
+            save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
+        if fitting:  # every process takes part in saving the training state; the first one writes it
+            partial = self.folder / f".{RESUME}.partial"
+            trainer.save_checkpoint(partial, weights_only=False)  # the whole state: resume needs it
+            if trainer.is_global_zero:
+                os.replace(partial, self.folder / RESUME)
 
 
-def _loader(split: Split, mean: list[float], std: list[float], batch_size: int, seed: int | None) -> DataLoader:
-    dataset = TensorDataset(normalise(split.images, mean, std), split.labels)
-    if seed is None:
-        return DataLoader(dataset, batch_size=batch_size)
-    # The order of epoch e is a function of (seed, e) alone, so a resumed run sees the same batches.
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]:
+    """Trainer arguments for the scheme's BatchNorm across processes."""
+    options: dict[str, Any] = {
+        "accelerator": train.accelerator, "devices": train.devices, "num_nodes": train.num_nodes,
+        "precision": train.precision,
+    }
+    if train.devices * train.num_nodes == 1:
+        return options
+    on_gpu = train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
+    # async: each process keeps its own BatchNorm buffers (DDP broadcasts rank 0's by default)
+    options["strategy"] = DDPStrategy(broadcast_buffers=scheme.norm != "batch-async")
+    if scheme.norm == "batch-sync":
+        if on_gpu:
+            options["sync_batchnorm"] = True  # torch's SyncBatchNorm
+        else:
+            options["plugins"] = [CrossProcessSyncBatchNorm()]  # torch's refuses CPU tensors
+    return options
+
+
+def architecture(params: Params, scheme: SchemeParams, data_meta: dict[str, Any], maxpool_kernel: int | None) -> dict[str, Any]:
+    """The arguments of `build_model` for this scheme, as checkpoints record them."""
+    return {
+        "arch": params.model.arch, "in_channels": data_meta["channels"], "num_classes": len(data_meta["classes"]),
+        "image_size": data_meta["image_size"], "norm": "group" if scheme.norm == "group" else "batch",
+        "maxpool_kernel": maxpool_kernel,
+    }
 
 
 def train(
@@ -89,47 +214,51 @@ def train(
     test_split: Split,
     data_meta: dict[str, Any],
     params: Params,
+    scheme_name: str,
     out_dir: Path,
+    maxpool_kernel: int | None = None,
     logger: Any = False,
 ) -> list[dict[str, Any]]:
-    """Train `params.model.arch` on the split; checkpoints go to `out_dir`. Returns their metadata.
+    """Train under scheme `scheme_name`; checkpoints go to `out_dir`. Returns their metadata.
 
     If `out_dir` holds the training state of an interrupted run, training resumes from it.
     """
+    scheme = params.scheme(scheme_name)
     L.seed_everything(params.seed, workers=True, verbose=False)
-    num_classes = len(data_meta["classes"])
-    arch = {
-        "arch": params.model.arch,
-        "in_channels": data_meta["channels"],
-        "num_classes": num_classes,
-        "image_size": data_meta["image_size"],
-    }
+    arch = architecture(params, scheme, data_meta, maxpool_kernel)
     model = build_model(**arch)
-    meta = {**arch, "scheme": params.train.scheme, "mean": data_meta["mean"], "std": data_meta["std"]}
-    checkpoints = EpochCheckpoints(out_dir, meta)
+    processes = params.train.devices * params.train.num_nodes
+    meta = {
+        **arch, "scheme": scheme_name, "mean": data_meta["mean"], "std": data_meta["std"],
+        "bn": {"batch-sync": "sync", "batch-async": "async", "group": "none"}[scheme.norm], "processes": processes,
+        "global_batch": params.train.batch_size * scheme.batch_multiplier,
+        **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
+    }
+    mean, std = data_meta["mean"], data_meta["std"]
+    datasets = [TensorDataset(normalise(s.images, mean, std), s.labels) for s in (train_split, test_split)]
+    module = Classifier(model, *datasets, len(data_meta["classes"]), params, scheme)
     trainer = L.Trainer(
-        accelerator=params.train.accelerator,
-        devices=params.train.devices,
+        **strategy_options(params.train, scheme),
         max_epochs=params.train.epochs,
         deterministic=True,
         logger=logger,
-        callbacks=[checkpoints],
+        callbacks=[EpochCheckpoints(out_dir, meta)],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False,  # the module builds its own per-process samplers
         default_root_dir=out_dir,
     )
-    module = Classifier(model, num_classes, params)
-    mean, std = data_meta["mean"], data_meta["std"]
-    test_loader = _loader(test_split, mean, std, 256, seed=None)
     resume = out_dir / RESUME
     if resume.is_file():
         print(f"train: resuming after epoch {len(list(out_dir.glob('epoch-*.json'))) - 1} of an interrupted run")
     else:
-        trainer.validate(module, test_loader, verbose=False)
+        trainer.validate(module, verbose=False)
     if params.train.epochs:
-        train_loader = _loader(train_split, mean, std, params.train.batch_size, params.seed)
-        trainer.fit(module, train_loader, test_loader, ckpt_path=resume if resume.is_file() else None, weights_only=True)
-    resume.unlink(missing_ok=True)
+        trainer.fit(module, ckpt_path=resume if resume.is_file() else None, weights_only=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the resume file goes only when every process is done with it
+    if trainer.is_global_zero:
+        resume.unlink(missing_ok=True)
     return [read_json(p) for p in sorted(out_dir.glob("epoch-*.json"))]
+

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoints import ARCH_KEYS
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 
 THREAT_MODEL_KEYS = (
-    "arch", "in_channels", "num_classes", "image_size", "mean", "std",
-    "checkpoint", "checkpoint_sha256", "epoch", "scheme", "batch_size", "mode",
+    *ARCH_KEYS, "mean", "std", "checkpoint", "checkpoint_sha256", "epoch", "scheme", "batch_size", "mode",
 )
 
 

@@ -54,7 +54,12 @@ class Stage:
     name: str
     params: Params
     root: Path  # where the MLflow store lives
+    scheme: str | None = None  # for the stages that run once per scheme (train@pure, ...)
     mlflow: Any = None  # the tracking module, with this execution's run active
+
+    @property
+    def run_name(self) -> str:
+        return os.environ.get("DVC_STAGE") or (f"{self.name}@{self.scheme}" if self.scheme else self.name)
 
     @property
     def tracking_uri(self) -> str:
@@ -62,8 +67,9 @@ class Stage:
 
     def _tags(self) -> dict[str, str]:
         return {
-            "dvc.stage": os.environ.get("DVC_STAGE", self.name),
+            "dvc.stage": self.run_name,
             "stage": self.name,
+            **({"scheme": self.scheme} if self.scheme else {}),
             "git.commit": _git(self.root, "rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git(self.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
             **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
@@ -82,23 +88,32 @@ def _sections(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return picked
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+def is_first_process() -> bool:
+    """False in the extra processes a distributed launcher (Lightning, torchrun, SLURM) starts."""
+    return all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> None:
-    """Run a stage body inside its MLflow run (rank 0 only), logging the `reads` parameter sections.
+    """Run a stage body inside its MLflow run (first process only), logging the `reads` parameters.
 
-    A PipelineError, or a write the disk refuses, becomes one line on stderr and exit status 2.
+    `reads` names parameter sections or dotted keys; "{scheme}" in one stands for the scheme
+    given on the command line. A PipelineError, or a write the disk refuses, becomes one line
+    on stderr and exit status 2.
     """
     try:
         params = load_params(Path("params.yaml"))
+        scheme = None
+        if any("{scheme}" in key for key in reads):
+            if len(sys.argv) != 2:
+                raise PipelineError(f"usage: python -m stages.{name} <scheme> (one of {', '.join(params.schemes)})")
+            scheme = sys.argv[1]
+            params.scheme(scheme)  # an unknown name is refused here
         import torch
 
         torch.use_deterministic_algorithms(True)
-        stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve())
-        logged = _sections(params.model_dump(), reads)
-        tracked = open_run(stage.root, os.environ.get("DVC_STAGE", name), logged, stage._tags()) if _rank() == 0 \
+        stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme)
+        logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme) for key in reads))
+        tracked = open_run(stage.root, stage.run_name, logged, stage._tags()) if is_first_process() \
             else nullcontext(_NoTracking())
         with tracked as stage.mlflow:
             body(stage)

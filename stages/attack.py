@@ -1,4 +1,4 @@
-"""attack: rebuild each upload's images from its gradient alone (the truth is never read).
+"""attack@<scheme>: rebuild each upload's images from its gradient alone (the truth is never read).
 
 A killed attack resumes: reconstructions finished before the kill are kept (the temporary
 output is fingerprinted by the parameters and the uploads) and only the rest are attacked.
@@ -7,7 +7,7 @@ output is fingerprinted by the parameters and the uploads) and only the rest are
 from pathlib import Path
 
 from pipeline.attack import AttackSettings, invert, recover_labels
-from pipeline.checkpoints import load_checkpoint
+from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
 from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
@@ -17,18 +17,17 @@ from pipeline.report import save_grid
 from pipeline.uploads import load_upload
 from stages._common import Stage, code_digest, run
 
-UPLOADS, OUT = Path("uploads"), Path("attacks")
 
 
 def attack_upload(path: Path, out: Path, a: AttackParams, seed: int, mlflow) -> None:
     upload = load_upload(path)
     tm = upload.threat_model
-    # The attacker rebuilds exactly the client's model from the threat model.
-    arch = {k: tm[k] for k in ("arch", "in_channels", "num_classes", "image_size")}
+    # The attacker rebuilds exactly the client's model (maxpool kernel, GroupNorm...) from the threat model.
+    arch = {k: tm[k] for k in ARCH_KEYS}
     model, _ = load_checkpoint(Path(tm["checkpoint"]), expect={"sha256": tm["checkpoint_sha256"], **arch})
     model.train(tm["mode"] == "train")
     labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
-    print(f"attack: {path.name}: labels {labels.tolist()} ({a.labels})")
+    print(f"attack@{tm['scheme']}: {path.name}: labels {labels.tolist()} ({a.labels})")
     settings = AttackSettings(
         iterations=a.iterations, lr=a.lr, lr_min=a.lr_min, tv_weight=a.tv_weight, restarts=a.restarts, seed=seed
     )
@@ -44,23 +43,24 @@ def attack_upload(path: Path, out: Path, a: AttackParams, seed: int, mlflow) -> 
     for iteration, loss in rec.curve:
         mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
     mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
-    print(f"attack: {path.name}: " + (rec.note or f"lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})"))
+    print(f"attack@{tm['scheme']}: {path.name}: " + (rec.note or f"lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})"))
 
 
 def main(stage: Stage) -> None:
     p = stage.params
-    uploads = sorted(UPLOADS.glob("*.safetensors"))
+    folder, out_folder = Path("uploads") / stage.scheme, Path("attacks") / stage.scheme
+    uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:
-        raise PipelineError(f"{UPLOADS}: no uploads to attack (run the extract stage first)")
-    inputs = digest(p.seed, p.attack.model_dump(), tree_digest(UPLOADS), code_digest())
-    with atomic_dir(OUT, fingerprint=inputs) as out:
+        raise PipelineError(f"{folder}: no uploads to attack (run extract@{stage.scheme} first)")
+    inputs = digest(p.seed, p.attack.model_dump(), tree_digest(folder), code_digest())
+    with atomic_dir(out_folder, fingerprint=inputs) as out:
         for path in uploads:
             if (out / path.name).with_suffix(".json").is_file():
-                print(f"attack: {path.name}: kept from the interrupted run")
+                print(f"attack@{stage.scheme}: {path.name}: kept from the interrupted run")
                 continue
             attack_upload(path, out, p.attack, p.seed, stage.mlflow)
-    stage.mlflow.log_artifacts(str(OUT), "reconstructions")
+    stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
 
 if __name__ == "__main__":
-    run("attack", main, reads=("seed", "train.scheme", "attack"))
+    run("attack", main, reads=("seed", "attack", "schemes.{scheme}"))

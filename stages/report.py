@@ -1,4 +1,4 @@
-"""report: the results table (CSV and Markdown) and the truth-over-reconstruction figure."""
+"""report: the results table (CSV and Markdown), training per scheme, truth over reconstruction."""
 
 from pathlib import Path
 
@@ -9,9 +9,27 @@ from pipeline.report import markdown_table, overview_figure
 from pipeline.uploads import load_truth
 from stages._common import Stage, run
 
-ATTACKS, TRUTH = Path("attacks"), Path("truth")
+ATTACKS, TRUTH, MODELS = Path("attacks"), Path("truth"), Path("models")
 METRICS, PER_IMAGE = Path("reports/metrics.json"), Path("reports/per_image.csv")
-RESULTS_CSV, RESULTS_MD, FIGURE = Path("reports/results.csv"), Path("reports/results.md"), Path("reports/reconstructions.png")
+RESULTS_CSV, RESULTS_MD = Path("reports/results.csv"), Path("reports/results.md")
+TRAINING_CSV, FIGURE = Path("reports/training.csv"), Path("reports/reconstructions.png")
+
+
+def _privacy(checkpoint: dict) -> str:
+    if "epsilon" in checkpoint:
+        return f"({checkpoint['epsilon']:.2f}, {checkpoint['delta']:g})-DP"
+    return "no privacy guarantee" if "guarantee" in checkpoint else ""
+
+
+def training_table(schemes: list[str]) -> pd.DataFrame:
+    rows = []
+    for scheme in schemes:
+        for path in sorted((MODELS / scheme).glob("epoch-*.json")):
+            c = read_json(path)
+            rows.append({"scheme": scheme, "epoch": c["epoch"], "test_accuracy": c["test_accuracy"],
+                         "epsilon": c.get("epsilon"), "privacy": _privacy(c), "bn": c["bn"],
+                         "global_batch": c["global_batch"], "maxpool_kernel": c["maxpool_kernel"]})
+    return pd.DataFrame(rows)
 
 
 def main(stage: Stage) -> None:
@@ -19,33 +37,43 @@ def main(stage: Stage) -> None:
     metrics = read_json(METRICS)["uploads"]
     per_image = pd.read_csv(PER_IMAGE)
     rows, panels = [], []
-    for name, m in sorted(metrics.items(), key=lambda kv: kv[1]["epoch"]):
-        checkpoint = read_json(Path("models") / p.train.scheme / f"{name}.json")
-        rec, rec_meta = load_tensors(ATTACKS / f"{name}.safetensors", expected={"images", "labels"})
-        truth_u8, _, _ = load_truth(TRUTH / f"{name}.safetensors")
+    for key, m in sorted(metrics.items(), key=lambda kv: (list(p.schemes).index(kv[1]["scheme"]), kv[1]["epoch"])):
+        scheme, name = key.split("/")
+        checkpoint = read_json(MODELS / scheme / f"{name}.json")
+        rec, rec_meta = load_tensors(ATTACKS / scheme / f"{name}.safetensors", expected={"images", "labels"})
+        truth_u8, _, _ = load_truth(TRUTH / scheme / f"{name}.safetensors")
         rows.append({
-            "scheme": checkpoint["scheme"], "arch": checkpoint["arch"], "epoch": m["epoch"],
-            "test_accuracy": checkpoint["test_accuracy"], "batch_size": len(truth_u8), "client_mode": p.extract.mode,
+            "scheme": scheme, "arch": checkpoint["arch"], "epoch": m["epoch"], "test_accuracy": checkpoint["test_accuracy"],
+            "privacy": _privacy(checkpoint), "batch_size": len(truth_u8), "client_mode": p.extract.mode,
             "labels": rec_meta["labels_method"], "label_accuracy": m["label_accuracy"],
             "psnr": m["psnr"]["mean"], "psnr_std": m["psnr"]["std"], "ssim": m["ssim"]["mean"], "mse": m["mse"]["mean"],
             "grad_loss": rec_meta["grad_loss"], "iterations": rec_meta["iterations"],
         })
-        order = per_image[per_image.upload == name].sort_values("image")["reconstruction"].tolist()
+        mine = per_image[(per_image.scheme == scheme) & (per_image.upload == name)].sort_values("image")
         panels.append((
-            f"{checkpoint['scheme']} epoch {m['epoch']}: PSNR {m['psnr']['mean']:.1f} dB, SSIM {m['ssim']['mean']:.2f}",
-            truth_u8.float() / 255, rec["images"][order],
+            f"{scheme} epoch {m['epoch']}: PSNR {m['psnr']['mean']:.1f} dB, SSIM {m['ssim']['mean']:.2f}",
+            truth_u8.float() / 255, rec["images"][mine["reconstruction"].tolist()],
         ))
     table = pd.DataFrame(rows)
+    training = training_table(list(p.schemes))
     with atomic_file(RESULTS_CSV) as tmp:
         table.to_csv(tmp, index=False)
+    with atomic_file(TRAINING_CSV) as tmp:
+        training.to_csv(tmp, index=False)
     with atomic_file(RESULTS_MD) as tmp:
-        tmp.write_text("# Results\n\nOne row per training epoch x upload; PSNR/SSIM after Hungarian pairing.\n\n"
-                       + markdown_table(table))
+        tmp.write_text(
+            "# Results\n\nOne row per scheme x training epoch x upload; PSNR/SSIM after Hungarian pairing.\n\n"
+            + markdown_table(table)
+            + "\n## Training\n\nTest accuracy per scheme and epoch; epsilon where the scheme is DP-SGD.\n\n"
+            + markdown_table(training.pivot(index="epoch", columns="scheme", values="test_accuracy")[list(p.schemes)]
+                             .reset_index().astype({"epoch": str}))
+            + "\n" + markdown_table(training[training.epsilon.notna()][["scheme", "epoch", "epsilon", "privacy"]])
+        )
     overview_figure(FIGURE, panels)
     print(markdown_table(table))
-    for path in (RESULTS_CSV, RESULTS_MD, FIGURE):
+    for path in (RESULTS_CSV, RESULTS_MD, TRAINING_CSV, FIGURE):
         stage.mlflow.log_artifact(str(path))
 
 
 if __name__ == "__main__":
-    run("report", main, reads=("train.scheme", "extract.mode"))
+    run("report", main, reads=("extract", "attack"))

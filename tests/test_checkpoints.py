@@ -6,7 +6,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import sha256
 from pipeline.nets import build_model
 
-ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32}
+ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
 
 
 def test_round_trip_is_exact_and_byte_stable(tmp_path):
@@ -25,7 +25,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="checkpoint has arch='convnet', expected 'resnet18'"):
         load_checkpoint(tmp_path / "a.safetensors", expect={"arch": "resnet18"})
     # metadata that lies about the architecture: the weights do not fit
-    resnet = build_model("resnet18", 1, 10, 32)
+    resnet = build_model("resnet18", 1, 10, 32)  # metadata below says convnet
     save_checkpoint(tmp_path / "b.safetensors", resnet, ARCH)
     with pytest.raises(PipelineError, match="weights do not fit a convnet"):
         load_checkpoint(tmp_path / "b.safetensors")

@@ -10,7 +10,7 @@ from tests.conftest import RAW_PARAMS, REPO, set_dotted
 
 def test_project_params_validate():
     params = load_params(REPO / "params.yaml")
-    assert params.model.arch == "resnet18"
+    assert params.model.arch == "convnet" and set(params.schemes) == {"pure", "ra", "dp-sgd", "clip-noise", "gh"}
     assert max(params.extract.epochs) <= params.train.epochs
 
 
@@ -18,11 +18,17 @@ def test_project_params_validate():
     "key, value, message",
     [
         ("train.optimizer", "adam", "params.yaml: unknown key 'train.optimizer'"),
-        ("train.scheme", "gh", "params.yaml: train.scheme: Input should be 'pure' (got 'gh')"),
+        ("schemes.gh.norm", "batch", "params.yaml: schemes.gh.norm: Input should be 'batch-sync', 'batch-async' or 'group' (got 'batch')"),
+        ("schemes.dp-sgd.norm", "batch-sync", "params.yaml: schemes.dp-sgd: per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)"),
+        ("schemes.dp-sgd.dp.sigma", -1.0, "params.yaml: schemes.dp-sgd.dp.sigma: Input should be greater than or equal to 0 (got -1.0)"),
+        ("schemes.clip-noise.dp.delta", 1e-5, "params.yaml: schemes.clip-noise.dp: batch clipping has no delta and no per_sample: it gives no guarantee to account"),
+        ("schemes.gh.batch_multiplier", 0, "params.yaml: schemes.gh.batch_multiplier: Input should be greater than or equal to 1 (got 0)"),
+        ("train.batch_size", 63, "params.yaml: schemes.pure: the global batch 63 does not split evenly over 2 processes"),
+        ("model.arch", "vgg11", "params.yaml: schemes.ra.maxpool_kernel: vgg11 has no stem maxpool to enlarge (resnet18 and convnet have)"),
         ("attack.lr", -0.1, "params.yaml: attack.lr: Input should be greater than 0 (got -0.1)"),
         ("extract.batch_size", 0, "params.yaml: extract.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("extract.mode", "both", "params.yaml: extract.mode: Input should be 'train' or 'eval' (got 'both')"),
-        ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18' or 'convnet' (got 'vgg99')"),
+        ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
         ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
         ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),
@@ -38,6 +44,12 @@ def test_bad_value_gives_one_line_naming_the_key(key, value, message):
         parse_params(raw)
     assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+def test_unknown_scheme_name():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(PipelineError, match=r"^unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh$"):
+        params.scheme("gradient")
 
 
 def test_missing_key_is_an_error():

@@ -19,7 +19,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"prepare", "train", "extract", "attack", "evaluate", "report"}
+SCHEMES = ("pure", "ra", "dp-sgd", "clip-noise", "gh")
+STAGES = {"prepare", "evaluate", "report", *(f"{s}@{k}" for s in ("train", "extract", "attack") for k in SCHEMES)}
 PROJECT_FILES = ["pipeline", "stages", "tools", "profiles", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore",
                  ".gitignore", "pyproject.toml"]
 
@@ -63,15 +64,24 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics["uploads"]) == {"epoch-000", "epoch-002"}
+    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}" for k in SCHEMES for e in (0, 2)}
     for upload in metrics["uploads"].values():
         assert upload["label_accuracy"] == 1.0  # known labels
         assert 5 < upload["psnr"]["mean"] < 60 and 0 < upload["ssim"]["mean"] <= 1
     table = (root / "reports/results.md").read_text()
     assert "| pure" in table and (root / "reports/reconstructions.png").stat().st_size > 1000
     # the attacker's inputs hold no ground truth
-    upload_meta = json.loads((root / "uploads/epoch-000.json").read_text())
+    upload_meta = json.loads((root / "uploads/pure/epoch-000.json").read_text())
     assert upload_meta["kind"] == "upload" and "images" not in upload_meta
+    # every scheme's checkpoints say how they were trained; the attacker rebuilds that architecture
+    ra = json.loads((root / "models/ra/epoch-002.json").read_text())
+    assert ra["maxpool_kernel"] == 25 and json.loads((root / "uploads/ra/epoch-002.json").read_text())["maxpool_kernel"] == 25
+    assert json.loads((root / "models/ra/rank_analysis.json").read_text())["ra_index"] > 0
+    dp = json.loads((root / "models/dp-sgd/epoch-002.json").read_text())
+    assert dp["norm"] == "group" and dp["epsilon"] > 0 and dp["delta"] == 1e-5
+    gh = json.loads((root / "models/gh/epoch-002.json").read_text())
+    assert gh["bn"] == "async" and gh["bn_state_rank"] == 0 and gh["processes"] == 2 and gh["global_batch"] == 192
+    assert "no privacy guarantee" in table
 
 
 def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
@@ -91,16 +101,18 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     def files(stage, folder=""):
         return {Path(a.path).name for a in client.list_artifacts(by_stage[stage], folder)}
 
-    assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files("train", "checkpoints")
-    assert "resume.ckpt" not in files("train", "checkpoints")
-    assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files("extract", "uploads")
-    assert {"epoch-000.png", "epoch-000.safetensors"} <= files("attack", "reconstructions")
+    for scheme in SCHEMES:
+        assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(f"train@{scheme}", "checkpoints")
+        assert "resume.ckpt" not in files(f"train@{scheme}", "checkpoints")
+        assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files(f"extract@{scheme}", "uploads")
+        assert {"epoch-000.png", "epoch-000.safetensors"} <= files(f"attack@{scheme}", "reconstructions")
     assert {"metrics.json", "per_image.csv"} <= files("evaluate")
-    assert {"results.md", "results.csv", "reconstructions.png"} <= files("report")
-    train = runs[runs["tags.dvc.stage"] == "train"].iloc[0]
-    assert 0 <= train["metrics.test_accuracy"] <= 1 and train["params.train.scheme"] == "pure"
+    assert {"results.md", "results.csv", "training.csv", "reconstructions.png"} <= files("report")
+    train = runs[runs["tags.dvc.stage"] == "train@gh"].iloc[0]
+    assert 0 <= train["metrics.test_accuracy"] <= 1 and train["params.schemes.gh.norm"] == "batch-async"
+    assert runs[runs["tags.dvc.stage"] == "train@dp-sgd"].iloc[0]["metrics.epsilon"] > 0
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
-    assert evaluate["metrics.psnr"] > 5
+    assert evaluate["metrics.psnr.pure"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
 
 
@@ -133,7 +145,7 @@ def test_stages_killed_part_way_resume_and_end_with_the_same_bytes(project, tmp_
     root = tmp_path / "killed"
     env = copy_project(root)
     repro = [sys.executable, "-m", "dvc", "repro"]
-    trained, attacked = root / "models" / ".pure.partial", root / ".attacks.partial"
+    trained, attacked = root / "models" / ".pure.partial", root / "attacks" / ".pure.partial"
 
     _kill_when(repro, root, env, trained / "resume.ckpt")
     assert not (root / "models" / "pure").exists()  # nothing that looks finished
@@ -141,11 +153,11 @@ def test_stages_killed_part_way_resume_and_end_with_the_same_bytes(project, tmp_
 
     second = _kill_when(repro, root, env, attacked / "epoch-000.json")
     assert "train: resuming after epoch 1 of an interrupted run" in second
-    assert not (root / "attacks").exists()
+    assert not (root / "attacks" / "pure").exists()
     assert not (trained / "epoch-002.json").exists() and (root / "models" / "pure" / "epoch-002.json").exists()
 
     done = sh(repro, root, env)
-    assert "epoch-000.safetensors: kept from the interrupted run" in done.stdout
+    assert "attack@pure: epoch-000.safetensors: kept from the interrupted run" in done.stdout
     assert (root / "dvc.lock").read_text() == uninterrupted
     assert not trained.exists() and not attacked.exists()
     assert "Running stage" not in sh(repro, root, env).stdout

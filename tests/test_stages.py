@@ -10,10 +10,10 @@ import yaml
 from tests.conftest import RAW_PARAMS, REPO
 
 
-def run_stage(stage: str, cwd: Path, params: dict) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+def run_stage(stage: str, cwd: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -52,8 +52,15 @@ def test_empty_image_folder_keeps_the_previous_output(tmp_path):
 
 
 def test_attack_without_uploads(tmp_path):
-    done = run_stage("attack", tmp_path, RAW_PARAMS)
-    _assert_one_line_failure(done, "attack: error: uploads: no uploads to attack")
+    done = run_stage("attack", tmp_path, RAW_PARAMS, "pure")
+    _assert_one_line_failure(done, "attack: error: uploads/pure: no uploads to attack (run extract@pure first)")
+
+
+def test_scheme_stages_need_a_known_scheme(tmp_path):
+    _assert_one_line_failure(run_stage("train", tmp_path, RAW_PARAMS),
+                             "train: error: usage: python -m stages.train <scheme> (one of pure, ra, dp-sgd, clip-noise, gh)")
+    _assert_one_line_failure(run_stage("train", tmp_path, RAW_PARAMS, "gradient"),
+                             "train: error: unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh")
 
 
 def test_unreachable_mlflow_server_fails_fast_before_any_work(tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.checkpoints import load_checkpoint
@@ -9,12 +10,12 @@ from tests.conftest import make_params
 
 def test_training_writes_every_epoch_learns_and_is_byte_reproducible(fashion_root, tmp_path):
     params = make_params(data__train_size=1024, data__test_size=256, model__arch="convnet", train__epochs=2,
-                         train__batch_size=64, extract__epochs=[0, 2])
+                         train__batch_size=64, train__devices=1, extract__epochs=[0, 2])
     data = prepare(params.data, params.seed)
     meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
     runs = []
     for name in ("a", "b"):
-        written = train(data.train, data.test, meta, params, tmp_path / name)
+        written = train(data.train, data.test, meta, params, "pure", tmp_path / name)
         runs.append(written)
     names = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
     assert names == ["epoch-000.safetensors", "epoch-001.safetensors", "epoch-002.safetensors"]
@@ -38,14 +39,15 @@ from pipeline.data import prepare
 from pipeline.train import train
 from tests.conftest import make_params
 params = make_params(data__train_size=2048, data__test_size=256, model__arch="convnet", train__epochs=4,
-                     train__batch_size=32, extract__epochs=[0, 4], train__lr_milestones=[2])
+                     train__batch_size=32, train__devices=1, extract__epochs=[0, 4], train__lr_milestones=[2])
 data = prepare(params.data, params.seed)
 meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
-train(data.train, data.test, meta, params, Path(sys.argv[1]))
+train(data.train, data.test, meta, params, sys.argv[2], Path(sys.argv[1]))
 """
 
 
-def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, tmp_path):
+@pytest.mark.parametrize("scheme", ["pure", "dp-sgd"])
+def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, tmp_path, scheme):
     import os
     import signal
     import subprocess
@@ -56,8 +58,8 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(whole)], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(killed)], env=env,
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(whole), scheme], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "epoch-002.json").exists() and time.time() < deadline and proc.poll() is None:
@@ -66,7 +68,7 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
     proc.wait()
     assert not (killed / "epoch-004.json").exists(), "the run finished before it could be killed"
     assert (killed / "resume.ckpt").exists()
-    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(killed)], env=env, check=True,
+    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme], env=env, check=True,
                           capture_output=True, text=True)
     assert "resuming after epoch" in done.stdout
     for epoch in range(5):

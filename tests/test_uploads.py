@@ -10,7 +10,7 @@ from pipeline.files import load_meta
 from pipeline.nets import build_model
 from pipeline.uploads import Upload, load_truth, load_upload, save_truth, save_upload
 
-ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32}
+ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
 
 
 @pytest.fixture
