@@ -70,8 +70,8 @@ def test_gate_fails_on_an_unseeded_noise_draw(tmp_path, fashion_root):
         f.write(UNSEEDED_NOISE)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     sh(git + ["commit", "-qam", "unseeded noise in the client upload"], source, env)
-    done = subprocess.run([sys.executable, "-m", "tools.repro_gate", "--source", str(source)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "tools.repro_gate", "--source", str(source), "--target", "extract@pure"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "repro_gate: FAIL: stage extract: out uploads changed" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "repro_gate: FAIL: stage extract@pure: out uploads/pure changed"
     assert "PASS" not in done.stdout
