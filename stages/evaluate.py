@@ -57,7 +57,7 @@ def main(stage: Stage) -> None:
     with atomic_file(PER_IMAGE) as tmp:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
-    for key, s in summary.items():  # step = training epoch: the UI plots each metric through training
+    for s in summary.values():  # step = training epoch: the UI plots each metric through training
         scheme = s["scheme"]
         stage.mlflow.log_metrics({f"{k}.{scheme}": s[k]["mean"] for k in SCORES}, step=s["epoch"])
         stage.mlflow.log_metric(f"label_accuracy.{scheme}", s["label_accuracy"], step=s["epoch"])
