@@ -1,17 +1,34 @@
-"""The federated client: which images it holds and the update it uploads.
+"""The federated client: which images it holds and the update it uploads (DESIGN 2.3).
 
-The walking skeleton's client takes one local step on its whole batch, so the upload is the
-plain batch gradient at the checkpoint's weights.
+A client holds B images, split into W contiguous participant shards (data-parallel
+workers). It takes E local SGD steps, step e on the e-th 1/E of every shard; each step's
+gradient is what DDP computes: the average over participants of their mean losses, with
+BatchNorm statistics of the whole step batch (`sync`) or of each shard (`async`). The upload
+is (theta_0 - theta_E) / (lr * E), the average of the E step gradients; it is computed as that
+average, which is the same number without the cancellation of subtracting nearly equal
+weights. Optional DP: per-sample clipping and noise on every step (a real guarantee), or the
+original's clipping of each step's batch gradient with noise added once to the upload.
+
+Participants run simulated in one process or as W real processes (Lightning Fabric, gloo on
+CPU); both give the same upload. Dropout masks depend only on (seed, step, sample), so they
+agree however the batch is split.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config import ClientParams
+from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
 from pipeline.nets import smallest_batchnorm_input
 
@@ -20,31 +37,241 @@ def choose_batch(pool_size: int, batch_size: int, seed: int) -> torch.Tensor:
     """Positions in the victim pool of the client's batch: the same at every checkpoint."""
     if batch_size > pool_size:
         raise PipelineError(
-            f"extract.batch_size is {batch_size} but the victim pool holds {pool_size} images "
+            f"batch_size is {batch_size} but the victim pool holds {pool_size} images "
             "(raise data.victims_per_class)"
         )
     return torch.randperm(pool_size, generator=torch.Generator().manual_seed(seed))[:batch_size]
 
 
-def check_batchnorm_batch(model: nn.Module, batch_size: int, mode: str, in_channels: int, image_size: int) -> None:
-    """Refuse a train-mode batch that some BatchNorm would normalise from one value per channel."""
-    if mode != "train":
+def choose_repeated_batch(pool_labels: torch.Tensor, batch_size: int, classes: int, seed: int) -> torch.Tensor:
+    """Positions of k = `classes` seeded classes x B/k images that truly belong to them, class by class."""
+    present = torch.unique(pool_labels)
+    if classes > len(present):
+        raise PipelineError(f"label_repetition {classes}: the victim pool holds only {len(present)} classes")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = present[torch.randperm(len(present), generator=gen)[:classes]]
+    per_class = batch_size // classes
+    positions = []
+    for label in chosen.tolist():
+        mine = torch.nonzero(pool_labels == label).flatten()
+        if len(mine) < per_class:
+            raise PipelineError(f"label_repetition {classes} needs {per_class} images of class {label}; the victim "
+                                f"pool holds {len(mine)} (raise data.victims_per_class)")
+        positions.append(mine[torch.randperm(len(mine), generator=gen)[:per_class]])
+    return torch.cat(positions)
+
+
+def repetition_rate(labels: torch.Tensor) -> float:
+    """Share of the batch whose label repeats one already in it: 1 - distinct labels / B."""
+    return 1.0 - len(torch.unique(labels)) / len(labels)
+
+
+def step_parts(batch_size: int, participants: int, local_steps: int) -> list[list[torch.Tensor]]:
+    """parts[e][w]: the batch positions participant w trains on at local step e."""
+    shard = batch_size // participants
+    chunk = shard // local_steps
+    if participants * shard != batch_size or local_steps * chunk != shard:
+        raise PipelineError(f"batch of {batch_size} does not split into {participants} shards x {local_steps} steps")
+    return [[torch.arange(w * shard + e * chunk, w * shard + (e + 1) * chunk) for w in range(participants)]
+            for e in range(local_steps)]
+
+
+def check_batchnorm_batch(model: nn.Module, c: ClientParams, in_channels: int, image_size: int) -> None:
+    """Refuse a train-mode step that some BatchNorm would normalise from one value per channel."""
+    if c.mode != "train":
         return
-    values = smallest_batchnorm_input(model, in_channels, image_size) * batch_size
-    if values == 1:
+    group = c.batch_size // c.local_steps // (c.participants if c.bn == "async" else 1)
+    if smallest_batchnorm_input(model, in_channels, image_size) * group == 1:
         raise PipelineError(
-            f"extract.mode 'train' with a batch of {batch_size}: a BatchNorm layer of this model sees one value "
-            f"per channel at {image_size} px; use extract.mode: eval, a larger batch or a larger data.image_size"
+            f"mode 'train' normalises groups of {group} image(s): a BatchNorm layer of this model sees one value "
+            f"per channel at {image_size} px; use mode: eval, a larger batch or a larger data.image_size"
         )
 
 
-def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    """The gradient of the mean cross-entropy over the batch, by parameter name.
+def _mix(*numbers: int) -> int:
+    """One 63-bit seed from several integers (a stable hash, unlike Python's)."""
+    h = 0x9E3779B97F4A7C15
+    for n in numbers:
+        h = (h ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
 
-    Computed on a copy, so train-mode BatchNorm does not move the caller's running statistics.
+
+class SeededDropout(nn.Module):
+    """Dropout whose mask for each sample is drawn from (seed, step, sample position, layer)."""
+
+    def __init__(self, p: float, layer: int):
+        super().__init__()
+        self.p, self.layer = p, layer
+        self.key: tuple[int, int] = (0, 0)
+        self.positions: torch.Tensor | None = None  # batch positions of the rows being forwarded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.positions is None or len(self.positions) != len(x):
+            raise RuntimeError("SeededDropout needs the batch positions of its input")
+        keep = torch.stack([
+            torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(_mix(*self.key, int(i), self.layer)))
+            >= self.p for i in self.positions
+        ])
+        return x * keep / (1 - self.p)
+
+
+def client_model(model: nn.Module, mode: str) -> nn.Module:
+    """A copy of `model` in the client's mode, its dropout seeded per sample; the caller's model
+    (and its BatchNorm running statistics) is never touched."""
+    model = copy.deepcopy(model)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    for index, (name, m) in enumerate(layers):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, SeededDropout(m.p, index))
+    return model.train(mode == "train")
+
+
+@contextmanager
+def _feeding(model: nn.Module, positions: torch.Tensor, key: tuple[int, int]) -> Iterator[None]:
+    for m in model.modules():
+        if isinstance(m, SeededDropout):
+            m.positions, m.key = positions, key
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            if isinstance(m, SeededDropout):
+                m.positions = None
+
+
+def _has_train_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+Grads = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    gradients: Grads  # the upload, by parameter name
+    epsilon: float | None  # per-sample DP at the client: the guarantee for each of its samples
+
+
+def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
+                my_groups: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                reduce: Callable[[Grads], Grads]) -> Grads:
+    """The E local steps of the client, seen from one process.
+
+    `my_groups` maps a step's participant parts to the groups of positions this process
+    forwards (each group normalised on its own); `reduce` sums a gradient over processes.
     """
-    model = copy.deepcopy(model).train(mode == "train")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    loss = F.cross_entropy(model(images), labels)
-    grads = torch.autograd.grad(loss, [p for _, p in named])
-    return {n: g.detach() for (n, _), g in zip(named, grads)}
+    params = [p for _, p in named]
+    if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
+        raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
+    steps: list[Grads] = []
+    for e, parts in enumerate(step_parts(c.batch_size, c.participants, c.local_steps)):
+        n_step = sum(len(p) for p in parts)
+        key = (seed, e)
+        if c.dp is not None and c.dp.kind == "per-sample":
+            rows = []
+            for group in my_groups(parts):
+                for i in group.tolist():
+                    with _feeding(model, torch.tensor([i]), key):
+                        loss = F.cross_entropy(model(images[i:i + 1]), labels[i:i + 1])
+                    rows.append(torch.autograd.grad(loss, params))
+            per_sample = {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
+            summed = reduce(clip_and_sum(per_sample, c.dp.clip)[0])
+            noise = torch.Generator().manual_seed(_mix(seed, e, 1))
+            grads = {n: g / n_step for n, g in add_noise(summed, c.dp.sigma * c.dp.clip, noise).items()}
+        else:
+            loss = torch.zeros(())
+            for group in my_groups(parts):
+                with _feeding(model, group, key):
+                    loss = loss + F.cross_entropy(model(images[group]), labels[group], reduction="sum")
+            local = torch.autograd.grad(loss / n_step, params)
+            grads = reduce({n: g for (n, _), g in zip(named, local)})
+            if c.dp is not None:  # the original's: each step's batch gradient clipped as a whole
+                grads = clip_whole(grads, c.dp.clip)
+        steps.append(grads)
+        with torch.no_grad():
+            for n, p in named:
+                p.sub_(c.lr * grads[n])
+    upload = {n: torch.stack([s[n] for s in steps]).mean(0) for n, _ in named}
+    if c.dp is not None and c.dp.kind == "batch":  # ... and noise added once, to the upload
+        upload = add_noise(upload, c.dp.sigma * c.dp.clip, torch.Generator().manual_seed(_mix(seed, 2)))
+    return upload
+
+
+def _client_epsilon(c: ClientParams) -> float | None:
+    """Each sample joins exactly one local step (the steps take disjoint parts): one Gaussian
+    mechanism of noise multiplier sigma, without subsampling."""
+    if c.dp is None or c.dp.kind != "per-sample":
+        return None
+    return epsilon(c.dp.sigma, 1.0, 1, c.dp.delta) if c.dp.sigma > 0 else float("inf")
+
+
+def simulate_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
+    """The client's upload with all W participants simulated in this process."""
+    model = client_model(model, c.mode)
+    sync = c.bn == "sync" or c.mode == "eval"  # eval-mode BatchNorm uses no batch statistics at all
+
+    def my_groups(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(parts)] if sync else parts
+
+    return ClientUpdate(_run_client(model, images, labels, c, seed, my_groups, lambda g: g), _client_epsilon(c))
+
+
+def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
+                 out: str) -> None:
+    """One participant process: its own parts, BatchNorm synced across processes when `sync`."""
+    from pipeline.bn import CrossProcessSyncBatchNorm
+
+    model = client_model(model, c.mode)
+    if c.bn == "sync":
+        model = CrossProcessSyncBatchNorm().apply(model)
+    rank = fabric.global_rank
+
+    def reduce(grads: Grads) -> Grads:
+        return {n: fabric.all_reduce(g, reduce_op="sum") for n, g in grads.items()}
+
+    grads = _run_client(model, images, labels, c, seed, lambda parts: [parts[rank]], reduce)
+    # Handed back as a file: Lightning joins the processes before it reads their results, so a
+    # large result in its queue would block, and tensors in it would share memory with a
+    # process that has exited.
+    if rank == 0:
+        save_file({n: g.contiguous() for n, g in grads.items()}, out)
+
+
+def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
+    """The client's upload, its participants simulated or run as real processes as `c` says."""
+    if c.participants_as == "simulated" or c.participants == 1:
+        return simulate_client(model, images, labels, c, seed)
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=c.participants, strategy="ddp_spawn", precision="32-true")
+    with tempfile.TemporaryDirectory() as folder:
+        out = f"{folder}/upload.safetensors"
+        fabric.launch(_participant, model, images, labels, c, seed, out)
+        return ClientUpdate(load_file(out), _client_epsilon(c))
+
+
+def plain(c: ClientParams) -> ClientParams:
+    """The setting an attacker models: one participant, one step, synchronous BN, no DP."""
+    return c.model_copy(update={"participants": 1, "bn": "sync", "local_steps": 1, "dp": None,
+                                "participants_as": "simulated"})
+
+
+def information_ratio(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
+    """GIR (%) of each of the client's samples at the checkpoint, in the client's mode, with the
+    dropout masks of its first step; computed on a copy, so running statistics stay as they were."""
+    from pipeline.metrics import gradient_information_ratio
+
+    model = client_model(model, mode)
+    with _feeding(model, torch.arange(len(labels)), (seed, 0)):
+        return gradient_information_ratio(model, images, labels)
+
+
+def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int = 0) -> Grads:
+    """The plain client's upload: the gradient of the batch's mean loss at the model's weights."""
+    c = ClientParams(batch_size=len(labels), participants=1, bn="sync", local_steps=1, lr=1.0, mode=mode, dp=None,
+                     label_repetition=None, participants_as="simulated")
+    return simulate_client(model, images, labels, c, seed).gradients

@@ -92,13 +92,58 @@ class SchemeParams(_Section):
 
 
 class ExtractParams(_Section):
-    epochs: list[int] = Field(min_length=1)
-    batch_size: int = Field(ge=1)
-    # The client's mode: "train" normalises with the batch's own statistics, "eval" with the
-    # running ones (and turns dropout off).
-    mode: Literal["train", "eval"]
+    epochs: list[int] = Field(min_length=1)  # checkpoints every setting's client uploads from
     # Put the true labels into the threat model (the attacker's "known labels" oracle).
     reveal_labels: bool
+
+
+class ClientDPParams(_Section):
+    # per-sample: each sample's gradient clipped to C, noise sigma*C on every local step
+    # (epsilon reported); batch: the original's, each step's batch gradient clipped to C and
+    # noise sigma*C added once to the upload: no guarantee.
+    kind: Literal["per-sample", "batch"]
+    clip: float = Field(gt=0)
+    sigma: float = Field(ge=0)
+    delta: float | None = Field(gt=0, lt=1)  # per-sample only
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ClientDPParams":
+        if (self.kind == "per-sample") != (self.delta is not None):
+            raise ValueError("delta is needed by per-sample DP and meaningless for batch clipping (no guarantee)")
+        return self
+
+
+class ClientParams(_Section):
+    """What one federated client does with its batch before uploading (DESIGN 2.3)."""
+
+    batch_size: int = Field(ge=1)
+    participants: int = Field(ge=1)  # W: the batch is split into W contiguous shards
+    bn: Literal["sync", "async"]  # BatchNorm statistics of the whole batch, or of each shard
+    local_steps: int = Field(ge=1)  # E: the upload is (theta_0 - theta_E) / (lr * E)
+    lr: float = Field(gt=0)  # the local SGD step size
+    mode: Literal["train", "eval"]  # train: batch statistics and dropout on; eval: running statistics
+    dp: ClientDPParams | None
+    label_repetition: Annotated[int, Field(ge=1)] | None  # k: the batch holds k classes x B/k images each
+    participants_as: Literal["simulated", "processes"]  # one process, or W real (Lightning Fabric) ones
+
+    @model_validator(mode="after")
+    def _splits(self) -> "ClientParams":
+        b, w, e = self.batch_size, self.participants, self.local_steps
+        if b % w:
+            raise ValueError(f"batch_size {b} does not split into {w} equal participant shards")
+        if (b // w) % e:
+            raise ValueError(f"a shard of {b // w} images does not split into {e} equal local steps")
+        if self.label_repetition is not None and b % self.label_repetition:
+            raise ValueError(f"batch_size {b} does not split into {self.label_repetition} classes of equal size")
+        return self
+
+
+class SettingParams(BaseModel):
+    """A named client setting: the scheme whose checkpoints it uploads from, and what it changes
+    from the `client` section (any of its keys)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    scheme: str
 
 
 class AttackParams(_Section):
@@ -117,6 +162,8 @@ class Params(_Section):
     train: TrainParams
     schemes: dict[str, SchemeParams] = Field(min_length=1)
     extract: ExtractParams
+    client: ClientParams
+    settings: dict[str, SettingParams] = Field(min_length=1)
     attack: AttackParams
 
     @model_validator(mode="after")
@@ -137,22 +184,56 @@ class Params(_Section):
                     f"schemes.{name}: the global batch {self.train.batch_size * scheme.batch_multiplier} "
                     f"does not split evenly over {processes} processes"
                 )
-            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-                raise ValueError(f"schemes: {name!r} is not a usable scheme name (lower-case letters, digits, - and _)")
+            _check_name("schemes", name)
+        for name, setting in self.settings.items():
+            _check_name("settings", name)
+            if setting.scheme not in self.schemes:
+                raise ValueError(f"settings.{name}.scheme: {setting.scheme!r} is not a scheme; "
+                                 f"params.yaml defines {', '.join(self.schemes)}")
+            client = self._resolve(name)
+            if client.dp is not None and client.dp.kind == "per-sample" and client.mode == "train" \
+                    and self.schemes[setting.scheme].norm != "group":
+                raise ValueError(f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
+                                 "ties the samples together (use mode: eval or a scheme with norm: group)")
+            if self.attack.labels == "idlg" and client.batch_size != 1:
+                raise ValueError(f"attack.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
         if self.attack.lr_min > self.attack.lr:
             raise ValueError("attack.lr_min: must not exceed attack.lr")
         if self.attack.labels == "known" and not self.extract.reveal_labels:
             raise ValueError("attack.labels: 'known' needs extract.reveal_labels: true")
-        if self.attack.labels == "idlg" and self.extract.batch_size != 1:
-            raise ValueError("attack.labels: 'idlg' needs extract.batch_size: 1")
         return self
+
+    def _resolve(self, name: str) -> ClientParams:
+        overrides = dict(self.settings[name].model_extra or {})
+        unknown = sorted(set(overrides) - set(ClientParams.model_fields))
+        if unknown:
+            raise ValueError(f"settings.{name}: unknown key {unknown[0]!r} (a setting changes keys of client)")
+        try:
+            return ClientParams.model_validate({**self.client.model_dump(), **overrides})
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+            raise ValueError(f"settings.{name}" + (f".{key}" if key else "")
+                             + f": {first['msg'].removeprefix('Value error, ')}{got}") from None
+
+    def setting(self, name: str) -> tuple[str, ClientParams]:
+        """The scheme a named setting uploads from and its complete client parameters."""
+        if name not in self.settings:
+            raise PipelineError(f"unknown setting {name!r}; params.yaml defines {', '.join(self.settings)}")
+        return self.settings[name].scheme, self._resolve(name)
 
     def scheme(self, name: str) -> SchemeParams:
         if name not in self.schemes:
             raise PipelineError(f"unknown scheme {name!r}; params.yaml defines {', '.join(self.schemes)}")
         return self.schemes[name]
+
+
+def _check_name(section: str, name: str) -> None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+        raise ValueError(f"{section}: {name!r} is not a usable name (lower-case letters, digits, - and _)")
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -88,13 +88,18 @@ def dp_gradient(
     return {n: g / expected_batch for n, g in noisy.items()}
 
 
+def clip_whole(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """The gradient of all parameters together scaled to L2 norm at most `clip`."""
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+    scale = min(1.0, clip / (float(norm) + 1e-6))
+    return {n: g * scale for n, g in grads.items()}
+
+
 def batch_clip_noise_gradient(
     grads: dict[str, torch.Tensor], clip: float, sigma: float, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """The original's "DP-SGD": the whole batch gradient clipped to `clip`, N(0, (sigma*clip)^2) added."""
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-    scale = min(1.0, clip / (float(norm) + 1e-6))
-    return add_noise({n: g * scale for n, g in grads.items()}, sigma * clip, generator)
+    return add_noise(clip_whole(grads, clip), sigma * clip, generator)
 
 
 class PoissonBatches(torch.utils.data.Sampler[list[int]]):

@@ -36,3 +36,30 @@ def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
     n = max(int(true.max()), int(predicted.max())) + 1
     overlap = torch.minimum(torch.bincount(predicted, minlength=n), torch.bincount(true, minlength=n))
     return float(overlap.sum()) / len(true)
+
+
+def gradient_heterogeneity(upload: dict[str, torch.Tensor], modelled: dict[str, torch.Tensor]) -> float | None:
+    """GH = 1 - cos(upload, g_sim) over all parameters, g_sim the gradient the attacker models
+    (one step, the whole batch, synchronous BatchNorm, at theta_0). None when either is zero."""
+    a = torch.cat([upload[n].double().flatten() for n in sorted(modelled)])
+    b = torch.cat([modelled[n].double().flatten() for n in sorted(modelled)])
+    norms = a.norm() * b.norm()
+    return None if norms == 0 else float(1 - a @ b / norms)
+
+
+def gradient_information_ratio(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """GIR per sample (%): <g_i, g>, g_i sample i's loss gradient in one batch forward and g the
+    batch's mean, shifted non-negative and normalised to sum 100 (the original's "leaker" score).
+
+    `model` is used as given (mode included); pass a copy if its running statistics matter.
+    """
+    from torch.nn import functional as F
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = F.cross_entropy(model(images), labels, reduction="none")
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in losses]
+    per_sample = torch.stack(rows).double()
+    info = per_sample @ per_sample.mean(0)
+    shift = max(0.0, -float(info.min()))
+    return 100 * (info + shift) / (info.sum() + len(info) * shift)

@@ -25,16 +25,20 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return frame.to_markdown(index=False, floatfmt=floatfmt) + "\n"
 
 
-def overview_figure(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    """One figure: for each (title, truth, paired reconstruction) a truth row over a reconstruction row."""
+def overview_figure(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tensor]], columns: int = 1) -> None:
+    """One figure: for each (title, truth, paired reconstruction) a truth row over a reconstruction
+    row, the panels laid out `columns` to a line (e.g. one line per setting, one column per epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     width = max(len(t) for _, t, _ in panels)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(3, 1.2 * width), 2.6 * len(panels)), squeeze=False)
-    for ax, (title, truth, recon) in zip(axes[:, 0], panels):
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(columns * max(3, 1.2 * width), 2.6 * lines), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, truth, recon) in zip(axes.flat, panels):
         grid = make_grid(torch.cat([truth, recon]), nrow=len(truth), padding=2, pad_value=1.0)
         ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if grid.shape[0] == 1 else None, vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.checkpoints import ARCH_KEYS
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 
 THREAT_MODEL_KEYS = (
-    *ARCH_KEYS, "mean", "std", "checkpoint", "checkpoint_sha256", "epoch", "scheme", "batch_size", "mode",
+    *ARCH_KEYS, "mean", "std", "checkpoint", "checkpoint_sha256", "epoch", "scheme", "setting",
+    "batch_size", "participants", "bn", "local_steps", "lr", "mode", "dp", "label_repetition",
 )
 
 
@@ -47,6 +49,18 @@ def load_upload(path: Path) -> Upload:
         if not grad.is_floating_point() or not torch.isfinite(grad).all():
             raise PipelineError(f"{path}: gradient {name!r} is not a finite float tensor")
     return Upload(gradients, meta)
+
+
+def check_fits(path: Path, upload: Upload, model: nn.Module) -> None:
+    """Refuse an upload whose tensors are not one gradient per trainable parameter of `model`."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    odd = sorted(set(shapes) ^ set(upload.gradients))
+    if odd:
+        raise PipelineError(f"{path}: gradient {odd[0]!r} missing or not a parameter of the {upload.threat_model['arch']}")
+    for name, shape in shapes.items():
+        if tuple(upload.gradients[name].shape) != shape:
+            raise PipelineError(f"{path}: gradient {name!r} has shape {tuple(upload.gradients[name].shape)}, "
+                                f"the architecture needs {shape}")
 
 
 def save_truth(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> None:

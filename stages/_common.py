@@ -55,11 +55,13 @@ class Stage:
     params: Params
     root: Path  # where the MLflow store lives
     scheme: str | None = None  # for the stages that run once per scheme (train@pure, ...)
+    setting: str | None = None  # for those that run once per client setting (extract@async-bn, ...)
     mlflow: Any = None  # the tracking module, with this execution's run active
 
     @property
     def run_name(self) -> str:
-        return os.environ.get("DVC_STAGE") or (f"{self.name}@{self.scheme}" if self.scheme else self.name)
+        item = self.setting or self.scheme
+        return os.environ.get("DVC_STAGE") or (f"{self.name}@{item}" if item else self.name)
 
     @property
     def tracking_uri(self) -> str:
@@ -70,6 +72,7 @@ class Stage:
             "dvc.stage": self.run_name,
             "stage": self.name,
             **({"scheme": self.scheme} if self.scheme else {}),
+            **({"setting": self.setting} if self.setting else {}),
             "git.commit": _git(self.root, "rev-parse", "HEAD") or "unknown",
             "git.dirty": str(bool(_git(self.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
             **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
@@ -96,23 +99,28 @@ def is_first_process() -> bool:
 def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> None:
     """Run a stage body inside its MLflow run (first process only), logging the `reads` parameters.
 
-    `reads` names parameter sections or dotted keys; "{scheme}" in one stands for the scheme
-    given on the command line. A PipelineError, or a write the disk refuses, becomes one line
+    `reads` names parameter sections or dotted keys; "{scheme}" (or "{setting}") in one stands
+    for the scheme (or client setting) given on the command line. A PipelineError, or a write the disk refuses, becomes one line
     on stderr and exit status 2.
     """
     try:
         params = load_params(Path("params.yaml"))
-        scheme = None
+        scheme = setting = None
         if any("{scheme}" in key for key in reads):
             if len(sys.argv) != 2:
                 raise PipelineError(f"usage: python -m stages.{name} <scheme> (one of {', '.join(params.schemes)})")
             scheme = sys.argv[1]
             params.scheme(scheme)  # an unknown name is refused here
+        elif any("{setting}" in key for key in reads):
+            if len(sys.argv) != 2:
+                raise PipelineError(f"usage: python -m stages.{name} <setting> (one of {', '.join(params.settings)})")
+            setting = sys.argv[1]
+            scheme, _ = params.setting(setting)  # an unknown name is refused here
         import torch
 
         torch.use_deterministic_algorithms(True)
-        stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme)
-        logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme) for key in reads))
+        stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
+        logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))
         tracked = open_run(stage.root, stage.run_name, logged, stage._tags()) if is_first_process() \
             else nullcontext(_NoTracking())
         with tracked as stage.mlflow:

@@ -1,4 +1,4 @@
-"""evaluate: pair each reconstruction with a true image (Hungarian) and score it, for every scheme."""
+"""evaluate: pair each reconstruction with a true image (Hungarian) and score it, for every setting."""
 
 from pathlib import Path
 
@@ -21,21 +21,22 @@ def _stats(values) -> dict[str, float]:
 
 def evaluate_upload(path: Path) -> tuple[list[dict], dict]:
     """Per-image rows and the upload's summary for one reconstruction file."""
-    scheme = path.parent.name
+    setting = path.parent.name
     rec, meta = load_tensors(path, expected={"images", "labels"})
-    truth_u8, truth_labels, _ = load_truth(TRUTH / scheme / path.name)
+    truth_u8, truth_labels, truth_meta = load_truth(TRUTH / setting / path.name)
     truth = truth_u8.float() / 255
     if rec["images"].shape != truth.shape:
         raise PipelineError(f"{path}: reconstruction shape {tuple(rec['images'].shape)} != truth {tuple(truth.shape)}")
     order = pair_by_hungarian(rec["images"], truth)
     scores = image_metrics(rec["images"][order], truth)
     rows = [
-        {"scheme": scheme, "upload": path.stem, "epoch": meta["epoch"], "image": i, "true_label": int(truth_labels[i]),
-         "reconstruction": int(order[i]), **{k: round(float(v[i]), 6) for k, v in scores.items()}}
+        {"setting": setting, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"], "image": i,
+         "true_label": int(truth_labels[i]), "gir": truth_meta["gir"][i], "reconstruction": int(order[i]),
+         **{k: round(float(v[i]), 6) for k, v in scores.items()}}
         for i in range(len(truth))
     ]
     frame = pd.DataFrame(rows)
-    summary = {"scheme": scheme, "epoch": meta["epoch"], "label_accuracy": label_accuracy(rec["labels"], truth_labels),
+    summary = {"setting": setting, "scheme": meta["scheme"], "epoch": meta["epoch"], "label_accuracy": label_accuracy(rec["labels"], truth_labels),
                **{k: _stats(frame[k]) for k in SCORES}}
     return rows, summary
 
@@ -48,7 +49,7 @@ def main(stage: Stage) -> None:
     for path in reconstructions:
         upload_rows, upload = evaluate_upload(path)
         rows += upload_rows
-        key = f"{upload['scheme']}/{path.stem}"
+        key = f"{upload['setting']}/{path.stem}"
         summary[key] = upload
         print(f"evaluate: {key}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
               f"labels {upload['label_accuracy']:.2f}")
@@ -58,9 +59,9 @@ def main(stage: Stage) -> None:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
     for s in summary.values():  # step = training epoch: the UI plots each metric through training
-        scheme = s["scheme"]
-        stage.mlflow.log_metrics({f"{k}.{scheme}": s[k]["mean"] for k in SCORES}, step=s["epoch"])
-        stage.mlflow.log_metric(f"label_accuracy.{scheme}", s["label_accuracy"], step=s["epoch"])
+        setting = s["setting"]
+        stage.mlflow.log_metrics({f"{k}.{setting}": s[k]["mean"] for k in SCORES}, step=s["epoch"])
+        stage.mlflow.log_metric(f"label_accuracy.{setting}", s["label_accuracy"], step=s["epoch"])
     stage.mlflow.log_metrics({k: metrics["all"][k]["mean"] for k in SCORES})
     stage.mlflow.log_artifact(str(METRICS))
     stage.mlflow.log_artifact(str(PER_IMAGE))

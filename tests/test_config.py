@@ -26,20 +26,25 @@ def test_project_params_validate():
         ("train.batch_size", 63, "params.yaml: schemes.pure: the global batch 63 does not split evenly over 2 processes"),
         ("model.arch", "vgg11", "params.yaml: schemes.ra.maxpool_kernel: vgg11 has no stem maxpool to enlarge (resnet18 and convnet have)"),
         ("attack.lr", -0.1, "params.yaml: attack.lr: Input should be greater than 0 (got -0.1)"),
-        ("extract.batch_size", 0, "params.yaml: extract.batch_size: Input should be greater than or equal to 1 (got 0)"),
-        ("extract.mode", "both", "params.yaml: extract.mode: Input should be 'train' or 'eval' (got 'both')"),
+        ("client.batch_size", 0, "params.yaml: client.batch_size: Input should be greater than or equal to 1 (got 0)"),
+        ("client.mode", "both", "params.yaml: client.mode: Input should be 'train' or 'eval' (got 'both')"),
+        ("client.label_repetition", 3, "params.yaml: client: batch_size 4 does not split into 3 classes of equal size"),
+        ("settings.async-bn.participants", 3, "params.yaml: settings.async-bn: batch_size 4 does not split into 3 equal participant shards"),
+        ("settings.local-steps.local_steps", 0, "params.yaml: settings.local-steps.local_steps: Input should be greater than or equal to 1 (got 0)"),
+        ("settings.client-dp.dp.sigma", -1.0, "params.yaml: settings.client-dp.dp.sigma: Input should be greater than or equal to 0 (got -1.0)"),
+        ("settings.client-dp.mode", "train", "params.yaml: settings.client-dp: per-sample DP cannot run through train-mode BatchNorm, which ties the samples together (use mode: eval or a scheme with norm: group)"),
+        ("settings.pure.scheme", "gradient", "params.yaml: settings.pure.scheme: 'gradient' is not a scheme; params.yaml defines pure, ra, dp-sgd, clip-noise, gh"),
+        ("settings.pure.participant", 2, "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client)"),
         ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
         ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
         ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),
-        ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs extract.batch_size: 1"),
+        ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
     ],
 )
 def test_bad_value_gives_one_line_naming_the_key(key, value, message):
     raw = copy.deepcopy(RAW_PARAMS)
     set_dotted(raw, key, value)
-    if key == "attack.labels":
-        raw["extract"]["batch_size"] = 4
     with pytest.raises(PipelineError) as err:
         parse_params(raw)
     assert str(err.value) == message
@@ -50,6 +55,12 @@ def test_unknown_scheme_name():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(PipelineError, match=r"^unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh$"):
         params.scheme("gradient")
+
+
+def test_unknown_setting_name():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(PipelineError, match=r"^unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, "):
+        params.setting("sync")
 
 
 def test_missing_key_is_an_error():

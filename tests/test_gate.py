@@ -54,11 +54,13 @@ def _unseeded(grads):
     return {n: g + 1e-7 * torch.randn(g.shape, generator=gen) for n, g in grads.items()}
 
 
-_seeded_batch_gradient = batch_gradient
+_seeded_client_upload = client_upload
 
 
-def batch_gradient(*args, **kwargs):
-    return _unseeded(_seeded_batch_gradient(*args, **kwargs))
+def client_upload(*args, **kwargs):
+    update = _seeded_client_upload(*args, **kwargs)
+    update.gradients = _unseeded(update.gradients)
+    return update
 '''
 
 

@@ -20,7 +20,9 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 SCHEMES = ("pure", "ra", "dp-sgd", "clip-noise", "gh")
-STAGES = {"prepare", "evaluate", "report", *(f"{s}@{k}" for s in ("train", "extract", "attack") for k in SCHEMES)}
+SETTINGS = (*SCHEMES, "async-bn", "local-steps", "client-dp", "label-repeat")
+STAGES = {"prepare", "evaluate", "report", *(f"train@{k}" for k in SCHEMES),
+          *(f"{s}@{k}" for s in ("extract", "attack") for k in SETTINGS)}
 PROJECT_FILES = ["pipeline", "stages", "tools", "profiles", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore",
                  ".gitignore", "pyproject.toml"]
 
@@ -64,10 +66,19 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}" for k in SCHEMES for e in (0, 2)}
+    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}" for k in SETTINGS for e in (0, 2)}
     for upload in metrics["uploads"].values():
         assert upload["label_accuracy"] == 1.0  # known labels
-        assert 5 < upload["psnr"]["mean"] < 60 and 0 < upload["ssim"]["mean"] <= 1
+        assert 3 < upload["psnr"]["mean"] < 60 and 0 < upload["ssim"]["mean"] <= 1
+    # GH: 0 for the plain client, > 0 where the client departs from what the attacker models
+    client = {k: json.loads((root / f"reports/client/{k}.json").read_text()) for k in SETTINGS}
+    for k in ("pure", "ra", "dp-sgd", "clip-noise", "label-repeat"):
+        assert all(abs(client[k][f"epoch_{e}"]["gh"]) < 1e-6 for e in (0, 2)), k
+    for k in ("gh", "async-bn", "local-steps", "client-dp"):
+        assert all(client[k][f"epoch_{e}"]["gh"] > 1e-3 for e in (0, 2)), k
+    assert client["label-repeat"]["epoch_0"]["repetition_rate"] == 0.5 and client["client-dp"]["epoch_0"]["epsilon"] > 0
+    async_upload = json.loads((root / "uploads/async-bn/epoch-000.json").read_text())
+    assert (async_upload["participants"], async_upload["bn"], async_upload["scheme"]) == (2, "async", "pure")
     table = (root / "reports/results.md").read_text()
     assert "| pure" in table and (root / "reports/reconstructions.png").stat().st_size > 1000
     # the attacker's inputs hold no ground truth
@@ -104,8 +115,12 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     for scheme in SCHEMES:
         assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(f"train@{scheme}", "checkpoints")
         assert "resume.ckpt" not in files(f"train@{scheme}", "checkpoints")
-        assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files(f"extract@{scheme}", "uploads")
-        assert {"epoch-000.png", "epoch-000.safetensors"} <= files(f"attack@{scheme}", "reconstructions")
+    for setting in SETTINGS:
+        assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files(f"extract@{setting}", "uploads")
+        assert {"epoch-000.png", "epoch-000.safetensors"} <= files(f"attack@{setting}", "reconstructions")
+    extract = runs[runs["tags.dvc.stage"] == "extract@local-steps"].iloc[0]
+    assert extract["params.client.local_steps"] == "2" and extract["metrics.gh"] > 0
+    assert extract["tags.scheme"] == "pure" and extract["tags.setting"] == "local-steps"
     assert {"metrics.json", "per_image.csv"} <= files("evaluate")
     assert {"results.md", "results.csv", "training.csv", "reconstructions.png"} <= files("report")
     train = runs[runs["tags.dvc.stage"] == "train@gh"].iloc[0]

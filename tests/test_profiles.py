@@ -30,7 +30,8 @@ def test_paper_profile_is_the_original_setting(tmp_path):
     assert p.train.batch_size == 128 and p.train.batch_size * p.scheme("gh").batch_multiplier == 384
     assert p.scheme("gh").norm == "batch-async" and p.scheme("pure").norm == "batch-sync"
     assert p.scheme("ra").maxpool_kernel == "auto" and ra_maxpool_kernel("resnet18", 3, 1000, 224) == 19
-    assert p.extract.batch_size == 32 and p.attack.iterations == 15000
+    assert p.client.batch_size == 32 and p.attack.iterations == 15000
+    assert p.setting("async-bn")[1].participants == 4 and p.setting("gh") == ("gh", p.setting("async-bn")[1])
 
 
 def test_a_profile_key_params_yaml_lacks_is_refused(tmp_path):

@@ -63,6 +63,14 @@ def test_scheme_stages_need_a_known_scheme(tmp_path):
                              "train: error: unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh")
 
 
+def test_setting_stages_need_a_known_setting(tmp_path):
+    _assert_one_line_failure(run_stage("extract", tmp_path, RAW_PARAMS, "sync"),
+                             "extract: error: unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, ")
+    bad = {**RAW_PARAMS, "settings": {**RAW_PARAMS["settings"], "w3": {"scheme": "pure", "participants": 3}}}
+    _assert_one_line_failure(run_stage("extract", tmp_path, bad, "w3"),
+                             "extract: error: params.yaml: settings.w3: batch_size 4 does not split into 3 equal participant shards")
+
+
 def test_unreachable_mlflow_server_fails_fast_before_any_work(tmp_path):
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 512, "test_size": 128}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

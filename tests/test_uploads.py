@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 import torch
@@ -6,9 +7,9 @@ import torch
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.client import batch_gradient
 from pipeline.errors import PipelineError
-from pipeline.files import load_meta
+from pipeline.files import load_meta, sha256, write_json
 from pipeline.nets import build_model
-from pipeline.uploads import Upload, load_truth, load_upload, save_truth, save_upload
+from pipeline.uploads import Upload, check_fits, load_truth, load_upload, save_truth, save_upload
 
 ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
 
@@ -19,7 +20,8 @@ def upload_file(tmp_path):
     save_checkpoint(tmp_path / "ckpt.safetensors", model, ARCH)
     threat = {**ARCH, "mean": [0.3], "std": [0.3], "checkpoint": str(tmp_path / "ckpt.safetensors"),
               "checkpoint_sha256": load_meta(tmp_path / "ckpt.safetensors")["sha256"], "epoch": 0, "scheme": "pure",
-              "batch_size": 2, "mode": "train", "labels": None}
+              "setting": "pure", "batch_size": 2, "participants": 1, "bn": "sync", "local_steps": 1, "lr": 0.01,
+              "mode": "train", "dp": None, "label_repetition": None, "labels": None}
     grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")
     save_upload(tmp_path / "up.safetensors", Upload(grads, threat))
     return tmp_path / "up.safetensors"
@@ -56,3 +58,37 @@ def test_truth_is_not_an_upload(tmp_path):
         load_upload(tmp_path / "t.safetensors")
     images, labels, _ = load_truth(tmp_path / "t.safetensors")
     assert labels.tolist() == [3]
+
+
+def test_truncated_upload_is_refused_naming_the_file(upload_file):
+    upload_file.write_bytes(upload_file.read_bytes()[:-100])
+    with pytest.raises(PipelineError, match=rf"^{upload_file}: .*do not match the sha256"):
+        load_upload(upload_file)
+
+
+def test_gradient_of_the_wrong_shape_for_the_architecture_is_refused(upload_file):
+    upload = load_upload(upload_file)
+    check_fits(upload_file, upload, build_model(**ARCH))  # the right one fits
+    upload.gradients["fc.weight"] = upload.gradients["fc.weight"][:, :-1]
+    with pytest.raises(PipelineError, match=rf"^{upload_file}: gradient 'fc.weight' has shape \(10, \d+\), the architecture needs"):
+        check_fits(upload_file, upload, build_model(**ARCH))
+    with pytest.raises(PipelineError, match="not a parameter of the convnet"):
+        check_fits(upload_file, load_upload(upload_file), build_model("convnet", 1, 10, 32, maxpool_kernel=3))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PAYLOAD_MARK']).write_text('ran')",))
+
+
+def test_pickle_disguised_as_an_upload_is_refused_and_never_executed(upload_file, tmp_path, monkeypatch):
+    mark = tmp_path / "payload-ran"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    upload_file.write_bytes(pickle.dumps(_Payload()))
+    meta = json.loads(upload_file.with_suffix(".json").read_text())
+    write_json(upload_file.with_suffix(".json"), {**meta, "sha256": sha256(upload_file)})  # a consistent disguise
+    with pytest.raises(PipelineError, match=rf"^{upload_file}: not a safetensors file"):
+        load_upload(upload_file)
+    assert not mark.exists()
+    pickle.loads(upload_file.read_bytes())  # the payload is live: unpickling it would have run it
+    assert mark.read_text() == "ran"

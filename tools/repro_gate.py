@@ -29,8 +29,8 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("scheme", "arch", "epoch", "batch_size", "client_mode", "labels")
-DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
+KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
+DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
