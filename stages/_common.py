@@ -121,7 +121,8 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
         torch.use_deterministic_algorithms(True)
         stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
         logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))
-        tracked = open_run(stage.root, stage.run_name, logged, stage._tags()) if is_first_process() \
+        tags = {**stage._tags(), "params.digest": digest(logged)}  # equal digests: the same parameters
+        tracked = open_run(stage.root, stage.run_name, logged, tags) if is_first_process() \
             else nullcontext(_NoTracking())
         with tracked as stage.mlflow:
             body(stage)

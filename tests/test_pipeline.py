@@ -105,6 +105,7 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     runs = mlflow.search_runs(experiment_names=["gradient-heterogeneity"])
     assert sorted(runs["tags.dvc.stage"]) == sorted(STAGES)
     assert set(runs["status"]) == {"FINISHED"}
+    assert runs["tags.params.digest"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert set(runs["tags.git.commit"]) == {sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()}
     client = MlflowClient(uri)
     by_stage = dict(zip(runs["tags.dvc.stage"], runs["run_id"]))
