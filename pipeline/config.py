@@ -153,6 +153,11 @@ class AttackParams(_Section):
     lr: float = Field(gt=0)
     lr_min: float = Field(ge=0)
     tv_weight: float = Field(ge=0)
+    # exact: the attacker models the client's async BatchNorm over its W shards (the threat
+    # model says W); plain: one full batch with common statistics, the classic attacker.
+    client_model: Literal["exact", "plain"]
+    processes: int = Field(ge=1)  # jobs (upload x restart) sharded over this many processes
+    threads: int = Field(ge=1)  # torch threads in each
 
 
 class Params(_Section):

@@ -1,0 +1,95 @@
+"""The attack as jobs: sharded over processes it gives what one process gives, and the attacker
+rebuilds the client's exact architecture and BatchNorm mode from the upload."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.attack.invert import best_of
+from pipeline.attack.jobs import Job, load_result, run_job, run_jobs
+from pipeline.checkpoints import save_checkpoint
+from pipeline.client import ClientParams, simulate_client
+from pipeline.data import to_unit_range
+from pipeline.errors import PipelineError
+from pipeline.files import load_meta
+from pipeline.metrics import image_metrics, pair_by_hungarian
+from pipeline.nets import build_model
+from pipeline.uploads import Upload, save_upload
+from tests.conftest import make_params
+
+MEAN, STD = [0.286], [0.353]
+
+
+def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
+                name="epoch-000") -> Path:
+    arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
+            "maxpool_kernel": maxpool_kernel}
+    torch.manual_seed(0)
+    model = build_model(**arch)
+    checkpoint = folder / f"{name}.checkpoint.safetensors"
+    save_checkpoint(checkpoint, model, arch)
+    client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=1, lr=0.01,
+                          mode="train", dp=None, label_repetition=None, participants_as="simulated")
+    update = simulate_client(model, images, labels, client, seed=0)
+    threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
+              "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "scheme": "s", "setting": "s",
+              **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist()}
+    path = folder / f"{name}.safetensors"
+    save_upload(path, Upload(update.gradients, threat))
+    return path
+
+
+def attack_params(**changes):
+    return make_params(**{"attack__iterations": 60, "attack__restarts": 2, "attack__processes": 1,
+                          "attack__threads": 1, **changes}).attack
+
+
+def psnr(rec, images) -> float:
+    got, truth = to_unit_range(rec.images, MEAN, STD), to_unit_range(images, MEAN, STD)
+    return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
+
+
+def test_two_fabric_processes_give_the_reconstructions_of_one(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    uploads = [make_upload(tmp_path, images[:2], labels[:2], name="epoch-000"),
+               make_upload(tmp_path, images[2:4], labels[2:4], name="epoch-001")]
+    jobs = [Job(u, r) for u in uploads for r in range(2)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_jobs(jobs, attack_params(), seed=0, folder=one)
+    run_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
+    for job in jobs:
+        a, b = load_result(job.result_path(one)), load_result(job.result_path(two))
+        assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss, job
+    # and each restart is the restart the whole attack would have run
+    best = best_of([load_result(Job(uploads[0], r).result_path(one)) for r in range(2)])
+    assert best.grad_loss == min(load_result(Job(uploads[0], r).result_path(two)).grad_loss for r in range(2))
+
+
+@pytest.mark.parametrize("norm, kernel", [("batch", 25), ("group", None)])
+def test_the_attacker_rebuilds_the_schemes_architecture(tmp_path, fashion_images, norm, kernel):
+    """An RA upload (maxpool kernel 25) and a GroupNorm (dp-sgd) upload are attacked with their own model."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:1], labels[:1], norm=norm, maxpool_kernel=kernel)
+    rec = run_job(Job(path, 0), attack_params(attack__iterations=150), seed=0, progress=False)
+    assert rec.grad_loss < 0.5 and rec.images.shape == (1, 1, 32, 32)
+    if norm == "group":
+        assert psnr(rec, images[:1]) > 20  # GroupNorm leaks as BatchNorm does at initialisation
+    # the architecture comes from the upload's metadata: a different one there is refused
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["maxpool_kernel"], meta["norm"] = (None, "batch") if kernel else (3, "group")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(PipelineError, match="checkpoint has (maxpool_kernel|norm)="):
+        run_job(Job(path, 0), attack_params(), seed=0, progress=False)
+
+
+def test_the_exact_attacker_models_async_batchnorm_over_the_shards(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async")
+    exact = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="exact"), 0, False)
+    plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
+    assert exact.grad_loss < plain.grad_loss
+    assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
