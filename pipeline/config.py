@@ -156,8 +156,15 @@ class AttackParams(_Section):
     # exact: the attacker models the client's async BatchNorm over its W shards (the threat
     # model says W); plain: one full batch with common statistics, the classic attacker.
     client_model: Literal["exact", "plain"]
-    processes: int = Field(ge=1)  # jobs (upload x restart) sharded over this many processes
-    threads: int = Field(ge=1)  # torch threads in each
+    objective: Literal["cosine", "l2"]  # 1 - cosine, or squared L2, over all parameters
+    layer_weights: Literal["equal", "linear"]  # linear: layer l of L weighs (L - l) / L
+    bn_prior: float = Field(ge=0)  # weight of the BatchNorm running-statistics prior (0: off)
+    tv_target: float | None = Field(gt=0)  # stop a restart once its best iterate's TV is under this
+    processes: int = Field(ge=1)
+    # jobs: the jobs (upload x restart) sharded over the processes; batch: every process on
+    # every job, each with its part of the dummy batch, the dummy gradients all-reduced.
+    split: Literal["jobs", "batch"]
+    threads: int = Field(ge=1)  # torch threads in each process
 
 
 class Params(_Section):

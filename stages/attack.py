@@ -33,8 +33,11 @@ def main(stage: Stage) -> None:
         todo = [job for job in jobs if not job.result_path(scratch).with_suffix(".json").is_file()]
         if len(todo) < len(jobs):
             print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
-        print(f"attack@{setting}: {len(todo)} jobs (upload x restart) on {min(p.attack.processes, max(len(todo), 1))} "
-              f"process(es), {p.attack.labels} labels, {p.attack.iterations} iterations")
+        a = p.attack
+        how = (f"each split over {a.processes} process(es)" if a.split == "batch"
+               else f"on {min(a.processes, max(len(todo), 1))} process(es)")
+        print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}, {a.labels} labels, "
+              f"{a.objective} objective, {a.iterations} iterations")
         run_jobs(todo, p.attack, p.seed, scratch)
         for path in uploads:
             tm = load_upload(path).threat_model
@@ -44,6 +47,7 @@ def main(stage: Stage) -> None:
                 "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "setting": tm["setting"],
                 "labels_method": p.attack.labels, "client_model": p.attack.client_model,
                 "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": p.attack.iterations,
+                "iterations_run": rec.iterations_run,
                 "note": rec.note,
             }
             save_grid((out / path.name).with_suffix(".png"), [images])
@@ -52,7 +56,9 @@ def main(stage: Stage) -> None:
                 stage.mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
             stage.mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
             print(f"attack@{setting}: {path.name}: labels {rec.labels.tolist()}: "
-                  + (rec.note or f"lowest 1 - cosine {rec.grad_loss:.4f} (restart {rec.restart})"))
+                  + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}"
+                      + (f", stopped at TV target after {rec.iterations_run} iterations)"
+                         if rec.iterations_run < p.attack.iterations else ")")))
         shutil.rmtree(scratch)
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 

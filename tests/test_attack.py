@@ -3,6 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import AttackSettings, invert, recover_labels
+from pipeline.attack.invert import BatchNormPrior, GradientMatch, dummy_gradient, total_variation
 from pipeline.client import batch_gradient
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
@@ -95,3 +96,83 @@ def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
     rec = invert(model, zeros, torch.tensor([1]), (1, 32, 32), [0.3], [0.3], settings, progress=False)
     assert rec.note == "the upload is all zeros: nothing to invert"
     assert rec.grad_loss == 1.0 and torch.isfinite(rec.images).all()
+
+
+def _by_hand(model, x, y, target, objective, weights):
+    """The objective computed the long way: a loop over the parameters, layer by layer."""
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    names = [n for n, _ in model.named_parameters()]
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+    w = {n: (len(layers) - layers.index(n.rpartition(".")[0])) / len(layers) if weights == "linear" else 1.0
+         for n in names}
+    if objective == "l2":
+        return sum(w[n] * ((g - target[n]) ** 2).sum() for n, g in zip(names, grads))
+    dot = sum(w[n] * (g * target[n]).sum() for n, g in zip(names, grads))
+    gg = sum(w[n] * (g * g).sum() for n, g in zip(names, grads))
+    tt = sum(w[n] * (target[n] * target[n]).sum() for n in names)
+    return 1 - dot / (gg.sqrt() * tt.sqrt())
+
+
+@pytest.mark.parametrize("objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"),
+                                                ("l2", "linear")])
+def test_each_objective_equals_its_definition_and_vanishes_at_the_truth(objective, weights, fashion_images):
+    images, labels, _, _ = fashion_images
+    model = build_model("convnet", 1, 10, 32).eval()
+    x, y = images[:2], labels[:2]
+    target = batch_gradient(model, x, y, "eval")
+    match = GradientMatch(model, target, objective, weights)
+    other = torch.randn_like(x)
+    got = float(match(dummy_gradient(model, other, y)).detach())
+    assert got == pytest.approx(float(_by_hand(model, other, y, target, objective, weights)), rel=1e-4)
+    assert float(match(dummy_gradient(model, x, y)).detach()) == pytest.approx(0.0, abs=1e-5)
+    assert got > 1e-3
+
+
+def test_the_l2_objective_also_brings_an_image_back(fashion_images):
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    target = batch_gradient(model, images[:1], labels[:1], "train")
+    settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0, objective="l2")
+    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:1], mean, std)
+    assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0
+
+
+def test_the_batchnorm_prior_is_small_for_images_like_the_running_statistics(fashion_images):
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    for m in model.modules():  # running statistics = those of these 32 real images
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model(images[:32])
+    prior = BatchNormPrior(model, shards=1)
+    with torch.no_grad():
+        model(images[32:48])
+        real = float(prior.take())
+        model(torch.randn(16, 1, 32, 32))
+        noise = float(prior.take())
+    assert len(prior) == 3 and real < noise / 5, (real, noise)
+    # the attack with the prior on leaves the caller's model alone
+    target = batch_gradient(model.eval(), images[:1], labels[:1], "eval")
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    settings = AttackSettings(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0, bn_prior=0.1)
+    rec = invert(model.train(), target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    assert torch.isfinite(rec.images).all()
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+def test_the_tv_target_stops_a_restart_once_its_best_iterate_is_smooth_enough(fashion_images):
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    target = batch_gradient(model, images[:1], labels[:1], "train")
+
+    def run(tv_target):
+        settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0,
+                                  tv_target=tv_target)
+        return invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+
+    assert run(100.0).iterations_run == 1  # boxed noise (TV about 1.8) is under 100 at once
+    rec = run(0.3)  # a real image's TV is about 0.22
+    assert 1 < rec.iterations_run < 300 and float(total_variation(rec.images)) < 0.3
+    assert run(None).iterations_run == 300

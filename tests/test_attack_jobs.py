@@ -23,7 +23,7 @@ MEAN, STD = [0.286], [0.353]
 
 
 def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
-                name="epoch-000") -> Path:
+                name="epoch-000", mode="train") -> Path:
     arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
             "maxpool_kernel": maxpool_kernel}
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None,
     checkpoint = folder / f"{name}.checkpoint.safetensors"
     save_checkpoint(checkpoint, model, arch)
     client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=1, lr=0.01,
-                          mode="train", dp=None, label_repetition=None, participants_as="simulated")
+                          mode=mode, dp=None, label_repetition=None, participants_as="simulated")
     update = simulate_client(model, images, labels, client, seed=0)
     threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
               "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "scheme": "s", "setting": "s",
@@ -93,3 +93,30 @@ def test_the_exact_attacker_models_async_batchnorm_over_the_shards(tmp_path, fas
     plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
     assert exact.grad_loss < plain.grad_loss
     assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
+
+
+@pytest.mark.parametrize("client", [dict(participants=2, bn="async"), dict(mode="eval")])
+def test_a_dummy_batch_split_over_two_processes_gives_the_one_process_reconstruction(tmp_path, fashion_images, client):
+    """Each process optimises its half of the dummy batch, the dummy gradients all-reduced (the
+    async-BN client's two shards one per process, or an eval-mode client's batch halved): the
+    same seeds give the one-process images to float tolerance."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], **client)
+    jobs = [Job(path, r) for r in range(2)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_jobs(jobs, attack_params(attack__iterations=150), seed=0, folder=one)
+    run_jobs(jobs, attack_params(attack__iterations=150, attack__processes=2, attack__split="batch"), 0, two)
+    for job in jobs:
+        a, b = load_result(job.result_path(one)), load_result(job.result_path(two))
+        torch.testing.assert_close(b.images, a.images, atol=1e-4, rtol=0)
+        assert b.grad_loss == pytest.approx(a.grad_loss, abs=1e-5)
+    assert psnr(a, images[:4]) > 15  # and it is a reconstruction, not noise
+
+
+def test_a_batch_that_batchnorm_normalises_together_is_not_split(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4])  # train mode, one participant: common statistics
+    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.split batch: train-mode BatchNorm "
+                                            "normalises 1 shard"):
+        run_jobs([Job(path, 0)], attack_params(attack__processes=2, attack__split="batch"), 0, tmp_path)

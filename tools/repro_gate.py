@@ -7,7 +7,8 @@
 2. `dvc repro`, then `dvc repro --force`: `dvc.lock` must not change, i.e. every data file,
    checkpoint, upload, reconstruction and metric is byte-identical.
 3. The headline numbers (`reports/results.csv`) must match the committed reference values
-   within the reference's tolerances; those travel across machines, where bytes may not.
+   within the reference's tolerances (one set for untrained rows, a wider one for trained
+   rows); those travel across machines, where bytes may not.
 
 With `--target`, only those stages (and what they depend on) run, and step 3 is skipped.
 
@@ -30,7 +31,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
+# Across machines. Rows at epoch 0 involve no training: the same initial weights, upload and
+# attack, so only rounding differs. Trained rows start from checkpoints whose SGD ran with other
+# roundings (measured between two machines: test accuracy 0.734 vs 0.742 after two epochs), and
+# the attack's sign steps amplify that: up to 3 dB of PSNR apart on one 4-image upload.
 DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
+TRAINED_TOLERANCE = {"test_accuracy": 0.03, "gh": 0.05, "psnr": 4.0, "ssim": 0.15, "label_accuracy": 0.0}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
@@ -63,7 +69,6 @@ def headline(results_csv: Path) -> pd.DataFrame:
 
 
 def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
-    tolerance = reference["tolerance"]
     keys = [k for k in KEYS if k in table.columns]
     ref = pd.DataFrame(reference["rows"])
     merged = ref.merge(table, on=keys, how="outer", suffixes=("_ref", ""), indicator=True)
@@ -73,6 +78,7 @@ def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
         if row["_merge"] != "both":
             problems.append(f"row {where}: {'missing from this run' if row['_merge'] == 'left_only' else 'not in the reference'}")
             continue
+        tolerance = reference["tolerance"] if int(row["epoch"]) == 0 else reference["tolerance_trained"]
         for metric, tol in tolerance.items():
             got, want = float(row[metric]), float(row[f"{metric}_ref"])
             if abs(got - want) > tol:
@@ -102,7 +108,8 @@ def gate(source: Path, profile: Path, reference: Path, workdir: Path, update_ref
     table = headline(project / "reports/results.csv")
     if update_reference:
         rows = json.loads(table.to_json(orient="records"))
-        reference.write_text(json.dumps({"tolerance": DEFAULT_TOLERANCE, "rows": rows}, indent=2) + "\n")
+        reference.write_text(json.dumps({"tolerance": DEFAULT_TOLERANCE, "tolerance_trained": TRAINED_TOLERANCE,
+                                         "rows": rows}, indent=2) + "\n")
         print(f"repro_gate: wrote {reference}")
     else:
         problems += metric_differences(table, json.loads(reference.read_text()))

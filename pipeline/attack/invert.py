@@ -1,9 +1,12 @@
 """Gradient matching: optimise dummy images until their gradient points like the upload's.
 
-The original's attack made whole: N(0,1) start in normalised space, 1 - cosine over all
-parameters + total variation, the sign of the image gradient into Adam with a cosine-decayed
-step, pixels boxed to the valid range after every step, K restarts, and the iterate with the
-lowest gradient loss kept.
+The original's attack made whole: N(0,1) start in normalised space, 1 - cosine (or squared
+L2) over all parameters, optionally weighted per layer, + total variation, + an optional
+BatchNorm-statistics prior; the sign of the image gradient into Adam with a cosine-decayed
+step, pixels boxed to the valid range after every step, K restarts, the iterate with the
+lowest gradient loss kept, and an optional early stop once that iterate is as smooth as a
+target TV. The dummy batch can also be split over the processes of a torch.distributed
+group, the dummy gradients all-reduced, as the original did for large batches.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -26,6 +31,10 @@ class AttackSettings:
     tv_weight: float
     restarts: int
     seed: int
+    objective: Literal["cosine", "l2"] = "cosine"
+    layer_weights: Literal["equal", "linear"] = "equal"  # linear: layer l of L weighs (L - l) / L
+    bn_prior: float = 0.0  # weight of the BatchNorm-statistics prior (the model's running statistics)
+    tv_target: float | None = None  # stop a restart once its kept iterate's TV is under this
     log_every: int = 25  # how often the loss curve is sampled
 
 
@@ -33,10 +42,11 @@ class AttackSettings:
 class Reconstruction:
     images: torch.Tensor  # normalised space, [B, C, H, W]
     labels: torch.Tensor
-    grad_loss: float  # the lowest 1 - cosine reached (without TV)
+    grad_loss: float  # the lowest gradient term reached (1 - cosine or L2, without TV)
     restart: int
     curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) of the kept restart
     note: str | None = None  # why the attack could not run, when it could not
+    iterations_run: int | None = None  # fewer than asked when the TV target stopped it
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -51,10 +61,8 @@ def pixel_box(mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.
     return (0 - m) / s, (1 - m) / s
 
 
-def gradient_loss(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target_unit: torch.Tensor, shards: int = 1
-) -> torch.Tensor:
-    """1 - cosine between the batch gradient of `images` and the (unit-norm, flat) target.
+def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, shards: int = 1) -> torch.Tensor:
+    """The flat batch gradient of `images`, differentiable with respect to them.
 
     With `shards` > 1 the batch is forwarded in that many contiguous shards, each normalised by
     its own statistics: the client's asynchronous BatchNorm over W participants, modelled.
@@ -62,8 +70,69 @@ def gradient_loss(
     params = [p for p in model.parameters() if p.requires_grad]
     logits = torch.cat([model(part) for part in images.chunk(shards)])
     grads = torch.autograd.grad(F.cross_entropy(logits, labels), params, create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    return 1 - flat @ target_unit / flat.norm().clamp_min(1e-12)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+class GradientMatch:
+    """The gradient term against one upload: 1 - cosine or the squared L2 distance over all
+    parameters, each layer's entries weighted (equal weights: the plain global cosine)."""
+
+    def __init__(self, model: nn.Module, target: dict[str, torch.Tensor], objective: str, layer_weights: str):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = sorted(set(names) - set(target))
+        if missing:
+            raise ValueError(f"the upload has no gradient for {missing[0]} (and {len(missing) - 1} more)")
+        flat = torch.cat([target[n].reshape(-1).float() for n in names])
+        self.objective, self.is_zero = objective, bool(flat.norm() == 0)
+        self.weights = None
+        if layer_weights == "linear":  # a layer is a module: its weight and bias weigh the same
+            layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+            self.weights = torch.cat([torch.full((target[n].numel(),), (len(layers) - layers.index(n.rpartition(".")[0]))
+                                                 / len(layers)) for n in names])
+        if objective == "l2":
+            self.target = flat
+        elif self.weights is None:
+            self.target = flat / flat.norm().clamp_min(1e-30)
+        else:
+            self.target = self.weights * flat / (self.weights * flat * flat).sum().sqrt().clamp_min(1e-30)
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        if self.objective == "l2":
+            sq = (g - self.target) ** 2
+            return sq.sum() if self.weights is None else (self.weights * sq).sum()
+        norm = g.norm() if self.weights is None else (self.weights * g * g).sum().sqrt()
+        return 1 - g @ self.target / norm.clamp_min(1e-12)
+
+
+class BatchNormPrior:
+    """Sum over BatchNorm layers of ||mu_ref - mu(x)|| + ||var_ref - var(x)||: mu and var the
+    biased statistics of the layer's input over the dummy batch (each forwarded shard on its
+    own, averaged), the references the model's running statistics as they were at the start."""
+
+    def __init__(self, model: nn.Module, shards: int):
+        layers = [m for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        self.reference = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+        self.terms: list[torch.Tensor] = []
+        self.shards = shards
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers)]
+
+    def _hook(self, i: int):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            dims = [0, *range(2, x.dim())]
+            mean, var = self.reference[i]
+            self.terms.append((mean - x.mean(dims)).norm() + (var - x.var(dims, unbiased=False)).norm())
+        return record
+
+    def take(self) -> torch.Tensor:
+        """The prior of the forward passes since the last call."""
+        total = torch.stack(self.terms).sum() / self.shards if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+    def __len__(self) -> int:
+        return len(self.reference)
 
 
 def best_of(reconstructions: list[Reconstruction]) -> Reconstruction:
@@ -82,6 +151,7 @@ def invert(
     progress: bool = True,
     restarts: list[int] | None = None,
     shards: int = 1,
+    split_batch: bool = False,
 ) -> Reconstruction:
     """Reconstruct a batch of len(labels) images whose gradient at `model` matches `target`.
 
@@ -89,15 +159,15 @@ def invert(
     `target` maps parameter names to the uploaded gradient. `restarts` picks which of the
     settings' restarts to run (all by default): each depends only on (seed, restart), so
     restarts split over processes give what one process gives.
+
+    With `split_batch`, every process of the default torch.distributed group calls this with
+    the same arguments; each optimises its contiguous part of the dummy batch, the dummy
+    gradients are all-reduced, and every process returns the whole batch.
     """
     model = copy.deepcopy(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    missing = sorted(set(names) - set(target))
-    if missing:
-        raise ValueError(f"the upload has no gradient for {missing[0]} (and {len(missing) - 1} more)")
-    if len(labels) % shards:
-        raise ValueError(f"a batch of {len(labels)} does not split into {shards} shards")
-    target_flat = torch.cat([target[n].reshape(-1).float() for n in names])
+    match = GradientMatch(model, target, settings.objective, settings.layer_weights)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
+    check_split(model, len(labels), shards, world, settings.bn_prior)
     low, high = pixel_box(mean, std)
     batch = (len(labels), *image_shape)
     restarts = list(range(settings.restarts)) if restarts is None else restarts
@@ -105,26 +175,49 @@ def invert(
     def start(restart: int) -> torch.Tensor:
         return torch.randn(batch, generator=torch.Generator().manual_seed(settings.seed * 1000 + restart)).clamp_(low, high)
 
-    if target_flat.norm() == 0:
+    if match.is_zero:
         # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
         # it has no direction to match, so the attacker is left with its starting guess.
         return best_of([Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
                         for r in restarts])
-    target_unit = target_flat / target_flat.norm()
+    prior = BatchNormPrior(model, shards) if settings.bn_prior else None
+    own = labels.chunk(world)[rank]  # this process's part of the batch (all of it without a split)
+
+    def all_mean(value: torch.Tensor) -> torch.Tensor:
+        """The mean over the processes of a per-part quantity (parts are equal in size)."""
+        if world == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / world
+
+    def step_loss(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(what to differentiate with respect to x, the gradient term of the whole batch)."""
+        flat = dummy_gradient(model, x, own, max(shards // world, 1))
+        if world == 1:
+            g_loss = match(flat)
+            loss = g_loss + settings.tv_weight * total_variation(x) if settings.tv_weight else g_loss
+            if prior is not None:
+                loss = loss + settings.bn_prior * prior.take()
+            return loss, float(g_loss.detach())
+        # The whole batch's gradient is the mean of the parts'; the chain rule through that mean
+        # sends each part 1/world of the objective's gradient, as TV's mean over images does.
+        whole = all_mean(flat).requires_grad_(True)
+        g_loss = match(whole)
+        (direction,) = torch.autograd.grad(g_loss, whole)
+        return (flat * direction).sum() / world + settings.tv_weight * total_variation(x) / world, float(g_loss.detach())
 
     found = []
-    bar = tqdm(total=settings.iterations * len(restarts), desc="attack", disable=not progress,
+    bar = tqdm(total=settings.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
     for restart in restarts:
-        x = start(restart).requires_grad_(True)
+        x = start(restart).chunk(world)[rank].clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=settings.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iterations, eta_min=settings.lr_min)
-        kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart)
+        kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=settings.iterations)
         for it in range(settings.iterations):
-            g_loss = gradient_loss(model, x, labels, target_unit, shards)
-            loss = g_loss + settings.tv_weight * total_variation(x) if settings.tv_weight else g_loss
+            loss, g_value = step_loss(x)
             (x.grad,) = torch.autograd.grad(loss, x)
-            g_value = float(g_loss.detach())
             # The loss is that of the current x, before this step moves it: keep x as it is now.
             if g_value < kept.grad_loss:  # (a NaN loss is never kept)
                 kept.grad_loss = g_value
@@ -138,6 +231,31 @@ def invert(
                 kept.curve.append((it, g_value))
                 bar.set_postfix(restart=restart, grad_loss=f"{g_value:.4f}", refresh=False)
             bar.update(1)
+            if settings.tv_target is not None and float(all_mean(total_variation(kept.images))) < settings.tv_target:
+                kept.iterations_run = it + 1
+                kept.curve.append((it, g_value))
+                bar.update(settings.iterations - it - 1)
+                break
+        if world > 1:
+            parts = [torch.empty_like(kept.images) for _ in range(world)]
+            dist.all_gather(parts, kept.images)
+            kept.images = torch.cat(parts)
         found.append(kept)
     bar.close()
     return best_of(found)
+
+
+def check_split(model: nn.Module, batch: int, shards: int, world: int, bn_prior: float) -> None:
+    """Refuse a split of the dummy batch that would not compute the one-process objective."""
+    if batch % shards:
+        raise ValueError(f"a batch of {batch} does not split into {shards} shards")
+    if world == 1:
+        return
+    if batch % world:
+        raise ValueError(f"a dummy batch of {batch} does not split over {world} processes")
+    if bn_prior:
+        raise ValueError("the BatchNorm prior needs the whole dummy batch's statistics: it cannot split over processes")
+    batchnorm_in_train = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    if batchnorm_in_train and shards % world:
+        raise ValueError(f"train-mode BatchNorm normalises {shards} shard(s) of the batch together: "
+                         f"the batch cannot split over {world} processes")

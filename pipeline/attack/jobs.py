@@ -1,9 +1,11 @@
-"""The attack as jobs: one upload x one restart each, run in this process or sharded over
-processes (Lightning Fabric; gloo on CPU, the same code under torchrun or SLURM).
+"""The attack as jobs: one upload x one restart each, run in this process or over processes
+(Lightning Fabric; gloo on CPU, the same code under torchrun or SLURM): either the jobs shard
+over the processes, or every process works on every job with its part of the dummy batch.
 
 A job's result depends only on the upload, the attack parameters and (seed, restart): the
-same jobs give the same reconstructions on one process or several. Each job writes its
-result to a file in a scratch folder; the caller combines the restarts of an upload.
+same jobs give the same reconstructions on one process or several (bytes when the jobs shard,
+float tolerance when the batch splits: the dummy gradient is then summed in another order).
+Each job writes its result to a file in a scratch folder; the caller combines the restarts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import AttackSettings, Reconstruction, invert
+from pipeline.attack.invert import AttackSettings, Reconstruction, check_split, invert
 from pipeline.attack.labels import recover_labels
 from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
 from pipeline.config import AttackParams
+from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import classifier_weight_name
 from pipeline.uploads import check_fits, load_upload
@@ -33,12 +36,23 @@ class Job:
 
 def settings_of(a: AttackParams, seed: int) -> AttackSettings:
     return AttackSettings(iterations=a.iterations, lr=a.lr, lr_min=a.lr_min, tv_weight=a.tv_weight,
-                          restarts=a.restarts, seed=seed)
+                          restarts=a.restarts, seed=seed, objective=a.objective, layer_weights=a.layer_weights,
+                          bn_prior=a.bn_prior, tv_target=a.tv_target)
 
 
-def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True) -> Reconstruction:
-    """One restart against one upload, with the client's exact architecture and mode rebuilt
-    from the upload's threat model (maxpool kernel, GroupNorm, dropout and BatchNorm mode)."""
+@dataclass
+class Target:
+    """What the attacker has for one upload: the client's model rebuilt, the gradient, labels."""
+    model: torch.nn.Module
+    gradients: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    shards: int
+    threat_model: dict
+
+
+def target_of(job: Job, a: AttackParams) -> Target:
+    """The client's exact architecture and mode rebuilt from the upload's threat model (maxpool
+    kernel, GroupNorm, dropout and BatchNorm mode), the checkpoint's hash checked."""
     upload = load_upload(job.upload)
     tm = upload.threat_model
     arch = {k: tm[k] for k in ARCH_KEYS}
@@ -48,25 +62,48 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True) -> Reco
     labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
     # An attacker who knows the protocol normalises its dummy shards as the client's async BN did.
     shards = tm["participants"] if a.client_model == "exact" and tm["bn"] == "async" and tm["mode"] == "train" else 1
-    shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
-    return invert(model, upload.gradients, labels, shape, tm["mean"], tm["std"], settings_of(a, seed),
-                  progress=progress, restarts=[job.restart], shards=shards)
+    return Target(model, upload.gradients, labels, shards, tm)
+
+
+def check_batch_split(job: Job, a: AttackParams, processes: int) -> None:
+    """Refuse, before any process starts, an upload whose dummy batch cannot split `processes` ways."""
+    t = target_of(job, a)
+    try:
+        check_split(t.model, len(t.labels), t.shards, processes, a.bn_prior)
+    except ValueError as err:
+        raise PipelineError(f"{job.upload}: attack.split batch: {err}") from None
+
+
+def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_batch: bool = False) -> Reconstruction:
+    """One restart against one upload (with `split_batch`, this process's part of it)."""
+    t = target_of(job, a)
+    shape = (t.threat_model["in_channels"], t.threat_model["image_size"], t.threat_model["image_size"])
+    return invert(t.model, t.gradients, t.labels, shape, t.threat_model["mean"], t.threat_model["std"],
+                  settings_of(a, seed), progress=progress, restarts=[job.restart], shards=t.shards,
+                  split_batch=split_batch)
 
 
 def save_result(path: Path, rec: Reconstruction) -> None:
     save_tensors(path, {"images": rec.images, "labels": rec.labels},
-                 {"grad_loss": rec.grad_loss, "restart": rec.restart, "curve": rec.curve, "note": rec.note})
+                 {"grad_loss": rec.grad_loss, "restart": rec.restart, "curve": rec.curve, "note": rec.note,
+                  "iterations_run": rec.iterations_run})
 
 
 def load_result(path: Path) -> Reconstruction:
     tensors, meta = load_tensors(path, expected={"images", "labels"})
     return Reconstruction(tensors["images"], tensors["labels"], meta["grad_loss"], meta["restart"],
-                          [tuple(point) for point in meta["curve"]], meta["note"])
+                          [tuple(point) for point in meta["curve"]], meta["note"], meta["iterations_run"])
 
 
 def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    if a.split == "batch":  # every process on every job; the first one writes
+        for job in jobs:
+            rec = run_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
+            if rank == 0:
+                save_result(job.result_path(folder), rec)
+        return
     for job in jobs[rank::world]:
         save_result(job.result_path(folder), run_job(job, a, seed, progress=rank == 0))
 
@@ -77,11 +114,15 @@ def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Pa
 
 
 def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
-    """Run the jobs, `a.processes` at a time with `a.threads` threads each; results into `folder`."""
-    if a.processes == 1 or len(jobs) <= 1:
+    """Run the jobs on `a.processes` processes of `a.threads` threads each; results into `folder`."""
+    processes = a.processes if a.split == "batch" else min(a.processes, len(jobs))
+    if processes <= 1 or not jobs:
         _run_share(0, 1, jobs, a, seed, folder, a.threads)
         return
+    if a.split == "batch":
+        for job in jobs:
+            check_batch_split(job, a, processes)
     from lightning.fabric import Fabric
 
-    fabric = Fabric(accelerator="cpu", devices=min(a.processes, len(jobs)), strategy="ddp_spawn", precision="32-true")
+    fabric = Fabric(accelerator="cpu", devices=processes, strategy="ddp_spawn", precision="32-true")
     fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads)
