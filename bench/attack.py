@@ -10,13 +10,15 @@ attack stage's job runner (`pipeline.attack.jobs.run_jobs`) with `--processes` F
 processes of `--threads` threads, the jobs sharded (`--split jobs`) or each job's dummy batch
 split (`--split batch`), timed end to end (process start-up included). Same model (train
 mode; eval for ResNet-18 at B = 1, whose train-mode BatchNorm cannot take one 32-px image),
-upload, labels, iterations. Printed: restart-iterations per second and the ratio
+upload, labels, iterations. Printed: restart-iterations per second (medians of `--repeats`
+interleaved pairs) and the ratio
 ours / reference (> 1: ours is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,15 +84,17 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", choices=["jobs", "batch"], default="jobs")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved pairs; the median is printed")
     args = parser.parse_args()
     cores = torch.get_num_threads()
     print(f"torch {torch.__version__}; reference: 1 process x {cores} threads; "
           f"ours: {args.processes} processes x {args.threads} thread(s), split {args.split}; K = {args.restarts} restarts")
-    print(f"{'model':<9}{'B':>3}{'mode':>6}{'iters':>6}  {'reference it/s':>14}{'ours it/s':>10}{'ratio':>7}")
+    print(f"{'model':<9}{'B':>3}{'mode':>6}{'iters':>6}  {'reference it/s':>14}{'ours it/s':>10}{'ratio':>7}   (range over pairs)")
     for arch in args.archs:
         for b in args.batches:
             mode = "eval" if arch == "resnet18" and b == 1 else "train"
             iterations = ITERATIONS[arch]
+            refs, ours, ratios = [], [], []
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
                 path, model, grads, labels = write_upload(folder, arch, b, mode)
@@ -98,19 +102,21 @@ def main() -> None:
                                       lr_min=1e-3, tv_weight=1e-2, client_model="exact", objective="cosine",
                                       layer_weights="equal", bn_prior=0.0, tv_target=None,
                                       processes=args.processes, split=args.split, threads=args.threads)
-                start = time.perf_counter()
-                plain_attack(model, grads, labels, (1, 32, 32), args.restarts, iterations)
-                reference = time.perf_counter() - start
-                results = folder / "jobs"
-                results.mkdir()
-                start = time.perf_counter()
-                run_jobs([Job(path, r) for r in range(args.restarts)], params, seed=0, folder=results)
-                ours = time.perf_counter() - start
-                torch.set_num_threads(cores)  # run_jobs set this process's threads when it ran in it
+                for repeat in range(args.repeats):  # interleaved pairs: this machine's speed drifts
+                    start = time.perf_counter()
+                    plain_attack(model, grads, labels, (1, 32, 32), args.restarts, iterations)
+                    refs.append(time.perf_counter() - start)
+                    results = folder / f"jobs-{repeat}"
+                    results.mkdir()
+                    start = time.perf_counter()
+                    run_jobs([Job(path, r) for r in range(args.restarts)], params, seed=0, folder=results)
+                    ours.append(time.perf_counter() - start)
+                    torch.set_num_threads(cores)  # run_jobs set this process's threads when it ran in it
+                    ratios.append(refs[-1] / ours[-1])
             work = iterations * args.restarts
-            print(f"{arch:<9}{b:>3}{mode:>6}{iterations:>6}  {work / reference:>14.1f}{work / ours:>10.1f}"
-                  f"{reference / ours:>7.2f}")
-
+            print(f"{arch:<9}{b:>3}{mode:>6}{iterations:>6}  {work / statistics.median(refs):>14.1f}"
+                  f"{work / statistics.median(ours):>10.1f}{statistics.median(ratios):>7.2f}"
+                  f"   ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
 if __name__ == "__main__":
     main()
