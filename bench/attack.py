@@ -11,8 +11,7 @@ processes of `--threads` threads, the jobs sharded (`--split jobs`) or each job'
 split (`--split batch`), timed end to end (process start-up included). Same model (train
 mode; eval for ResNet-18 at B = 1, whose train-mode BatchNorm cannot take one 32-px image),
 upload, labels, iterations. Printed: restart-iterations per second (medians of `--repeats`
-interleaved pairs) and the ratio
-ours / reference (> 1: ours is faster).
+interleaved pairs) and the ratio ours / reference (> 1: ours is faster).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from pipeline.attack.invert import pixel_box, total_variation
 from pipeline.attack.jobs import Job, run_jobs
 from pipeline.checkpoints import save_checkpoint
 from pipeline.client import batch_gradient
@@ -42,6 +42,7 @@ def plain_attack(model, target: dict[str, torch.Tensor], labels, shape, restarts
     params = list(model.parameters())
     target = [target[n] for n, _ in model.named_parameters()]
     target_norm = sum((t * t).sum() for t in target).sqrt()
+    low, high = pixel_box([0.3], [0.3])  # the uploads' normalisation (write_upload)
     for restart in range(restarts):
         x = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(restart)).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=0.1)
@@ -50,14 +51,13 @@ def plain_attack(model, target: dict[str, torch.Tensor], labels, shape, restarts
             grads = torch.autograd.grad(F.cross_entropy(model(x), labels), params, create_graph=True)
             dot = sum((g * t).sum() for g, t in zip(grads, target))
             norm = sum((g * g).sum() for g in grads).sqrt()
-            tv = (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-            loss = 1 - dot / (norm * target_norm) + 1e-2 * tv
+            loss = 1 - dot / (norm * target_norm) + 1e-2 * total_variation(x)
             (x.grad,) = torch.autograd.grad(loss, x)
             x.grad.sign_()
             opt.step()
             sched.step()
             with torch.no_grad():
-                x.clamp_(-1 / 0.3, (1 - 0.3) / 0.3)
+                x.clamp_(low, high)
 
 
 def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, torch.nn.Module, dict, torch.Tensor]:
@@ -117,6 +117,7 @@ def main() -> None:
             print(f"{arch:<9}{b:>3}{mode:>6}{iterations:>6}  {work / statistics.median(refs):>14.1f}"
                   f"{work / statistics.median(ours):>10.1f}{statistics.median(ratios):>7.2f}"
                   f"   ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+
 
 if __name__ == "__main__":
     main()

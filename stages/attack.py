@@ -20,33 +20,32 @@ from stages._common import Stage, code_digest, run
 
 
 def main(stage: Stage) -> None:
-    p, setting = stage.params, stage.setting
+    p, a, setting = stage.params, stage.params.attack, stage.setting
     folder, out_folder = Path("uploads") / setting, Path("attacks") / setting
     uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
-    inputs = digest(p.seed, p.attack.model_dump(), tree_digest(folder), code_digest())
+    inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest())
     with atomic_dir(out_folder, fingerprint=inputs) as out:
         scratch = out / ".jobs"  # one file per finished job; removed before the output is finished
         scratch.mkdir(exist_ok=True)
-        jobs = [Job(path, r) for path in uploads for r in range(p.attack.restarts)]
+        jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
         todo = [job for job in jobs if not job.result_path(scratch).with_suffix(".json").is_file()]
         if len(todo) < len(jobs):
             print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
-        a = p.attack
         how = (f"each split over {a.processes} process(es)" if a.split == "batch"
                else f"on {min(a.processes, max(len(todo), 1))} process(es)")
         print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}, {a.labels} labels, "
               f"{a.objective} objective, {a.iterations} iterations")
-        run_jobs(todo, p.attack, p.seed, scratch)
+        run_jobs(todo, a, p.seed, scratch)
         for path in uploads:
             tm = load_upload(path).threat_model
-            rec = best_of([load_result(Job(path, r).result_path(scratch)) for r in range(p.attack.restarts)])
+            rec = best_of([load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)])
             images = to_unit_range(rec.images, tm["mean"], tm["std"])
             meta = {
                 "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "setting": tm["setting"],
-                "labels_method": p.attack.labels, "client_model": p.attack.client_model,
-                "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": p.attack.iterations,
+                "labels_method": a.labels, "client_model": a.client_model,
+                "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
                 "iterations_run": rec.iterations_run,
                 "note": rec.note,
             }
@@ -55,10 +54,10 @@ def main(stage: Stage) -> None:
             for iteration, loss in rec.curve:
                 stage.mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
             stage.mlflow.log_metric("best_grad_loss", rec.grad_loss, step=tm["epoch"])
+            stopped = "" if rec.note or rec.iterations_run == a.iterations else \
+                f", stopped at the TV target after {rec.iterations_run} iterations"
             print(f"attack@{setting}: {path.name}: labels {rec.labels.tolist()}: "
-                  + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}"
-                      + (f", stopped at TV target after {rec.iterations_run} iterations)"
-                         if rec.iterations_run < p.attack.iterations else ")")))
+                  + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})"))
         shutil.rmtree(scratch)
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
