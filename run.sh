@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's one entry point.
 #   ./run.sh          set up (venv + dataset) and run the default pipeline (dvc repro)
-#   ./run.sh test     set up and run what CI runs: fast tests, slow end-to-end tests, the reproducibility gate
+#   ./run.sh test     set up and run what CI runs: every test, the slow end-to-end ones and the gate among them
 #   ./run.sh gate     the reproducibility gate alone (tools/repro_gate.py)
 #   ./run.sh setup    only create .venv and install the default dataset
 #   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
@@ -50,9 +50,8 @@ case "${1:-repro}" in
     echo "run.sh: done. Results: reports/results.md, reports/reconstructions.png; runs: ./run.sh ui" ;;
   test)
     setup_env; setup_data
-    python -m pytest -q
-    python -m pytest -q -m slow
-    python -m tools.repro_gate ;;
+    # every test, fast and slow (the reproducibility gate is tests/test_pipeline.py), on two processes
+    python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile ;;
   gate)
     setup_env; setup_data
     python -m tools.repro_gate ;;

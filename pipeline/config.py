@@ -167,6 +167,12 @@ class AttackParams(_Section):
     threads: int = Field(ge=1)  # torch threads in each process
 
 
+class EvaluateParams(_Section):
+    # AlexNet ImageNet weights for LPIPS (torchvision's alexnet-owt-7be5be79.pth); null: torchvision's
+    # cache if the file is there, else the LPIPS column says n/a
+    lpips_backbone: str | None
+
+
 class Params(_Section):
     seed: int = Field(ge=0)
     data: DataParams
@@ -177,6 +183,7 @@ class Params(_Section):
     client: ClientParams
     settings: dict[str, SettingParams] = Field(min_length=1)
     attack: AttackParams
+    evaluate: EvaluateParams
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

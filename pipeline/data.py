@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
@@ -116,17 +115,23 @@ def load_image_folder(root: Path, image_size: int) -> tuple[Split, list[str]]:
                 (c1, p1), (c2, p2) = sorted(first_of_channels.items())
                 raise PipelineError(f"{root}: mixed channel counts: {p1} has {c1}, {p2} has {c2}")
             tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-            tensor = TF.center_crop(TF.resize(tensor, [image_size], antialias=True), [image_size, image_size])
+            tensor = _fit(tensor, image_size)
             images.append(tensor)
             labels.append(label)
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long)), classes
 
 
+def _fit(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize the shorter side to `image_size`, then crop the centre square."""
+    from torchvision.transforms.v2 import functional as TF  # slow to import: only the prepare stage needs it
+
+    return TF.center_crop(TF.resize(images, [image_size], antialias=True), [image_size, image_size])
+
+
 def _resize(split: Split, image_size: int) -> Split:
     if split.images.shape[-1] == image_size and split.images.shape[-2] == image_size:
         return split
-    resized = TF.center_crop(TF.resize(split.images, [image_size], antialias=True), [image_size, image_size])
-    return Split(resized.contiguous(), split.labels)
+    return Split(_fit(split.images, image_size).contiguous(), split.labels)
 
 
 def _subset(split: Split, size: int | None, gen: torch.Generator) -> Split:

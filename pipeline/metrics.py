@@ -7,13 +7,18 @@ paired with one true image by the Hungarian method on per-pair MSE before any me
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
-from scipy.optimize import linear_sum_assignment
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from pipeline.errors import PipelineError
 
 
 def pair_by_hungarian(reconstructions: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """order such that reconstructions[order[i]] is paired with truth[i] (minimal total MSE)."""
+    from scipy.optimize import linear_sum_assignment
+
     cost = ((truth[:, None] - reconstructions[None]) ** 2).flatten(2).mean(2)  # [truth, recon]
     rows, cols = linear_sum_assignment(cost.double().numpy())
     return torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
@@ -24,6 +29,9 @@ def image_metrics(reconstructions: torch.Tensor, truth: torch.Tensor) -> dict[st
 
     Both inputs are [B, C, H, W] in [0, 1] and already paired image by image.
     """
+    # torchmetrics imports torchvision, seconds at every stage's start: only where scored
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     recon, truth = reconstructions.double(), truth.double()
     mse = ((recon - truth) ** 2).flatten(1).mean(1)
     psnr = peak_signal_noise_ratio(recon, truth, data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -63,3 +71,47 @@ def gradient_information_ratio(model: torch.nn.Module, images: torch.Tensor, lab
     info = per_sample @ per_sample.mean(0)
     shift = max(0.0, -float(info.min()))
     return 100 * (info + shift) / (info.sum() + len(info) * shift)
+
+
+class Lpips:
+    """LPIPS (torchmetrics, AlexNet backbone) when the backbone's ImageNet weights are on this
+    machine: torchvision's cache (`torch.hub.get_dir()/checkpoints`) or an explicit file. The
+    linear heads ship with torchmetrics. Without the weights `available` is False and `reason`
+    says why: a randomly initialised backbone's number would look like a result and mean nothing.
+    """
+
+    def __init__(self, backbone: Path | str | None = None):
+        from torchvision.models import AlexNet_Weights
+
+        file_name = Path(AlexNet_Weights.DEFAULT.url).name
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        self.metric, self.reason = None, None
+        if backbone is not None and not Path(backbone).is_file():
+            raise PipelineError(f"evaluate.lpips_backbone: {backbone} is not a file")
+        source = Path(backbone) if backbone is not None else cached
+        if not source.is_file():
+            self.reason = (f"LPIPS n/a: the AlexNet ImageNet weights are not on this machine ({cached}); "
+                           f"put {file_name} there or set evaluate.lpips_backbone")
+            return
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        with tempfile.TemporaryDirectory() as hub:  # torchvision reads the backbone from <hub>/checkpoints
+            (Path(hub) / "checkpoints").mkdir()
+            (Path(hub) / "checkpoints" / file_name).symlink_to(source.resolve())
+            previous = torch.hub.get_dir()
+            torch.hub.set_dir(hub)
+            try:
+                self.metric = LearnedPerceptualImagePatchSimilarity("alex", reduction="none", normalize=True)
+            finally:
+                torch.hub.set_dir(previous)
+
+    @property
+    def available(self) -> bool:
+        return self.metric is not None
+
+    def __call__(self, reconstructions: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS of paired [B, C, H, W] images in [0, 1]; grey images are repeated to RGB."""
+        if reconstructions.shape[1] == 1:
+            reconstructions, truth = reconstructions.expand(-1, 3, -1, -1), truth.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            return self.metric.net(reconstructions.float(), truth.float(), normalize=True).flatten().double()

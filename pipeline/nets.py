@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
 
@@ -23,6 +22,8 @@ RA_ARCHS = ("resnet18", "convnet")  # the architectures with a stem maxpool to e
 def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
     # torchvision's ResNet-18 with its stem and maxpool as they are; only the first
     # convolution follows the data's channel count.
+    from torchvision.models import resnet18  # torchvision takes seconds to import: only where used
+
     model = resnet18(num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -61,6 +62,8 @@ class ConvNet(nn.Module):
 def _vgg11(in_channels: int, num_classes: int) -> nn.Module:
     # torchvision's VGG-11 features (no BatchNorm) with a head for small inputs: its
     # 25088x4096 classifier is built for 224 px. Dropout stays, as in the original.
+    from torchvision.models import vgg11
+
     model = vgg11(num_classes=num_classes)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)

@@ -28,14 +28,9 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
 def overview_figure(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tensor]], columns: int = 1) -> None:
     """One figure: for each (title, truth, paired reconstruction) a truth row over a reconstruction
     row, the panels laid out `columns` to a line (e.g. one line per setting, one column per epoch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     width = max(len(t) for _, t, _ in panels)
     lines = -(-len(panels) // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(columns * max(3, 1.2 * width), 2.6 * lines), squeeze=False)
+    plt, fig, axes = _figure(lines, columns, (columns * max(3, 1.2 * width), 2.6 * lines))
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, truth, recon) in zip(axes.flat, panels):
@@ -45,7 +40,47 @@ def overview_figure(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tens
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel("truth / attack", fontsize=8)
+    _save(plt, fig, path)
+
+
+def _figure(rows: int = 1, columns: int = 1, size: tuple[float, float] = (6, 4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt, *plt.subplots(rows, columns, figsize=size, squeeze=False)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version stamp: same bytes
     plt.close(fig)
+
+
+def line_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, ylabel: str) -> None:
+    """One line of `y` against `x` per value of `by`, in the order the frame lists them."""
+    plt, fig, axes = _figure()
+    ax = axes[0, 0]
+    for name, part in frame.groupby(by, sort=False):
+        part = part.sort_values(x)
+        ax.plot(part[x], part[y], marker="o", label=str(name))
+    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    ax.set_xticks(sorted(frame[x].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(plt, fig, path)
+
+
+def scatter_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, xlabel: str,
+                 ylabel: str) -> None:
+    """`y` against `x`, one marker colour per value of `by`; points without an `x` are left out."""
+    plt, fig, axes = _figure()
+    ax = axes[0, 0]
+    for name, part in frame.dropna(subset=[x, y]).groupby(by, sort=False):
+        ax.scatter(part[x], part[y], label=str(name))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(plt, fig, path)

@@ -59,10 +59,29 @@ def _connect(uri: str, experiment: str) -> Any:
         ) from None
 
 
+GROUP_TAG = "pipeline.group"
+
+
+def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
+    """The id of the parent run of `group` (the stage runs of one code + parameters version),
+    created (and ended: it holds no work of its own) by the first stage that needs it."""
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and "
+                               "tags.`pipeline.role` = 'group'", max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags={GROUP_TAG: group, "pipeline.role": "group"})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
 @contextmanager
-def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
+def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str],
+             group: tuple[str, str] | None = None) -> Iterator[Any]:
     """Open one MLflow run; yields the `mlflow` module with the run active.
 
+    With `group` (an id and a display name), the run is a child of that group's parent run,
+    so the UI folds the runs of one pipeline version together.
     Called before a stage does any work, so an unreachable server fails fast (a few seconds
     instead of MLflow's minutes of retries) and loses nothing.
     """
@@ -75,7 +94,9 @@ def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, 
     if _connect(tracking_uri(root), name) is None:
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.create_experiment(name, artifact_location=(root.resolve() / "mlruns").as_uri() if local else None)
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if group is not None:
+        tags = {**tags, GROUP_TAG: group[0], "mlflow.parentRunId": group_run(mlflow, experiment.experiment_id, *group)}
     with mlflow.start_run(run_name=run_name, tags=tags):
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()})
         yield mlflow

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,25 @@ class Stage:
             "stage": self.name,
             **({"scheme": self.scheme} if self.scheme else {}),
             **({"setting": self.setting} if self.setting else {}),
-            "git.commit": _git(self.root, "rev-parse", "HEAD") or "unknown",
-            "git.dirty": str(bool(_git(self.root, "status", "--porcelain", "--untracked-files=no"))).lower(),
+            "git.commit": self.code_version[0],
+            "git.dirty": str(self.code_version[1]).lower(),
             **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
         }
+
+
+    @cached_property
+    def code_version(self) -> tuple[str, bool]:
+        """The commit, and whether the library or stages differ from it (outputs and dvc.lock,
+        which `dvc repro` itself rewrites, do not count)."""
+        commit = _git(self.root, "rev-parse", "HEAD") or "unknown"
+        return commit, bool(_git(self.root, "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages"))
+
+    def group(self) -> tuple[str, str]:
+        """The pipeline version this run belongs to: the code and every parameter. Its stage runs
+        share one parent run, whether one `dvc repro` or several made them."""
+        commit, dirty = self.code_version
+        params = digest(self.params.model_dump())
+        return digest(commit, dirty, params), f"pipeline {commit[:7]}{'+dirty' if dirty else ''} params {params[:8]}"
 
 
 def _sections(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -122,7 +138,7 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
         stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
         logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))
         tags = {**stage._tags(), "params.digest": digest(logged)}  # equal digests: the same parameters
-        tracked = open_run(stage.root, stage.run_name, logged, tags) if is_first_process() \
+        tracked = open_run(stage.root, stage.run_name, logged, tags, stage.group()) if is_first_process() \
             else nullcontext(_NoTracking())
         with tracked as stage.mlflow:
             body(stage)

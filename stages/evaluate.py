@@ -3,23 +3,26 @@
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, load_tensors, write_json
-from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
+from pipeline.metrics import Lpips, image_metrics, label_accuracy, pair_by_hungarian
 from pipeline.uploads import load_truth
 from stages._common import Stage, run
 
 ATTACKS, TRUTH = Path("attacks"), Path("truth")
 METRICS, PER_IMAGE = Path("reports/metrics.json"), Path("reports/per_image.csv")
-SCORES = ("psnr", "ssim", "mse")
+SCORES = ("psnr", "ssim", "mse", "lpips")
 
 
-def _stats(values) -> dict[str, float]:
+def _stats(values) -> dict[str, float] | None:
+    if values.isna().all():  # LPIPS without its backbone weights
+        return None
     return {"mean": round(float(values.mean()), 6), "std": round(float(values.std(ddof=0)), 6)}
 
 
-def evaluate_upload(path: Path) -> tuple[list[dict], dict]:
+def evaluate_upload(path: Path, lpips: Lpips) -> tuple[list[dict], dict]:
     """Per-image rows and the upload's summary for one reconstruction file."""
     setting = path.parent.name
     rec, meta = load_tensors(path, expected={"images", "labels"})
@@ -28,7 +31,9 @@ def evaluate_upload(path: Path) -> tuple[list[dict], dict]:
     if rec["images"].shape != truth.shape:
         raise PipelineError(f"{path}: reconstruction shape {tuple(rec['images'].shape)} != truth {tuple(truth.shape)}")
     order = pair_by_hungarian(rec["images"], truth)
-    scores = image_metrics(rec["images"][order], truth)
+    paired = rec["images"][order]
+    scores = image_metrics(paired, truth)
+    scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
     rows = [
         {"setting": setting, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"], "image": i,
          "true_label": int(truth_labels[i]), "gir": truth_meta["gir"][i], "reconstruction": int(order[i]),
@@ -45,14 +50,19 @@ def main(stage: Stage) -> None:
     reconstructions = sorted(ATTACKS.glob("*/*.safetensors"))
     if not reconstructions:
         raise PipelineError(f"{ATTACKS}: no reconstructions to evaluate (run the attack stages first)")
+    lpips = Lpips(stage.params.evaluate.lpips_backbone)
+    if not lpips.available:
+        print(f"evaluate: {lpips.reason}")
+    stage.mlflow.set_tag("lpips", "computed" if lpips.available else lpips.reason)
     rows, summary = [], {}
     for path in reconstructions:
-        upload_rows, upload = evaluate_upload(path)
+        upload_rows, upload = evaluate_upload(path, lpips)
         rows += upload_rows
         key = f"{upload['setting']}/{path.stem}"
         summary[key] = upload
+        shown = "n/a" if upload["lpips"] is None else f"{upload['lpips']['mean']:.3f}"
         print(f"evaluate: {key}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
-              f"labels {upload['label_accuracy']:.2f}")
+              f"LPIPS {shown}, labels {upload['label_accuracy']:.2f}")
     per_image = pd.DataFrame(rows)
     metrics = {"uploads": summary, "all": {k: _stats(per_image[k]) for k in SCORES}}
     with atomic_file(PER_IMAGE) as tmp:
@@ -60,12 +70,12 @@ def main(stage: Stage) -> None:
     write_json(METRICS, metrics)
     for s in summary.values():  # step = training epoch: the UI plots each metric through training
         setting = s["setting"]
-        stage.mlflow.log_metrics({f"{k}.{setting}": s[k]["mean"] for k in SCORES}, step=s["epoch"])
+        stage.mlflow.log_metrics({f"{k}.{setting}": s[k]["mean"] for k in SCORES if s[k]}, step=s["epoch"])
         stage.mlflow.log_metric(f"label_accuracy.{setting}", s["label_accuracy"], step=s["epoch"])
-    stage.mlflow.log_metrics({k: metrics["all"][k]["mean"] for k in SCORES})
+    stage.mlflow.log_metrics({k: v["mean"] for k, v in metrics["all"].items() if v})
     stage.mlflow.log_artifact(str(METRICS))
     stage.mlflow.log_artifact(str(PER_IMAGE))
 
 
 if __name__ == "__main__":
-    run("evaluate", main, reads=("extract", "attack"))
+    run("evaluate", main, reads=("extract", "attack", "evaluate"))

@@ -56,6 +56,9 @@ def main(stage: Stage) -> None:
     for ckpt in written:
         extra = f", epsilon {ckpt['epsilon']:.3f}" if "epsilon" in ckpt else ""
         print(f"train@{scheme}: epoch {ckpt['epoch']}: test accuracy {ckpt['test_accuracy']:.4f}{extra}")
+        # step = training epoch (Lightning's own test_accuracy is stepped by optimizer steps)
+        stage.mlflow.log_metrics({f"epoch.{k}": ckpt[k] for k in ("test_accuracy", "epsilon") if k in ckpt},
+                                 step=ckpt["epoch"])
     stage.mlflow.log_metric("ra_index", ranks["ra_index"])
     stage.mlflow.log_artifacts(str(out), "checkpoints")
 

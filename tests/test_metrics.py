@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
+from pipeline.errors import PipelineError
+from pipeline.metrics import Lpips, image_metrics, label_accuracy, pair_by_hungarian
 
 
 def _pairs(n=6):
@@ -38,5 +40,36 @@ def test_hungarian_pairing_makes_a_shuffle_score_like_the_ordered_batch():
 def test_label_accuracy_is_a_multiset_overlap():
     true = torch.tensor([3, 3, 1, 7])
     assert label_accuracy(true[torch.tensor([2, 0, 3, 1])], true) == 1.0
+    for _ in range(5):  # any permutation of the true multiset
+        labels = torch.randint(0, 10, (8,))
+        assert label_accuracy(labels[torch.randperm(8)], labels) == 1.0
     assert label_accuracy(torch.tensor([3, 1, 7, 7]), true) == 0.75
     assert label_accuracy(torch.tensor([0, 0, 0, 0]), true) == 0.0
+
+
+def test_lpips_without_backbone_weights_is_not_a_number_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty torchvision cache
+    lpips = Lpips()
+    assert not lpips.available and "LPIPS n/a" in lpips.reason and "alexnet-owt-7be5be79.pth" in lpips.reason
+    with pytest.raises(PipelineError, match="lpips_backbone: .* is not a file"):
+        Lpips(tmp_path / "missing.pth")
+
+
+def test_lpips_runs_on_the_backbone_file_given():
+    """The wiring, on a stand-in AlexNet (no ImageNet weights offline): the file's weights are the
+    ones used, identical images score 0 and different ones more."""
+    import tempfile
+
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    backbone = alexnet().state_dict()
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(backbone, f"{folder}/alexnet.pth")
+        lpips = Lpips(f"{folder}/alexnet.pth")
+    assert torch.equal(lpips.metric.net.net.slice1[0].weight, backbone["features.0.weight"])
+    recon, truth = _pairs(3)
+    assert torch.equal(lpips(truth, truth), torch.zeros(3, dtype=torch.float64))
+    scores = lpips(recon, truth)
+    assert scores.shape == (3,) and (scores > 0).all()
+    assert torch.allclose(scores[1:2], lpips(recon[1:2], truth[1:2]))  # per image, whatever the batch

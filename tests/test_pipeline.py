@@ -1,23 +1,21 @@
-"""End to end: the real `dvc repro` on the tiny profile in a temporary copy of the project.
-
-Also: stages killed by a signal part-way, and the next `dvc repro` finishing with the same
-bytes as the uninterrupted run.
+"""End to end: the reproducibility gate (`dvc repro` in two clean clones at once) on the tiny
+profile in a clone of this tree, and what a researcher reads afterwards: the reports, DVC's
+metrics and plots, the MLflow runs and the table rebuilt from them.
 """
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import yaml
 
 from tests.conftest import REPO
+from tools.repro_gate import gate
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +55,25 @@ def copy_project(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, fashion_root):
-    root = tmp_path_factory.mktemp("project")
-    env = copy_project(root)
-    first = sh([sys.executable, "-m", "dvc", "repro"], root, env)
-    return root, env, first, (root / "dvc.lock").read_text()
+    """The reproducibility gate on this working tree: two clones run `dvc repro` and must agree;
+    the first clone, the log of its run, its dvc.lock and the gate's findings."""
+    source, workdir = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("gate")
+    env = copy_project(source)
+    problems = gate(source, Path("profiles/tiny.yaml"), REPO / "profiles/tiny.reference.json", workdir)
+    root = workdir / "project"
+    env["PYTHONPATH"] = str(root)
+    return root, env, (workdir / "gate.log").read_text(), (root / "dvc.lock").read_text(), problems
+
+
+def test_gate_passes_two_runs_give_the_same_bytes_and_the_reference_numbers(project):
+    *_, problems = project
+    assert problems == []
 
 
 def test_repro_writes_metrics_from_a_real_chain(project):
-    root, _, first, _ = project
+    root, _, log, _, _ = project
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in first.stdout
+        assert f"Running stage '{stage}'" in log
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}" for k in SETTINGS for e in (0, 2)}
     for upload in metrics["uploads"].values():
@@ -98,17 +105,27 @@ def test_repro_writes_metrics_from_a_real_chain(project):
 
 
 def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
-    root, env, _, _ = project
+    root, env, _, _, _ = project
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["gradient-heterogeneity"])
+    every = mlflow.search_runs(experiment_names=["gradient-heterogeneity"], order_by=["attributes.start_time DESC"])
+    assert set(every["status"]) == {"FINISHED"}
+    # the stage runs are children of one parent: the same commit and parameters
+    parent = every[every["tags.pipeline.role"] == "group"]
+    assert len(parent) == 1 and parent["tags.mlflow.runName"].iloc[0].startswith("pipeline ")
+    runs = every[every["tags.dvc.stage"].notna()]
     assert sorted(runs["tags.dvc.stage"]) == sorted(STAGES)
-    assert set(runs["status"]) == {"FINISHED"}
+    assert set(runs["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
+    # the report's per-setting runs, for the UI's compare view
+    results = every[every["tags.pipeline.role"] == "results"]
+    assert sorted(results["tags.setting"]) == sorted(SETTINGS)
+    assert set(results["tags.mlflow.parentRunId"]) == set(runs[runs["tags.dvc.stage"] == "report"]["run_id"])
     assert runs["tags.params.digest"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert set(runs["tags.git.commit"]) == {sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()}
+    assert set(runs["tags.git.dirty"]) == {"false"}  # dvc.lock and outputs rewritten by dvc do not count
     client = MlflowClient(uri)
     by_stage = dict(zip(runs["tags.dvc.stage"], runs["run_id"]))
 
@@ -132,56 +149,89 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
     assert evaluate["metrics.psnr.pure"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
+    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png"} <= files("report", "plots")
+    attack = client.get_metric_history(by_stage["attack@pure"], "iterations_run")
+    assert sorted((m.step, m.value) for m in attack) == [(0, 200), (2, 200)]
+    assert all(m.value > 0 for m in client.get_metric_history(by_stage["attack@pure"], "attack_seconds"))
+
+
+def test_table_rebuilt_from_mlflow_equals_the_dvc_table(project):
+    root, env, _, _, _ = project
+    done = sh([sys.executable, "-m", "stages.report", "--from-mlflow", "--check"], root, env)
+    assert "the table rebuilt from MLflow equals reports/results.csv" in done.stdout
+    assert done.stdout.count("| label-repeat ") == 2  # one row per attacked epoch
+
+
+def test_report_writes_dvc_metrics_plots_and_a_summary(project):
+    root, env, _, _, _ = project
+    from PIL import Image
+
+    shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], root, env).stdout
+    summary = json.loads(shown)[""]["data"]["reports/summary.json"]["data"]
+    assert set(summary) == set(SETTINGS) and summary["pure"]["accuracy_cost"] == 0
+    assert summary["ra"]["accuracy_cost"] == pytest.approx(summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"])
+    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr"):
+        with Image.open(root / "reports/plots" / f"{name}.png") as image:
+            assert image.size == (600, 400) and len(image.getcolors(1 << 16)) > 20  # drawn, not blank
+    rendered = sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], root, env)
+    assert (root / "plots-html" / "index.html").stat().st_size > 1000, rendered.stdout
+    text = (root / "reports/results.md").read_text()
+    assert text.startswith("# Results\n\n## Summary") and "The attack did least against" in text
+    for setting in SETTINGS:
+        assert (root / "reports/figures" / f"{setting}.png").is_file()
+        assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {"epoch-000.png", "epoch-002.png"}
+
+
+def test_mlflow_server_lists_the_settings_side_by_side(project):
+    """The tracking server's REST API (what the UI's compare view reads) on 127.0.0.1."""
+    import socket
+    import urllib.request
+
+    import mlflow
+
+    root, env, _, _, _ = project
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("gradient-heterogeneity").experiment_id
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"experiment_ids": [experiment], "filter": "tags.`pipeline.role` = 'results'",
+                           "max_results": 100}).encode()
+        deadline = time.time() + 120
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", body,
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    found = json.loads(answer.read())["runs"]
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(30)
+    latest = {}
+    for run in found:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        latest.setdefault(tags["setting"], {m["key"]: m["value"] for m in run["data"]["metrics"]})
+    assert set(latest) == set(SETTINGS)
+    table = pd.read_csv(root / "reports/results.csv")
+    for setting, metrics in latest.items():  # the last logged value: the last attacked epoch
+        row = table[(table.setting == setting) & (table.epoch == 2)].iloc[0]
+        assert metrics["psnr"] == pytest.approx(row.psnr) and metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
 
 
 def test_second_repro_runs_nothing(project):
-    root, env, _, lock = project
+    root, env, _, lock, _ = project
     status = sh([sys.executable, "-m", "dvc", "status"], root, env)
     assert "up to date" in status.stdout, status.stdout
     again = sh([sys.executable, "-m", "dvc", "repro"], root, env)
     assert "Running stage" not in again.stdout
     assert (root / "dvc.lock").read_text() == lock
-
-
-def _kill_when(args, root, env, marker: Path, timeout=300) -> str:
-    """Start `args` in its own process group, SIGKILL the whole group once `marker` exists; its output."""
-    log = root.parent / f"{root.name}-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return log.read_text()
-
-
-def test_stages_killed_part_way_resume_and_end_with_the_same_bytes(project, tmp_path):
-    """A fresh copy whose first `dvc repro attack@pure` is killed in train, its second in attack,
-    the third completes: its stages' lock entries are those of the uninterrupted run."""
-    _, _, _, uninterrupted = project
-    root = tmp_path / "killed"
-    env = copy_project(root)
-    repro = [sys.executable, "-m", "dvc", "repro", "attack@pure"]  # the chain up to it, not the other schemes'
-
-    def entries(lock: str) -> dict:
-        stages = yaml.safe_load(lock)["stages"]
-        return {name: stages[name] for name in ("prepare", "train@pure", "extract@pure", "attack@pure")}
-
-    trained, attacked = root / "models" / ".pure.partial", root / "attacks" / ".pure.partial"
-
-    _kill_when(repro, root, env, trained / "resume.ckpt")
-    assert not (root / "models" / "pure").exists()  # nothing that looks finished
-    assert (trained / "epoch-001.json").exists() and not (trained / "epoch-002.json").exists()
-
-    second = _kill_when(repro, root, env, attacked / ".jobs" / "epoch-000.restart-000.json")
-    assert "train: resuming after epoch 1 of an interrupted run" in second
-    assert not (root / "attacks" / "pure").exists()
-    assert not (trained / "epoch-002.json").exists() and (root / "models" / "pure" / "epoch-002.json").exists()
-
-    done = sh(repro, root, env)
-    assert re.search(r"attack@pure: [12] of 2 jobs kept from the interrupted run", done.stdout), done.stdout
-    assert entries((root / "dvc.lock").read_text()) == entries(uninterrupted)
-    assert not trained.exists() and not attacked.exists()
-    assert "Running stage" not in sh(repro, root, env).stdout

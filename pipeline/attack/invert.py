@@ -47,6 +47,7 @@ class Reconstruction:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) of the kept restart
     note: str | None = None  # why the attack could not run, when it could not
     iterations_run: int | None = None  # fewer than asked when the TV target stopped it
+    seconds: float | None = None  # wall time of the job (kept out of the stage's outputs: it varies)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ Each job writes its result to a file in a scratch folder; the caller combines th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,21 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
 def save_result(path: Path, rec: Reconstruction) -> None:
     save_tensors(path, {"images": rec.images, "labels": rec.labels},
                  {"grad_loss": rec.grad_loss, "restart": rec.restart, "curve": rec.curve, "note": rec.note,
-                  "iterations_run": rec.iterations_run})
+                  "iterations_run": rec.iterations_run, "seconds": rec.seconds})
 
 
 def load_result(path: Path) -> Reconstruction:
     tensors, meta = load_tensors(path, expected={"images", "labels"})
     return Reconstruction(tensors["images"], tensors["labels"], meta["grad_loss"], meta["restart"],
-                          [tuple(point) for point in meta["curve"]], meta["note"], meta["iterations_run"])
+                          [tuple(point) for point in meta["curve"]], meta["note"], meta["iterations_run"],
+                          meta["seconds"])
+
+
+def _timed_job(job: Job, a: AttackParams, seed: int, **options) -> Reconstruction:
+    started = time.perf_counter()
+    rec = run_job(job, a, seed, **options)
+    rec.seconds = round(time.perf_counter() - started, 3)
+    return rec
 
 
 def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
@@ -100,12 +109,12 @@ def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: in
     torch.use_deterministic_algorithms(True)
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
-            rec = run_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
+            rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
             if rank == 0:
                 save_result(job.result_path(folder), rec)
         return
     for job in jobs[rank::world]:
-        save_result(job.result_path(folder), run_job(job, a, seed, progress=rank == 0))
+        save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
 
 
 def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
