@@ -50,15 +50,3 @@ def fashion_images(fashion_root):
 def _seed():
     torch.manual_seed(0)
 
-
-# The longest module first: with `-n 2 --dist loadfile` (./run.sh test) one process takes the
-# end-to-end gate while the other works through everything else.
-LONGEST_FIRST = ("test_pipeline.py", "test_resume.py", "test_gate.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each module keeps its own order

@@ -81,5 +81,6 @@ def test_gate_fails_on_an_unseeded_noise_draw(tmp_path, fashion_root):
     done = subprocess.run([sys.executable, "-m", "tools.repro_gate", "--source", str(source), "--target", "extract@pure"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "repro_gate: FAIL: stage extract@pure: out uploads/pure changed"
+    assert done.stdout.strip().splitlines()[-1:] == ["repro_gate: FAIL: stage extract@pure: out uploads/pure changed"], \
+        done.stdout + done.stderr
     assert "PASS" not in done.stdout
