@@ -51,7 +51,7 @@ case "${1:-repro}" in
   test)
     setup_env; setup_data
     # every test, fast and slow (the reproducibility gate is tests/test_pipeline.py), on two processes
-    python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile ;;
+    python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile --durations=8 ;;
   gate)
     setup_env; setup_data
     python -m tools.repro_gate ;;

@@ -7,6 +7,7 @@ truth-over-reconstruction figures, and one MLflow child run per setting for the 
         --check: exit 1 unless it equals reports/results.csv
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -246,13 +247,15 @@ def from_mlflow(argv: list[str]) -> None:
 
     from pipeline.tracking import EXPERIMENT, tracking_uri
 
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)  # where the stages logged
+
     parser = argparse.ArgumentParser(prog="python -m stages.report --from-mlflow")
     parser.add_argument("--from-mlflow", action="store_true", required=True)
     parser.add_argument("--check", action="store_true", help=f"exit 1 unless the table equals {RESULTS_CSV}")
     parser.add_argument("--group", help="only the runs of this pipeline group (the tag pipeline.group)")
     args = parser.parse_args(argv)
     try:
-        table = table_from_mlflow(tracking_uri(Path(".")), EXPERIMENT, args.group)
+        table = table_from_mlflow(tracking_uri(Path(".")), experiment, args.group)
     except PipelineError as err:
         sys.exit(f"report: error: {err}")
     print(markdown_table(table))

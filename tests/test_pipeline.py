@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tools.repro_gate import gate
+from tools.repro_gate import LAUNCHER_VARIABLES, gate
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def copy_project(root: Path) -> dict:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
     sh([sys.executable, "-m", "tools.apply_profile", "profiles/tiny.yaml"], root, env)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]

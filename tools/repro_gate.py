@@ -39,6 +39,11 @@ DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.
 TRAINED_TOLERANCE = {"test_accuracy": 0.03, "gh": 0.05, "psnr": 4.0, "ssim": 0.15, "label_accuracy": 0.0}
 
 
+# A launcher's rendezvous, inherited (say from a test that launched processes), would make the
+# pipeline's own multi-process stages join it, or bind a port somebody else holds.
+LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"}
+
+
 def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(args)}\n")
@@ -90,7 +95,7 @@ def gate(source: Path, profile: Path, reference: Path, workdir: Path, update_ref
          targets: list[str] | None = None) -> list[str]:
     project = workdir / "project"
     log = workdir / "gate.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
                PYTHONPATH=str(project))
     _run(["git", "clone", "--quiet", str(source), str(project)], workdir, env, log)
