@@ -98,10 +98,8 @@ def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
     assert rec.grad_loss == 1.0 and torch.isfinite(rec.images).all()
 
 
-def _by_hand(model, x, y, target, objective, weights):
+def _by_hand(names, grads, target, objective, weights):
     """The objective computed the long way: a loop over the parameters, layer by layer."""
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    names = [n for n, _ in model.named_parameters()]
     layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
     w = {n: (len(layers) - layers.index(n.rpartition(".")[0])) / len(layers) if weights == "linear" else 1.0
          for n in names}
@@ -115,17 +113,23 @@ def _by_hand(model, x, y, target, objective, weights):
 
 @pytest.mark.parametrize("objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"),
                                                 ("l2", "linear")])
-def test_each_objective_equals_its_definition_and_vanishes_at_the_truth(objective, weights, fashion_images):
+def test_each_objective_and_its_gradient_equal_their_definition_and_vanish_at_the_truth(objective, weights,
+                                                                                        fashion_images):
     images, labels, _, _ = fashion_images
     model = build_model("convnet", 1, 10, 32).eval()
+    names = [n for n, _ in model.named_parameters()]
     x, y = images[:2], labels[:2]
     target = batch_gradient(model, x, y, "eval")
     match = GradientMatch(model, target, objective, weights)
-    other = torch.randn_like(x)
-    got = float(match(dummy_gradient(model, other, y)).detach())
-    assert got == pytest.approx(float(_by_hand(model, other, y, target, objective, weights)), rel=1e-4)
-    assert float(match(dummy_gradient(model, x, y)).detach()) == pytest.approx(0.0, abs=1e-5)
-    assert got > 1e-3
+    grads = [g.detach().requires_grad_(True) for g in dummy_gradient(model, torch.randn_like(x), y)]
+    value, direction = match(grads)
+    expected = _by_hand(names, grads, target, objective, weights)
+    assert float(value) == pytest.approx(float(expected.detach()), rel=1e-4)
+    # the written-out gradient of the term = autograd's gradient of the definition
+    for got, want in zip(direction, torch.autograd.grad(expected, grads)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert float(match(dummy_gradient(model, x, y))[0]) == pytest.approx(0.0, abs=1e-5)
+    assert float(value) > 1e-3
 
 
 def test_the_l2_objective_also_brings_an_image_back(fashion_images):
