@@ -33,10 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
 # Across machines. Rows at epoch 0 involve no training: the same initial weights, upload and
 # attack, so only rounding differs. Trained rows start from checkpoints whose SGD ran with other
-# roundings (measured between two machines: test accuracy 0.734 vs 0.742 after two epochs), and
-# the attack's sign steps amplify that: up to 3 dB of PSNR apart on one 4-image upload.
+# roundings, and the attack's sign steps amplify that. Measured on the tiny profile between an
+# Intel AVX-512 and an AMD AVX2 machine, both pinned to AVX2 kernels: test accuracy 0.035 apart,
+# GH 0.072, PSNR 3.7 dB, SSIM 0.13 after two epochs (with an attack change of 0.4 dB at most in
+# it); the trained tolerances leave room above that.
 DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
-TRAINED_TOLERANCE = {"test_accuracy": 0.03, "gh": 0.05, "psnr": 4.0, "ssim": 0.15, "label_accuracy": 0.0}
+TRAINED_TOLERANCE = {"test_accuracy": 0.06, "gh": 0.12, "psnr": 6.0, "ssim": 0.2, "label_accuracy": 0.0}
 
 
 # A launcher's rendezvous, inherited (say from a test that launched processes), would make the
