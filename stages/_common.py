@@ -79,7 +79,6 @@ class Stage:
             **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
         }
 
-
     @cached_property
     def code_version(self) -> tuple[str, bool]:
         """The commit, and whether the library or stages differ from it (outputs and dvc.lock,
@@ -134,7 +133,9 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
             scheme, _ = params.setting(setting)  # an unknown name is refused here
         import torch
 
-        torch.use_deterministic_algorithms(True)
+        # = use_deterministic_algorithms(True) for eager kernels, without the import of
+        # torch._inductor that call makes (about 2 s of every stage's start here)
+        torch.set_deterministic_debug_mode("error")
         stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
         logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))
         tags = {**stage._tags(), "params.digest": digest(logged)}  # equal digests: the same parameters

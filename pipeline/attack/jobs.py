@@ -106,7 +106,7 @@ def _timed_job(job: Job, a: AttackParams, seed: int, **options) -> Reconstructio
 
 def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
             rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
