@@ -180,3 +180,14 @@ def test_the_tv_target_stops_a_restart_once_its_best_iterate_is_smooth_enough(fa
     rec = run(0.3)  # a real image's TV is about 0.22
     assert 1 < rec.iterations_run < 300 and float(total_variation(rec.images)) < 0.3
     assert run(None).iterations_run == 300
+
+
+def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alone(fashion_images):
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32, norm="group").train()
+    target = batch_gradient(model, images[:1], labels[:1], "train")
+    plain = AttackSettings(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, seed=0)
+    with_prior = AttackSettings(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, seed=0, bn_prior=0.1)
+    a = invert(model, target, labels[:1], (1, 32, 32), mean, std, plain, progress=False)
+    b = invert(model, target, labels[:1], (1, 32, 32), mean, std, with_prior, progress=False)
+    assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss < 1.0

@@ -227,7 +227,7 @@ def invert(
             directions = torch._foreach_div(directions, world)
             extra = None if extra is None else extra / world
         outputs, seeds = grads, directions
-        if extra is not None:
+        if extra is not None and extra.requires_grad:  # (a prior over no BatchNorm layer is a constant)
             outputs, seeds = [*grads, extra], [*directions, torch.ones(())]
         (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
         return grad, float(g_loss)
