@@ -91,8 +91,8 @@ class GradientMatch:
             raise ValueError(f"the upload has no gradient for {missing[0]} (and {len(missing) - 1} more)")
         layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
         # a layer is a module: its weight and bias weigh the same (linear: layer l of L weighs (L - l) / L)
-        self.weights = [1.0 if layer_weights == "equal" else (len(layers) - layers.index(n.rpartition(".")[0])) / len(layers)
-                        for n in names]
+        depth = [layers.index(n.rpartition(".")[0]) for n in names]
+        self.weights = [1.0 if layer_weights == "equal" else (len(layers) - d) / len(layers) for d in depth]
         self.objective, self.uniform = objective, layer_weights == "equal"
         self.weight_vector = torch.tensor(self.weights)
         targets = [target[n].float() for n in names]
@@ -201,6 +201,8 @@ def invert(
         return best_of([Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
                         for r in restarts])
     prior = BatchNormPrior(model, shards) if settings.bn_prior else None
+    if prior is not None and not len(prior):  # no BatchNorm layer (GroupNorm): the prior is a constant 0
+        prior = None
     own = labels.chunk(world)[rank]  # this process's part of the batch (all of it without a split)
 
     def all_mean(value: torch.Tensor) -> torch.Tensor:
@@ -227,7 +229,7 @@ def invert(
             directions = torch._foreach_div(directions, world)
             extra = None if extra is None else extra / world
         outputs, seeds = grads, directions
-        if extra is not None and extra.requires_grad:  # (a prior over no BatchNorm layer is a constant)
+        if extra is not None:
             outputs, seeds = [*grads, extra], [*directions, torch.ones(())]
         (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
         return grad, float(g_loss)
