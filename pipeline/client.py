@@ -8,6 +8,9 @@ is (theta_0 - theta_E) / (lr * E), the average of the E step gradients; it is co
 average, which is the same number without the cancellation of subtracting nearly equal
 weights. Optional DP: per-sample clipping and noise on every step (a real guarantee), or the
 original's clipping of each step's batch gradient with noise added once to the upload.
+The client also records the statistics each BatchNorm layer normalised with, per step and
+normalisation group: what an attacker's "exact" BatchNorm prior is given when the threat model
+reveals them.
 
 Participants run simulated in one process or as W real processes (Lightning Fabric, gloo on
 CPU); both give the same upload. Dropout masks depend only on (seed, step, sample), so they
@@ -31,6 +34,7 @@ from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
 from pipeline.nets import smallest_batchnorm_input
+from pipeline.uploads import joined, split
 
 
 def choose_batch(pool_size: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -153,27 +157,78 @@ Grads = dict[str, torch.Tensor]
 class ClientUpdate:
     gradients: Grads  # the upload, by parameter name
     epsilon: float | None  # per-sample DP at the client: the guarantee for each of its samples
+    # "<layer>.mean" / "<layer>.var": what each BatchNorm normalised with, [E steps, groups, C]
+    bn_statistics: dict[str, torch.Tensor]
+
+
+class NormalisationStatistics:
+    """Per BatchNorm layer, the statistics it normalised with on each local step and group: in
+    train mode the mean and biased variance of its input over the group, in eval mode its
+    running statistics. Kept as float64 sums (count, sum, sum of squares) until `finish`, so
+    that the parts of one group forwarded by several processes add up."""
+
+    def __init__(self, model: nn.Module, steps: int, groups: int):
+        self.shape, self.at = (steps, groups), (0, 0)  # `at`: (step, group) being forwarded
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in model.named_modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _hook(self, name: str):
+        def add(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().double()
+            channels = x.shape[1]
+            if module.training or module.running_mean is None:
+                count = torch.full((channels,), x.numel() / channels, dtype=torch.float64)
+                dims = [0, *range(2, x.dim())]
+                sums = torch.stack([count, x.sum(dims), (x * x).sum(dims)])
+            else:  # one "sample" of the running statistics per forward: they come back as they are
+                mean, var = module.running_mean.double(), module.running_var.double()
+                sums = torch.stack([torch.ones_like(mean), mean, var + mean * mean])
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(*self.shape, 3, channels, dtype=torch.float64)
+            self.sums[name][self.at] += sums
+        return add
+
+    def finish(self, reduce: Callable[[Grads], Grads]) -> dict[str, torch.Tensor]:
+        """Mean and biased variance per layer, [steps, groups, C], summed over processes by `reduce`."""
+        for handle in self.handles:
+            handle.remove()
+        out = {}
+        for name, sums in reduce(self.sums).items():
+            mean = sums[:, :, 1] / sums[:, :, 0]
+            out[f"{name}.mean"] = mean.float()
+            out[f"{name}.var"] = (sums[:, :, 2] / sums[:, :, 0] - mean * mean).clamp_min(0).float()
+        return out
+
+
+def normalisation_groups(c: ClientParams) -> int:
+    """How many sets of BatchNorm statistics normalise one local step: one for synchronous BN
+    (and for eval mode, whose running statistics serve every sample), W for asynchronous."""
+    return 1 if c.bn == "sync" or c.mode == "eval" else c.participants
 
 
 def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
-                my_groups: Callable[[list[torch.Tensor]], list[torch.Tensor]],
-                reduce: Callable[[Grads], Grads]) -> Grads:
-    """The E local steps of the client, seen from one process.
+                my_groups: Callable[[list[torch.Tensor]], list[tuple[int, torch.Tensor]]],
+                reduce: Callable[[Grads], Grads]) -> tuple[Grads, dict[str, torch.Tensor]]:
+    """The E local steps of the client, seen from one process: (upload, BatchNorm statistics).
 
-    `my_groups` maps a step's participant parts to the groups of positions this process
-    forwards (each group normalised on its own); `reduce` sums a gradient over processes.
+    `my_groups` maps a step's participant parts to the (group, positions) this process
+    forwards, each group normalised on its own (group 0 alone when BatchNorm is synchronous);
+    `reduce` sums tensors over processes.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
         raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
+    statistics = NormalisationStatistics(model, c.local_steps, normalisation_groups(c))
     steps: list[Grads] = []
     for e, parts in enumerate(step_parts(c.batch_size, c.participants, c.local_steps)):
         n_step = sum(len(p) for p in parts)
         key = (seed, e)
         if c.dp is not None and c.dp.kind == "per-sample":
             rows = []
-            for group in my_groups(parts):
+            for g, group in my_groups(parts):
+                statistics.at = (e, g)
                 for i in group.tolist():
                     with _feeding(model, torch.tensor([i]), key):
                         loss = F.cross_entropy(model(images[i:i + 1]), labels[i:i + 1])
@@ -184,7 +239,8 @@ def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c:
             grads = {n: g / n_step for n, g in add_noise(summed, c.dp.sigma * c.dp.clip, noise).items()}
         else:
             loss = torch.zeros(())
-            for group in my_groups(parts):
+            for g, group in my_groups(parts):
+                statistics.at = (e, g)
                 with _feeding(model, group, key):
                     loss = loss + F.cross_entropy(model(images[group]), labels[group], reduction="sum")
             local = torch.autograd.grad(loss / n_step, params)
@@ -198,7 +254,7 @@ def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c:
     upload = {n: torch.stack([s[n] for s in steps]).mean(0) for n, _ in named}
     if c.dp is not None and c.dp.kind == "batch":  # ... and noise added once, to the upload
         upload = add_noise(upload, c.dp.sigma * c.dp.clip, torch.Generator().manual_seed(_mix(seed, 2)))
-    return upload
+    return upload, statistics.finish(reduce)
 
 
 def _client_epsilon(c: ClientParams) -> float | None:
@@ -212,12 +268,12 @@ def _client_epsilon(c: ClientParams) -> float | None:
 def simulate_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
     """The client's upload with all W participants simulated in this process."""
     model = client_model(model, c.mode)
-    sync = c.bn == "sync" or c.mode == "eval"  # eval-mode BatchNorm uses no batch statistics at all
 
-    def my_groups(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.cat(parts)] if sync else parts
+    def my_groups(parts: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        return [(0, torch.cat(parts))] if normalisation_groups(c) == 1 else list(enumerate(parts))
 
-    return ClientUpdate(_run_client(model, images, labels, c, seed, my_groups, lambda g: g), _client_epsilon(c))
+    upload, statistics = _run_client(model, images, labels, c, seed, my_groups, lambda g: g)
+    return ClientUpdate(upload, _client_epsilon(c), statistics)
 
 
 def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
@@ -233,12 +289,15 @@ def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.T
     def reduce(grads: Grads) -> Grads:
         return {n: fabric.all_reduce(g, reduce_op="sum") for n, g in grads.items()}
 
-    grads = _run_client(model, images, labels, c, seed, lambda parts: [parts[rank]], reduce)
+    def my_groups(parts: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        return [(0 if normalisation_groups(c) == 1 else rank, parts[rank])]
+
+    grads, statistics = _run_client(model, images, labels, c, seed, my_groups, reduce)
     # Handed back as a file: Lightning joins the processes before it reads their results, so a
     # large result in its queue would block, and tensors in it would share memory with a
     # process that has exited.
     if rank == 0:
-        save_file({n: g.contiguous() for n, g in grads.items()}, out)
+        save_file(joined({n: g.contiguous() for n, g in grads.items()}, statistics), out)
 
 
 def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
@@ -251,7 +310,8 @@ def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     with tempfile.TemporaryDirectory() as folder:
         out = f"{folder}/upload.safetensors"
         fabric.launch(_participant, model, images, labels, c, seed, out)
-        return ClientUpdate(load_file(out), _client_epsilon(c))
+        gradients, statistics = split(load_file(out))
+    return ClientUpdate(gradients, _client_epsilon(c), statistics)
 
 
 def plain(c: ClientParams) -> ClientParams:

@@ -95,6 +95,9 @@ class ExtractParams(_Section):
     epochs: list[int] = Field(min_length=1)  # checkpoints every setting's client uploads from
     # Put the true labels into the threat model (the attacker's "known labels" oracle).
     reveal_labels: bool
+    # Put into the upload the statistics the client's BatchNorm layers normalised with (per
+    # local step and shard), as a client that shares its BatchNorm state does.
+    reveal_bn_statistics: bool
 
 
 class ClientDPParams(_Section):
@@ -158,7 +161,10 @@ class AttackParams(_Section):
     client_model: Literal["exact", "plain"]
     objective: Literal["cosine", "l2"]  # 1 - cosine, or squared L2, over all parameters
     layer_weights: Literal["equal", "linear"]  # linear: layer l of L weighs (L - l) / L
-    bn_prior: float = Field(ge=0)  # weight of the BatchNorm running-statistics prior (0: off)
+    bn_prior: float = Field(ge=0)  # weight of the BatchNorm-statistics prior (0: off)
+    # the prior's reference: running: the model's running statistics; exact: those the client
+    # normalised with, from the upload (needs extract.reveal_bn_statistics)
+    bn_statistics: Literal["running", "exact"]
     tv_target: float | None = Field(gt=0)  # stop a restart once its best iterate's TV is under this
     processes: int = Field(ge=1)
     # jobs: the jobs (upload x restart) sharded over the processes; batch: every process on
@@ -222,6 +228,8 @@ class Params(_Section):
             raise ValueError("attack.lr_min: must not exceed attack.lr")
         if self.attack.labels == "known" and not self.extract.reveal_labels:
             raise ValueError("attack.labels: 'known' needs extract.reveal_labels: true")
+        if self.attack.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
+            raise ValueError("attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
         return self
 
     def _resolve(self, name: str) -> ClientParams:

@@ -1,12 +1,14 @@
 """What crosses from the client to the attacker, and the ground truth kept apart from it.
 
-An upload is the gradient by parameter name plus the threat model (what the server knows);
-the truth file holds the client's images and labels and is read only by the evaluation.
+An upload is the gradient by parameter name plus the threat model (what the server knows),
+and, when the threat model reveals them, the statistics the client's BatchNorm layers
+normalised with; the truth file holds the client's images and labels and is read only by the
+evaluation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,15 @@ THREAT_MODEL_KEYS = (
 )
 
 
+STATISTICS = "bn_statistics/"  # the prefix of their names beside the gradients' (no parameter name has a /)
+
+
 @dataclass
 class Upload:
     gradients: dict[str, torch.Tensor]
     threat_model: dict[str, Any]
+    # "<layer>.mean" / "<layer>.var", [local steps, normalisation groups, channels]; empty: not revealed
+    bn_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -34,21 +41,33 @@ class Upload:
         return None if revealed is None else torch.tensor(revealed, dtype=torch.long)
 
 
+def joined(gradients: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradients and BatchNorm statistics as one flat mapping of tensors (for one file)."""
+    return {**gradients, **{STATISTICS + n: s for n, s in statistics.items()}}
+
+
+def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The inverse of `joined`: (gradients, BatchNorm statistics)."""
+    statistics = {n.removeprefix(STATISTICS): t for n, t in tensors.items() if n.startswith(STATISTICS)}
+    return {n: t for n, t in tensors.items() if not n.startswith(STATISTICS)}, statistics
+
+
 def save_upload(path: Path, upload: Upload) -> None:
-    save_tensors(path, upload.gradients, {"kind": "upload", **upload.threat_model})
+    save_tensors(path, joined(upload.gradients, upload.bn_statistics), {"kind": "upload", **upload.threat_model})
 
 
 def load_upload(path: Path) -> Upload:
-    gradients, meta = load_tensors(path)
+    tensors, meta = load_tensors(path)
     if meta.get("kind") != "upload":
         raise PipelineError(f"{path}: not an upload (kind is {meta.get('kind')!r})")
     missing = [k for k in THREAT_MODEL_KEYS if k not in meta]
     if missing:
         raise PipelineError(f"{path}: upload metadata lacks {missing[0]!r}")
-    for name, grad in gradients.items():
-        if not grad.is_floating_point() or not torch.isfinite(grad).all():
-            raise PipelineError(f"{path}: gradient {name!r} is not a finite float tensor")
-    return Upload(gradients, meta)
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise PipelineError(f"{path}: {name!r} is not a finite float tensor")
+    gradients, statistics = split(tensors)
+    return Upload(gradients, meta, statistics)
 
 
 def check_fits(path: Path, upload: Upload, model: nn.Module) -> None:

@@ -49,7 +49,8 @@ def main(stage: Stage) -> None:
                 "labels": labels.tolist() if p.extract.reveal_labels else None,
             }
             name = checkpoint_name(epoch)
-            save_upload(uploads / name, Upload(update.gradients, threat_model))
+            revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
+            save_upload(uploads / name, Upload(update.gradients, threat_model, revealed))
             save_truth(truth / name, images, labels, {
                 "epoch": epoch, "setting": setting, "victim_positions": chosen.tolist(),
                 "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],

@@ -3,8 +3,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import AttackSettings, invert, recover_labels
-from pipeline.attack.invert import BatchNormPrior, GradientMatch, dummy_gradient, total_variation
-from pipeline.client import batch_gradient
+from pipeline.attack.invert import BatchNormPrior, GradientMatch, dummy_gradient, pooled_statistics, total_variation
+from pipeline.client import ClientParams, batch_gradient, simulate_client
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
@@ -157,6 +157,8 @@ def test_the_batchnorm_prior_is_small_for_images_like_the_running_statistics(fas
         model(torch.randn(16, 1, 32, 32))
         noise = float(prior.take())
     assert len(prior) == 3 and real < noise / 5, (real, noise)
+    for handle in prior.handles:
+        handle.remove()
     # the attack with the prior on leaves the caller's model alone
     target = batch_gradient(model.eval(), images[:1], labels[:1], "eval")
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -191,3 +193,58 @@ def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alo
     a = invert(model, target, labels[:1], (1, 32, 32), mean, std, plain, progress=False)
     b = invert(model, target, labels[:1], (1, 32, 32), mean, std, with_prior, progress=False)
     assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss < 1.0
+
+
+def async_client(batch_size: int, participants: int) -> ClientParams:
+    return ClientParams(batch_size=batch_size, participants=participants, bn="async" if participants > 1 else "sync",
+                        local_steps=1, lr=0.01, mode="train", dp=None, label_repetition=None,
+                        participants_as="simulated")
+
+
+def test_pooled_statistics_are_those_of_the_pooled_activations():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, generator=gen) * torch.arange(1.0, 6.0) + 2  # [steps, groups, samples, C]
+    stats = {"bn.mean": x.mean(2), "bn.var": x.var(2, unbiased=False)}
+    mean, var = pooled_statistics(stats, "bn", 5, shards=2)  # shard s: groups 2s and 2s+1 of both steps
+    for shard in range(2):
+        pooled = x[:, 2 * shard:2 * shard + 2].reshape(-1, 5)
+        torch.testing.assert_close(mean[shard], pooled.mean(0))
+        torch.testing.assert_close(var[shard], pooled.var(0, unbiased=False))
+    with pytest.raises(ValueError, match="no statistics for BatchNorm layer 'other'"):
+        pooled_statistics(stats, "other", 5, shards=2)
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 5\)"):
+        pooled_statistics(stats, "bn", 5, shards=3)
+
+
+@pytest.mark.parametrize("participants", [1, 2])
+def test_the_exact_batchnorm_prior_vanishes_at_the_truth_and_the_running_one_does_not(fashion_images, participants):
+    images, labels, _, _ = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    upload = simulate_client(model, images[:8], labels[:8], async_client(8, participants), seed=0)
+    exact = BatchNormPrior(model, participants, upload.bn_statistics)
+    running = BatchNormPrior(model, participants)
+    with torch.no_grad():
+        for shard in images[:8].chunk(participants):  # the attacker forwards the true shards as the client did
+            model(shard)
+    assert len(exact) == 3 and float(exact.take()) < 1e-4
+    assert float(running.take()) > 1.0  # the untrained model's running statistics are 0 and 1
+
+
+def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images):
+    # Untrained ConvNet, 8 images over 2 participants with asynchronous BatchNorm, known labels,
+    # 300 iterations: measured 20.0 dB without a prior, 24.7 dB with the exact prior at 0.01
+    # (and 8.8 dB with the running prior at 0.1: this model's running statistics are 0 and 1).
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    upload = simulate_client(model, images[:8], labels[:8], async_client(8, 2), seed=0)
+
+    def psnr(bn_prior: float) -> float:
+        settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0,
+                                  bn_prior=bn_prior)
+        rec = invert(model, upload.gradients, labels[:8], (1, 32, 32), mean, std, settings, progress=False,
+                     shards=2, bn_statistics=upload.bn_statistics)
+        got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:8], mean, std)
+        return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
+
+    without, exact = psnr(0.0), psnr(0.01)
+    assert exact > without + 2.0, (without, exact)

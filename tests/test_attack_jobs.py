@@ -23,7 +23,7 @@ MEAN, STD = [0.286], [0.353]
 
 
 def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
-                name="epoch-000", mode="train") -> Path:
+                name="epoch-000", mode="train", reveal_bn_statistics=False) -> Path:
     arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
             "maxpool_kernel": maxpool_kernel}
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None,
               "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "scheme": "s", "setting": "s",
               **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist()}
     path = folder / f"{name}.safetensors"
-    save_upload(path, Upload(update.gradients, threat))
+    save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {}))
     return path
 
 
@@ -120,3 +120,19 @@ def test_a_batch_that_batchnorm_normalises_together_is_not_split(tmp_path, fashi
     with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.split batch: train-mode BatchNorm "
                                             "normalises 1 shard"):
         run_jobs([Job(path, 0)], attack_params(attack__processes=2, attack__split="batch"), 0, tmp_path)
+
+
+def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    hidden = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async", name="epoch-000")
+    revealed = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async", name="epoch-001",
+                           reveal_bn_statistics=True)
+    a = attack_params(attack__iterations=20, attack__bn_prior=0.01, attack__bn_statistics="exact",
+                      extract__reveal_bn_statistics=True)
+    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.bn_statistics 'exact', but the upload "
+                                            "reveals no BatchNorm statistics"):
+        run_jobs([Job(revealed, 0), Job(hidden, 0)], a, 0, tmp_path)
+    assert not list(tmp_path.glob("*.restart-*"))  # refused before any job ran
+    exact = run_job(Job(revealed, 0), a, 0, False)
+    running = run_job(Job(revealed, 0), attack_params(attack__iterations=20, attack__bn_prior=0.01), 0, False)
+    assert torch.isfinite(exact.images).all() and not torch.equal(exact.images, running.images)

@@ -1,5 +1,6 @@
 """The client simulator: each setting's upload checked against the gradient computed by hand."""
 
+import copy
 import math
 
 import pytest
@@ -89,9 +90,51 @@ def test_two_fabric_processes_upload_what_the_simulation_does(bn):
     simulated = simulate_client(model, images, labels, c, seed=3).gradients
     processes = client_upload(model, images, labels, c.model_copy(update={"participants_as": "processes"}), seed=3)
     assert_same(processes.gradients, simulated, rtol=1e-4, atol=1e-6)
+    # ... and the statistics its BatchNorm layers normalised with, [2 steps, 1 or 2 groups, C]
+    statistics = simulate_client(model, images, labels, c, seed=3).bn_statistics
+    assert statistics["features.1.mean"].shape == (2, 2 if bn == "async" else 1, 32)
+    assert_same(processes.bn_statistics, statistics, rtol=1e-4, atol=1e-6)
     other = simulate_client(model, images, labels, c.model_copy(update={"bn": "sync" if bn == "async" else "async"}), seed=3)
     difference = max(float((other.gradients[n] - simulated[n]).abs().max()) for n in simulated)
     assert difference > 1e-3  # async and sync BN give different uploads
+
+
+def running_update_statistics(model, images):
+    """What a train-mode forward of `images` normalised each BatchNorm layer with, read back from
+    torch's own update of the running statistics: r1 = (1 - m) r0 + m s (the variance unbiased)."""
+    model = copy.deepcopy(model).train()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers.items()}
+    with torch.no_grad():
+        model(images)
+    out = {}
+    for n, m in layers.items():
+        (mean0, var0), momentum = before[n], m.momentum
+        out[n] = ((m.running_mean - (1 - momentum) * mean0) / momentum,
+                  (m.running_var - (1 - momentum) * var0) / momentum)
+    return out
+
+
+@pytest.mark.parametrize("bn", ["sync", "async"])
+def test_the_recorded_batchnorm_statistics_are_those_torch_normalised_with(bn):
+    model, (images, labels) = convnet(), batch()
+    statistics = simulate_client(model, images, labels, client(participants=2, bn=bn), seed=0).bn_statistics
+    groups = [images] if bn == "sync" else [images[:4], images[4:]]
+    for g, group in enumerate(groups):
+        by_torch = running_update_statistics(model, group)
+        for layer, (mean, unbiased_var) in by_torch.items():
+            pixels = len(group) * {"features.1": 16 * 16, "features.4": 8 * 8, "features.7": 4 * 4}[layer]
+            torch.testing.assert_close(statistics[f"{layer}.mean"][0, g], mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(statistics[f"{layer}.var"][0, g], unbiased_var * (pixels - 1) / pixels,
+                                       rtol=1e-4, atol=1e-5)
+    # eval mode normalises with the running statistics, and those are what it records
+    with torch.no_grad():
+        model.train()(3 + 2 * images)  # running statistics other than the initial 0 and 1
+    evaluated = simulate_client(model, images, labels, client(participants=2, bn=bn, mode="eval"), seed=0).bn_statistics
+    bn1 = model.get_submodule("features.1")
+    assert evaluated["features.1.mean"].shape == (1, 1, 32)
+    assert torch.equal(evaluated["features.1.mean"][0, 0], bn1.running_mean)
+    torch.testing.assert_close(evaluated["features.1.var"][0, 0], bn1.running_var)
 
 
 def test_dropout_masks_follow_the_sample_not_the_split():

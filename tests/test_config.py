@@ -36,6 +36,7 @@ def test_project_params_validate():
         ("settings.pure.scheme", "gradient", "params.yaml: settings.pure.scheme: 'gradient' is not a scheme; params.yaml defines pure, ra, dp-sgd, clip-noise, gh"),
         ("settings.pure.participant", 2, "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client)"),
         ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
+        ("attack.bn_statistics", "exact", "params.yaml: attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
         ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
         ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),

@@ -31,6 +31,17 @@ def test_upload_round_trip_keeps_gradients_and_threat_model(upload_file):
     upload = load_upload(upload_file)
     assert upload.threat_model["batch_size"] == 2 and upload.labels is None
     assert set(upload.gradients) == {n for n, _ in build_model(**ARCH).named_parameters()}
+    assert upload.bn_statistics == {}  # not revealed
+
+
+def test_revealed_batchnorm_statistics_travel_beside_the_gradients(upload_file, tmp_path):
+    upload = load_upload(upload_file)
+    statistics = {"features.1.mean": torch.randn(1, 2, 32), "features.1.var": torch.rand(1, 2, 32)}
+    save_upload(tmp_path / "revealed.safetensors", Upload(upload.gradients, upload.threat_model, statistics))
+    again = load_upload(tmp_path / "revealed.safetensors")
+    assert set(again.gradients) == set(upload.gradients)
+    assert set(again.bn_statistics) == set(statistics)
+    assert all(torch.equal(again.bn_statistics[n], s) for n, s in statistics.items())
 
 
 def test_tampered_gradient_bytes_are_refused(upload_file):

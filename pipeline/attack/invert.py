@@ -33,7 +33,7 @@ class AttackSettings:
     seed: int
     objective: Literal["cosine", "l2"] = "cosine"
     layer_weights: Literal["equal", "linear"] = "equal"  # linear: layer l of L weighs (L - l) / L
-    bn_prior: float = 0.0  # weight of the BatchNorm-statistics prior (the model's running statistics)
+    bn_prior: float = 0.0  # weight of the BatchNorm-statistics prior
     tv_target: float | None = None  # stop a restart once its kept iterate's TV is under this
     log_every: int = 25  # how often the loss curve is sampled
 
@@ -125,34 +125,61 @@ class GradientMatch:
 
 
 class BatchNormPrior:
-    """Sum over BatchNorm layers of ||mu_ref - mu(x)|| + ||var_ref - var(x)||: mu and var the
-    biased statistics of the layer's input over the dummy batch (each forwarded shard on its
-    own, averaged), the references the model's running statistics as they were at the start."""
+    """Sum over BatchNorm layers of ||mu_ref - mu(x)|| + ||var_ref - var(x)||, averaged over the
+    dummy batch's `shards` (each forwarded on its own): mu and var the biased statistics of the
+    layer's input over a shard. The references are the model's running statistics as they were
+    at the start, or, given `statistics` (an upload's, see pipeline.uploads), those the client
+    normalised with, pooled to the attacker's shards: exact for one local step; with several,
+    each step's were taken at other weights and their pool is an approximation."""
 
-    def __init__(self, model: nn.Module, shards: int):
-        layers = [m for m in model.modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-        self.reference = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    def __init__(self, model: nn.Module, shards: int, statistics: dict[str, torch.Tensor] | None = None):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if statistics is None:
+            layers = [(n, m) for n, m in layers if m.running_mean is not None]
+            self.reference = [(m.running_mean.clone().expand(shards, -1), m.running_var.clone().expand(shards, -1))
+                              for _, m in layers]
+        else:
+            self.reference = [pooled_statistics(statistics, n, m.num_features, shards) for n, m in layers]
         self.terms: list[torch.Tensor] = []
+        self.calls = [0] * len(layers)  # forwards through each layer since the last take: the shard
         self.shards = shards
-        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers)]
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, (_, m) in enumerate(layers)]
 
     def _hook(self, i: int):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0]
             dims = [0, *range(2, x.dim())]
-            mean, var = self.reference[i]
+            mean, var = (r[self.calls[i]] for r in self.reference[i])
+            self.calls[i] += 1
             self.terms.append((mean - x.mean(dims)).norm() + (var - x.var(dims, unbiased=False)).norm())
         return record
 
     def take(self) -> torch.Tensor:
         """The prior of the forward passes since the last call."""
         total = torch.stack(self.terms).sum() / self.shards if self.terms else torch.zeros(())
-        self.terms = []
+        self.terms, self.calls = [], [0] * len(self.calls)
         return total
 
     def __len__(self) -> int:
         return len(self.reference)
+
+
+def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels: int,
+                      shards: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's revealed (mean, biased variance), [steps, groups, C], pooled over the steps and
+    over runs of consecutive groups into `shards` rows, as if each run had been one batch (the
+    groups are equal in size)."""
+    if f"{layer}.mean" not in statistics or f"{layer}.var" not in statistics:
+        raise ValueError(f"the upload reveals no statistics for BatchNorm layer {layer!r}")
+    mean, var = statistics[f"{layer}.mean"].double(), statistics[f"{layer}.var"].double()
+    if mean.dim() != 3 or mean.shape != var.shape or mean.shape[2] != channels or mean.shape[1] % shards:
+        raise ValueError(f"the statistics of BatchNorm layer {layer!r} have shape {tuple(mean.shape)}: "
+                         f"expected [steps, groups, {channels}] with groups a multiple of {shards} shards")
+    steps, groups, _ = mean.shape
+    mean = mean.reshape(steps, shards, groups // shards, channels)
+    square = var.reshape_as(mean) + mean * mean
+    pooled_mean = mean.mean((0, 2))
+    return pooled_mean.float(), (square.mean((0, 2)) - pooled_mean * pooled_mean).clamp_min(0).float()
 
 
 def best_of(reconstructions: list[Reconstruction]) -> Reconstruction:
@@ -172,6 +199,7 @@ def invert(
     restarts: list[int] | None = None,
     shards: int = 1,
     split_batch: bool = False,
+    bn_statistics: dict[str, torch.Tensor] | None = None,
 ) -> Reconstruction:
     """Reconstruct a batch of len(labels) images whose gradient at `model` matches `target`.
 
@@ -183,6 +211,9 @@ def invert(
     With `split_batch`, every process of the default torch.distributed group calls this with
     the same arguments; each optimises its contiguous part of the dummy batch, the dummy
     gradients are all-reduced, and every process returns the whole batch.
+
+    `bn_statistics`, the client's revealed BatchNorm statistics, replace the model's running
+    statistics as the prior's reference.
     """
     model = copy.deepcopy(model)
     match = GradientMatch(model, target, settings.objective, settings.layer_weights)
@@ -200,7 +231,7 @@ def invert(
         # it has no direction to match, so the attacker is left with its starting guess.
         return best_of([Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
                         for r in restarts])
-    prior = BatchNormPrior(model, shards) if settings.bn_prior else None
+    prior = BatchNormPrior(model, shards, bn_statistics) if settings.bn_prior else None
     if prior is not None and not len(prior):  # no BatchNorm layer (GroupNorm): the prior is a constant 0
         prior = None
     own = labels.chunk(world)[rank]  # this process's part of the batch (all of it without a split)

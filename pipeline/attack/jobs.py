@@ -49,6 +49,7 @@ class Target:
     labels: torch.Tensor
     shards: int
     threat_model: dict
+    bn_statistics: dict[str, torch.Tensor] | None  # the prior's reference when exact; None: running
 
 
 def target_of(job: Job, a: AttackParams) -> Target:
@@ -63,16 +64,26 @@ def target_of(job: Job, a: AttackParams) -> Target:
     labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
     # An attacker who knows the protocol normalises its dummy shards as the client's async BN did.
     shards = tm["participants"] if a.client_model == "exact" and tm["bn"] == "async" and tm["mode"] == "train" else 1
-    return Target(model, upload.gradients, labels, shards, tm)
+    statistics = None
+    if a.bn_prior and a.bn_statistics == "exact":
+        has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if has_batchnorm and not upload.bn_statistics:
+            raise PipelineError(f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
+                                "statistics (extract it again with extract.reveal_bn_statistics: true)")
+        statistics = upload.bn_statistics
+    return Target(model, upload.gradients, labels, shards, tm, statistics)
 
 
-def check_batch_split(job: Job, a: AttackParams, processes: int) -> None:
-    """Refuse, before any process starts, an upload whose dummy batch cannot split `processes` ways."""
-    t = target_of(job, a)
+def check_upload(path: Path, a: AttackParams, processes: int) -> None:
+    """Refuse, before any process starts, an upload the attack cannot run on (or, with
+    split: batch, whose dummy batch cannot split `processes` ways)."""
+    t = target_of(Job(path, 0), a)
+    if a.split != "batch":
+        return
     try:
         check_split(t.model, len(t.labels), t.shards, processes, a.bn_prior)
     except ValueError as err:
-        raise PipelineError(f"{job.upload}: attack.split batch: {err}") from None
+        raise PipelineError(f"{path}: attack.split batch: {err}") from None
 
 
 def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_batch: bool = False) -> Reconstruction:
@@ -81,7 +92,7 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
     shape = (t.threat_model["in_channels"], t.threat_model["image_size"], t.threat_model["image_size"])
     return invert(t.model, t.gradients, t.labels, shape, t.threat_model["mean"], t.threat_model["std"],
                   settings_of(a, seed), progress=progress, restarts=[job.restart], shards=t.shards,
-                  split_batch=split_batch)
+                  split_batch=split_batch, bn_statistics=t.bn_statistics)
 
 
 def save_result(path: Path, rec: Reconstruction) -> None:
@@ -125,12 +136,11 @@ def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Pa
 def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
     """Run the jobs on `a.processes` processes of `a.threads` threads each; results into `folder`."""
     processes = a.processes if a.split == "batch" else min(a.processes, len(jobs))
+    for path in dict.fromkeys(job.upload for job in jobs):
+        check_upload(path, a, processes)
     if processes <= 1 or not jobs:
         _run_share(0, 1, jobs, a, seed, folder, a.threads)
         return
-    if a.split == "batch":
-        for job in jobs:
-            check_batch_split(job, a, processes)
     from lightning.fabric import Fabric
 
     # Forked, not spawned: the workers start with this process's imports, in about a second
