@@ -87,10 +87,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", choices=["jobs", "batch"], default="jobs")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved pairs; the median is printed")
+    parser.add_argument("--compile", action="store_true", help="ours with attack.compile (the compile is timed too)")
     args = parser.parse_args()
     cores = torch.get_num_threads()
     print(f"torch {torch.__version__}; reference: 1 process x {cores} threads; "
-          f"ours: {args.processes} processes x {args.threads} thread(s), split {args.split}; K = {args.restarts} restarts")
+          f"ours: {args.processes} processes x {args.threads} thread(s), split {args.split}"
+          f"{', compiled' if args.compile else ''}; K = {args.restarts} restarts")
     print(f"{'model':<9}{'B':>3}{'mode':>6}{'iters':>6}  {'reference it/s':>14}{'ours it/s':>10}{'ratio':>7}   (range over pairs)")
     for arch in args.archs:
         for b in args.batches:
@@ -102,8 +104,9 @@ def main() -> None:
                 path, model, grads, labels = write_upload(folder, arch, b, mode)
                 params = AttackParams(labels="known", iterations=iterations, restarts=args.restarts, lr=0.1,
                                       lr_min=1e-3, tv_weight=1e-2, client_model="exact", objective="cosine",
-                                      layer_weights="equal", bn_prior=0.0, tv_target=None,
-                                      processes=args.processes, split=args.split, threads=args.threads)
+                                      layer_weights="equal", bn_prior=0.0, bn_statistics="running", tv_target=None,
+                                      processes=args.processes, split=args.split, threads=args.threads,
+                                      compile=args.compile)
                 for repeat in range(args.repeats):  # interleaved pairs: this machine's speed drifts
                     start = time.perf_counter()
                     plain_attack(model, grads, labels, (1, 32, 32), args.restarts, iterations)

@@ -171,6 +171,9 @@ class AttackParams(_Section):
     # every job, each with its part of the dummy batch, the dummy gradients all-reduced.
     split: Literal["jobs", "batch"]
     threads: int = Field(ge=1)  # torch threads in each process
+    # the attack step as one torch.compile'd function: faster per step on the ConvNet, a compile
+    # of tens of seconds first (inductor's cache after); no BatchNorm prior, no batch split
+    compile: bool
 
 
 class EvaluateParams(_Section):
@@ -228,6 +231,8 @@ class Params(_Section):
             raise ValueError("attack.lr_min: must not exceed attack.lr")
         if self.attack.labels == "known" and not self.extract.reveal_labels:
             raise ValueError("attack.labels: 'known' needs extract.reveal_labels: true")
+        if self.attack.compile and (self.attack.bn_prior or self.attack.split == "batch"):
+            raise ValueError("attack.compile: the compiled step takes neither bn_prior nor split: batch")
         if self.attack.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
             raise ValueError("attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
         return self

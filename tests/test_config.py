@@ -52,6 +52,16 @@ def test_bad_value_gives_one_line_naming_the_key(key, value, message):
     assert "\n" not in str(err.value)
 
 
+def test_the_compiled_attack_refuses_what_it_cannot_compute():
+    raw = copy.deepcopy(RAW_PARAMS)
+    set_dotted(raw, "attack.compile", True)
+    assert parse_params(raw).attack.compile
+    set_dotted(raw, "attack.bn_prior", 0.1)
+    with pytest.raises(PipelineError, match="^params.yaml: attack.compile: the compiled step takes neither bn_prior "
+                                            "nor split: batch$"):
+        parse_params(raw)
+
+
 def test_unknown_scheme_name():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(PipelineError, match=r"^unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh$"):

@@ -36,6 +36,7 @@ class AttackSettings:
     bn_prior: float = 0.0  # weight of the BatchNorm-statistics prior
     tv_target: float | None = None  # stop a restart once its kept iterate's TV is under this
     log_every: int = 25  # how often the loss curve is sampled
+    compile: bool = False  # the step as one torch.compile'd function (see compiled_step)
 
 
 @dataclass
@@ -105,6 +106,15 @@ class GradientMatch:
     def _weighted_sq_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         norms = torch.stack(torch._foreach_norm(tensors))
         return (self.weight_vector * norms * norms).sum()
+
+    def differentiable(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The term alone, as torch operations autograd (and torch.compile) can differentiate."""
+        weights = self.weight_vector.to(grads[0].dtype)
+        if self.objective == "l2":
+            return sum(w * (g - t).pow(2).sum() for w, g, t in zip(weights, grads, self.targets))
+        dot = sum((g * t).sum() for g, t in zip(grads, self.targets))
+        norm = sum(w * g.pow(2).sum() for w, g in zip(weights, grads)).sqrt().clamp_min(1e-12)
+        return 1 - dot / norm
 
     @torch.no_grad()
     def __call__(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -182,6 +192,43 @@ def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels:
     return pooled_mean.float(), (square.mean((0, 2)) - pooled_mean * pooled_mean).clamp_min(0).float()
 
 
+def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, shards: int, tv_weight: float):
+    """x -> (the objective's gradient with respect to x, the gradient term), as one compiled
+    function: torch.func's grad of (the gradient term of torch.func's grad of the batch loss +
+    TV), handed to torch.compile, which fuses the double backward's elementwise work (on the
+    ConvNet most of a step: the BatchNorm double backward alone is a third). The first compile
+    of a model takes tens of seconds, later ones read inductor's cache.
+
+    Train-mode BatchNorm normalises with batch statistics only: its running statistics are
+    dropped from `model` (a copy), as torch.func cannot update them inside a transform."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_
+
+    if model.training:
+        replace_all_batch_norm_modules_(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+
+    def batch_loss(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        state = {**params, **fixed}
+        logits = torch.cat([functional_call(model, state, (part,)) for part in x.chunk(shards)])
+        return F.cross_entropy(logits, labels)
+
+    def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = grad(batch_loss)(params, x)
+        term = match.differentiable([grads[n] for n in names])
+        return term + tv_weight * total_variation(x), term
+
+    torch.compiler.reset()  # a fresh trace for this model: dynamo would otherwise pile up guards per job
+    step = torch.compile(grad(objective, has_aux=True))
+
+    def image_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        gradient, term = step(x.detach())
+        return gradient, float(term)
+
+    return image_gradient
+
+
 def best_of(reconstructions: list[Reconstruction]) -> Reconstruction:
     """The restart with the lowest gradient loss (the earliest on a tie)."""
     return min(reconstructions, key=lambda r: (r.grad_loss, r.restart))
@@ -219,6 +266,8 @@ def invert(
     match = GradientMatch(model, target, settings.objective, settings.layer_weights)
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
     check_split(model, len(labels), shards, world, settings.bn_prior)
+    if settings.compile and (settings.bn_prior or world > 1):
+        raise ValueError("the compiled step takes neither the BatchNorm prior nor a dummy batch split over processes")
     low, high = pixel_box(mean, std)
     batch = (len(labels), *image_shape)
     restarts = list(range(settings.restarts)) if restarts is None else restarts
@@ -265,10 +314,12 @@ def invert(
         (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
         return grad, float(g_loss)
 
-    found = []
-    bar = tqdm(total=settings.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    for restart in restarts:
+    if settings.compile:
+        image_gradient = compiled_step(model, match, own, shards, settings.tv_weight)  # noqa: F811
+
+    def run(restart: int) -> Reconstruction:
+        # the attacker's own dropout (a train-mode VGG) draws from (seed, restart) alone
+        torch.manual_seed(10**9 + settings.seed * 1000 + restart)
         x = start(restart).chunk(world)[rank].clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=settings.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iterations, eta_min=settings.lr_min)
@@ -297,7 +348,12 @@ def invert(
             parts = [torch.empty_like(kept.images) for _ in range(world)]
             dist.all_gather(parts, kept.images)
             kept.images = torch.cat(parts)
-        found.append(kept)
+        return kept
+
+    bar = tqdm(total=settings.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        found = [run(restart) for restart in restarts]
     bar.close()
     return best_of(found)
 

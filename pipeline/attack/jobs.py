@@ -38,7 +38,7 @@ class Job:
 def settings_of(a: AttackParams, seed: int) -> AttackSettings:
     return AttackSettings(iterations=a.iterations, lr=a.lr, lr_min=a.lr_min, tv_weight=a.tv_weight,
                           restarts=a.restarts, seed=seed, objective=a.objective, layer_weights=a.layer_weights,
-                          bn_prior=a.bn_prior, tv_target=a.tv_target)
+                          bn_prior=a.bn_prior, tv_target=a.tv_target, compile=a.compile)
 
 
 @dataclass
