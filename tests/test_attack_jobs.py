@@ -2,6 +2,11 @@
 rebuilds the client's exact architecture and BatchNorm mode from the upload."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ from pipeline.files import load_meta
 from pipeline.metrics import image_metrics, pair_by_hungarian
 from pipeline.nets import build_model
 from pipeline.uploads import Upload, save_upload
-from tests.conftest import make_params
+from tests.conftest import REPO, make_params
 
 MEAN, STD = [0.286], [0.353]
 
@@ -136,3 +141,59 @@ def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(t
     exact = run_job(Job(revealed, 0), a, 0, False)
     running = run_job(Job(revealed, 0), attack_params(attack__iterations=20, attack__bn_prior=0.01), 0, False)
     assert torch.isfinite(exact.images).all() and not torch.equal(exact.images, running.images)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may never reap the dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_path, fashion_images):
+    """torch's process starter gives Fabric's workers a parent-death signal: a stage killed alone
+    (the OOM killer) leaves no worker attacking on."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:2], labels[:2])
+    script = (
+        "from pathlib import Path\n"
+        "from pipeline.attack.jobs import Job, run_jobs\n"
+        "from tests.conftest import make_params\n"
+        "a = make_params(attack__iterations=10**6, attack__restarts=2, attack__processes=2, attack__threads=1).attack\n"
+        f"run_jobs([Job(Path({str(path)!r}), r) for r in range(2)], a, 0, Path({str(tmp_path)!r}))\n"
+    )
+    stage = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(_children(stage.pid)) < 2 and stage.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        workers = _children(stage.pid)
+        assert len(workers) >= 2, "the two attack workers never started"
+        time.sleep(2)  # into their jobs
+        os.kill(stage.pid, signal.SIGKILL)  # the stage alone, as the OOM killer would
+        stage.wait()
+        deadline = time.time() + 15
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(w) for w in workers), "a worker outlived the process that started it"
+    finally:
+        for pid in _children(stage.pid) + (workers if "workers" in locals() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
