@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,7 @@ def _connect(uri: str, experiment: str) -> Any:
 
 
 GROUP_TAG = "pipeline.group"
+PID_TAG, HOST_TAG = "pipeline.pid", "pipeline.host"  # who opened a run: to tell a killed one
 
 
 def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
@@ -75,6 +77,32 @@ def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
     return run.info.run_id
 
 
+def _gone(pid: str | None, host: str | None) -> bool:
+    """Whether the process that opened a run has died: known only for one on this machine."""
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def end_killed_runs(mlflow: Any, experiment_id: str, run_name: str) -> list[str]:
+    """Mark KILLED the runs named `run_name` still RUNNING whose process died on this machine
+    (a SIGKILL or the OOM killer gives MLflow no chance to end them); their ids."""
+    running = mlflow.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}' and "
+                                 "attributes.status = 'RUNNING'", output_format="list")
+    ended = []
+    for run in running:
+        if _gone(run.data.tags.get(PID_TAG), run.data.tags.get(HOST_TAG)):
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextmanager
 def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str],
              group: tuple[str, str] | None = None) -> Iterator[Any]:
@@ -83,7 +111,8 @@ def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, 
     With `group` (an id and a display name), the run is a child of that group's parent run,
     so the UI folds the runs of one pipeline version together.
     Called before a stage does any work, so an unreachable server fails fast (a few seconds
-    instead of MLflow's minutes of retries) and loses nothing.
+    instead of MLflow's minutes of retries) and loses nothing. Earlier runs of the same name
+    left RUNNING by a killed process on this machine are marked KILLED first.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -95,6 +124,9 @@ def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, 
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.create_experiment(name, artifact_location=(root.resolve() / "mlruns").as_uri() if local else None)
     experiment = mlflow.set_experiment(name)
+    for run_id in end_killed_runs(mlflow, experiment.experiment_id, run_name):
+        print(f"MLflow: run {run_id} of an earlier {run_name} whose process was killed is marked KILLED")
+    tags = {**tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     if group is not None:
         tags = {**tags, GROUP_TAG: group[0], "mlflow.parentRunId": group_run(mlflow, experiment.experiment_id, *group)}
     with mlflow.start_run(run_name=run_name, tags=tags):

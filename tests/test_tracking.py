@@ -1,0 +1,33 @@
+"""MLflow runs: one per stage execution; a run whose process was killed does not stay RUNNING."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from pipeline.tracking import EXPERIMENT, HOST_TAG, PID_TAG, open_run
+from tests.conftest import REPO
+
+
+def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    script = ("import os, signal\nfrom pathlib import Path\nfrom pipeline.tracking import open_run\n"
+              f"with open_run(Path({str(tmp_path)!r}), 'train@pure', {{}}, {{}}):\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    # a run of a process that is alive (this one) stays as it is
+    alive = mlflow.MlflowClient().create_run(experiment, run_name="train@pure",
+                                             tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+    (before,) = [r for r in mlflow.search_runs([experiment], output_format="list") if r.info.run_id != alive.info.run_id]
+    assert before.info.status == "RUNNING"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with open_run(tmp_path, "train@pure", {}, {}) as tracked:
+        current = tracked.active_run().info.run_id
+    status = {r.info.run_id: r.info.status for r in mlflow.search_runs([experiment], output_format="list")}
+    assert status == {before.info.run_id: "KILLED", alive.info.run_id: "RUNNING", current: "FINISHED"}
