@@ -24,7 +24,8 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp
     # a run of a process that is alive (this one) stays as it is
     alive = mlflow.MlflowClient().create_run(experiment, run_name="train@pure",
                                              tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
-    (before,) = [r for r in mlflow.search_runs([experiment], output_format="list") if r.info.run_id != alive.info.run_id]
+    runs = mlflow.search_runs([experiment], output_format="list")
+    (before,) = [r for r in runs if r.info.run_id != alive.info.run_id]
     assert before.info.status == "RUNNING"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with open_run(tmp_path, "train@pure", {}, {}) as tracked:

@@ -12,7 +12,9 @@ group, the dummy gradients all-reduced, as the original did for large batches.
 from __future__ import annotations
 
 import copy
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +23,8 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,8 @@ def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels:
     return pooled_mean.float(), (square.mean((0, 2)) - pooled_mean * pooled_mean).clamp_min(0).float()
 
 
-def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, shards: int, tv_weight: float):
+def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, shards: int, tv_weight: float,
+                  eager: Callable[[torch.Tensor], tuple[torch.Tensor, float]]):
     """x -> (the objective's gradient with respect to x, the gradient term), as one compiled
     function: torch.func's grad of (the gradient term of torch.func's grad of the batch loss +
     TV), handed to torch.compile, which fuses the double backward's elementwise work (on the
@@ -200,7 +205,8 @@ def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, 
     of a model takes tens of seconds, later ones read inductor's cache.
 
     Train-mode BatchNorm normalises with batch statistics only: its running statistics are
-    dropped from `model` (a copy), as torch.func cannot update them inside a transform."""
+    dropped from `model` (a copy), as torch.func cannot update them inside a transform. The
+    first call is checked against `eager`, the same step uncompiled (see check_compiled)."""
     from torch.func import functional_call, grad, replace_all_batch_norm_modules_
 
     if model.training:
@@ -219,14 +225,47 @@ def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, 
         term = match.differentiable([grads[n] for n in names])
         return term + tv_weight * total_variation(x), term
 
+    _per_isa_inductor_cache()
     torch.compiler.reset()  # a fresh trace for this model: dynamo would otherwise pile up guards per job
     step = torch.compile(grad(objective, has_aux=True))
+    checked = False
 
     def image_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        nonlocal checked
         gradient, term = step(x.detach())
+        if not checked:  # the compiler's kernels are new code: held once against the eager step
+            check_compiled(gradient, eager(x)[0])
+            checked = True
         return gradient, float(term)
 
     return image_gradient
+
+
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # before inductor writes its default there
+
+
+def _per_isa_inductor_cache() -> None:
+    """Point inductor at a cache folder of its own for the vector instruction set it compiles
+    for. Its cache does not tell kernels built for AVX2 from AVX-512 ones apart (torch 2.14), and
+    the stages pin ATEN_CPU_CAPABILITY=avx2 where a plain Python process does not: kernels
+    reused across the two gave NaN and segmentation faults here."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = _USER_INDUCTOR_CACHE or default_cache_dir()
+    isa = str(pick_vec_isa()).replace(" ", "+") or "none"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"isa-{isa}")
+
+
+def check_compiled(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-3) -> None:
+    """Refuse a compiled image gradient that is not the eager one (seen: NaN from inductor's
+    AVX2 kernels for a one-image train-mode ConvNet step, torch 2.14)."""
+    scale = float(eager.abs().max())
+    difference = float((compiled - eager).abs().max()) if torch.isfinite(compiled).all() else float("inf")
+    if not difference <= rtol * scale:
+        raise PipelineError(f"attack.compile: the compiled step's image gradient is not the eager one (largest "
+                            f"difference {difference:.3g}, scale {scale:.3g}) for this model on this machine; "
+                            "run without attack.compile")
 
 
 def best_of(reconstructions: list[Reconstruction]) -> Reconstruction:
@@ -273,7 +312,8 @@ def invert(
     restarts = list(range(settings.restarts)) if restarts is None else restarts
 
     def start(restart: int) -> torch.Tensor:
-        return torch.randn(batch, generator=torch.Generator().manual_seed(settings.seed * 1000 + restart)).clamp_(low, high)
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + restart)
+        return torch.randn(batch, generator=generator).clamp_(low, high)
 
     if match.is_zero:
         # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
@@ -293,7 +333,7 @@ def invert(
         dist.all_reduce(value)
         return value / world
 
-    def image_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def eager_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""
         grads = dummy_gradient(model, x, own, max(shards // world, 1))
         extra = settings.tv_weight * total_variation(x) if settings.tv_weight else None
@@ -314,8 +354,9 @@ def invert(
         (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
         return grad, float(g_loss)
 
+    image_gradient = eager_gradient
     if settings.compile:
-        image_gradient = compiled_step(model, match, own, shards, settings.tv_weight)  # noqa: F811
+        image_gradient = compiled_step(copy.deepcopy(model), match, own, shards, settings.tv_weight, eager_gradient)
 
     def run(restart: int) -> Reconstruction:
         # the attacker's own dropout (a train-mode VGG) draws from (seed, restart) alone
