@@ -237,23 +237,28 @@ def test_the_exact_batchnorm_prior_vanishes_at_the_truth_and_the_running_one_doe
 
 
 def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images):
-    # Untrained ConvNet, 8 images over 2 participants with asynchronous BatchNorm, known labels,
-    # 300 iterations: measured 20.0 dB without a prior, 24.7 dB with the exact prior at 0.01
-    # (and 8.8 dB with the running prior at 0.1: this model's running statistics are 0 and 1).
+    # Untrained ConvNet, 4 images over 2 participants with asynchronous BatchNorm, known labels,
+    # 300 iterations: measured 23.1 dB without a prior, 32.0 dB with the exact prior at 0.01
+    # (and 10.7 dB with the running prior at 0.1: this model's running statistics are 0 and 1).
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).train()
-    upload = simulate_client(model, images[:8], labels[:8], async_client(8, 2), seed=0)
+    upload = simulate_client(model, images[:4], labels[:4], async_client(4, 2), seed=0)
 
     def psnr(bn_prior: float) -> float:
         settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0,
                                   bn_prior=bn_prior)
-        rec = invert(model, upload.gradients, labels[:8], (1, 32, 32), mean, std, settings, progress=False,
+        rec = invert(model, upload.gradients, labels[:4], (1, 32, 32), mean, std, settings, progress=False,
                      shards=2, bn_statistics=upload.bn_statistics)
-        got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:8], mean, std)
+        got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:4], mean, std)
         return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
 
-    without, exact = psnr(0.0), psnr(0.01)
-    assert exact > without + 2.0, (without, exact)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the other test process, two threads each slowed this test tenfold
+    try:
+        without, exact = psnr(0.0), psnr(0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert exact > without + 3.0, (without, exact)
 
 
 def test_a_restart_through_dropout_depends_on_the_seed_and_restart_alone(fashion_images):
