@@ -211,8 +211,8 @@ def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, 
 
     if model.training:
         replace_all_batch_norm_modules_(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
     fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
 
     def batch_loss(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -258,8 +258,8 @@ def _per_isa_inductor_cache() -> None:
 
 
 def check_compiled(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e-3) -> None:
-    """Refuse a compiled image gradient that is not the eager one (seen: NaN from inductor's
-    AVX2 kernels for a one-image train-mode ConvNet step, torch 2.14)."""
+    """Refuse a compiled image gradient that is not the eager one (seen before each instruction
+    set had its own cache folder: NaN from kernels inductor reused across AVX2 and AVX-512)."""
     scale = float(eager.abs().max())
     difference = float((compiled - eager).abs().max()) if torch.isfinite(compiled).all() else float("inf")
     if not difference <= rtol * scale:
