@@ -1,3 +1,4 @@
+import copy
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pipeline.client import ClientParams, batch_gradient, simulate_client
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
-from pipeline.nets import build_model, classifier_weight_name
+from pipeline.nets import build_model, classifier_weight_name, crop_dead_taps
 from tests.conftest import REPO
 
 
@@ -115,6 +116,46 @@ def _by_hand(names, grads, target, objective, weights):
     gg = sum(w[n] * (g * g).sum() for n, g in zip(names, grads))
     tt = sum(w[n] * (target[n] * target[n]).sum() for n in names)
     return 1 - dot / (gg.sqrt() * tt.sqrt())
+
+
+def _image_gradient(model, match, x, labels):
+    x = x.detach().requires_grad_(True)
+    grads = dummy_gradient(model, x, labels)
+    value, directions = match(grads)
+    return float(value), torch.autograd.grad(grads, x, directions)[0]
+
+
+@pytest.mark.parametrize("objective", ["cosine", "l2"])
+def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(objective):
+    torch.manual_seed(0)
+    full = build_model("resnet18", 1, 10, 32).train()
+    cut = copy.deepcopy(full)
+    crops = crop_dead_taps(cut, (1, 32, 32))
+    # layer4 sees 1 x 1 maps at 32 px (2 x 2 into its first, strided, convolution)
+    assert sorted(crops) == ["layer4.0.conv1.weight", "layer4.0.conv2.weight", "layer4.1.conv1.weight",
+                             "layer4.1.conv2.weight"]
+    count = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in cut.parameters())
+    assert count == 3 * 512 * 512 * 8 + 512 * 256 * 5
+    images, labels = torch.randn(8, 1, 32, 32), torch.arange(8)
+    target = batch_gradient(full, images, labels, "train")
+    for name, index in crops.items():  # the dead taps' gradient is zero by construction...
+        dead = target[name].clone()
+        dead[index] = 0
+        assert not dead.any()
+    # ... but not in an upload with noise (DP-SGD): L2 keeps them as a constant
+    noisy = {n: g + 1e-3 * torch.randn_like(g) for n, g in target.items()}
+    x = torch.randn(8, 1, 32, 32)
+    want = _image_gradient(full, GradientMatch(full, noisy, objective, "linear"), x, labels)
+    got = _image_gradient(cut, GradientMatch(cut, noisy, objective, "linear", crops), x, labels)
+    names = [n for n, _ in full.named_parameters()]
+    exact = _by_hand(names, [g.detach().double() for g in dummy_gradient(full, x, labels)],
+                     {n: t.double() for n, t in noisy.items()}, objective, "linear")
+    assert got[0] == pytest.approx(float(exact), rel=1e-5)  # float32 sums over 11 M entries: want[0] is 2e-5 off
+    assert want[0] == pytest.approx(float(exact), rel=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * float(want[1].abs().max()))
+    for arch in ("convnet", "vgg11"):  # nothing to cut: every tap reads an image pixel somewhere
+        assert crop_dead_taps(build_model(arch, 1, 10, 32), (1, 32, 32)) == {}
+    assert crop_dead_taps(build_model("resnet18", 1, 10, 64), (1, 64, 64)) == {}
 
 
 @pytest.mark.parametrize("objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"),

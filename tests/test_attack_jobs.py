@@ -197,3 +197,31 @@ def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_pat
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+FAULTS_PER_CYCLE = """
+import resource, sys, torch
+from pipeline.attack.jobs import keep_freed_memory
+def faults_per_cycle():  # 20 tensors of 1 MiB built, then all freed: an attack step's pattern
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        held = [torch.ones(256 * 1024) for _ in range(20)]
+        del held
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 20
+faults_per_cycle()
+before = faults_per_cycle()
+kept = keep_freed_memory()
+faults_per_cycle()
+print(before, kept, faults_per_cycle())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_attack_processes_keep_freed_memory_instead_of_faulting_it_in_again():
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CYCLE], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, kept, after = float(out[0]), out[1] == "True", float(out[2])
+    assert kept  # glibc took both settings
+    # Without them glibc hands the 20 MiB back and faults it in again: 5 089 pages a cycle here,
+    # though not every time (seen at 0 with another process allocating beside): not asserted.
+    assert after < 10, f"{after} page faults a cycle with freed memory kept (before: {before})"

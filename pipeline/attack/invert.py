@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.nets import crop_dead_taps
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,13 @@ class GradientMatch:
     gradient with respect to each of those tensors, written out rather than left to autograd:
     on ResNet-18 (11 M parameters) autograd's copies, norms and divisions of the whole gradient
     vector took half of each attack step (bench/attack.py).
+
+    `crops` (from pipeline.nets.crop_dead_taps) names the weights of `model` cut to their live
+    taps: the full model's gradient is zero on the others, so the term is the full one.
     """
 
-    def __init__(self, model: nn.Module, target: dict[str, torch.Tensor], objective: str, layer_weights: str):
+    def __init__(self, model: nn.Module, target: dict[str, torch.Tensor], objective: str, layer_weights: str,
+                 crops: dict[str, tuple[slice, ...]] | None = None):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         missing = sorted(set(names) - set(target))
         if missing:
@@ -104,7 +109,17 @@ class GradientMatch:
         self.is_zero = all(not t.any() for t in targets)
         if objective == "cosine":  # the weighted unit target: w t / sqrt(sum w t^2)
             scale = float(self._weighted_sq_norm(targets).sqrt().clamp_min(1e-30))
-            targets = torch._foreach_mul(targets, [w / scale for w in self.weights])
+            targets = list(torch._foreach_mul(targets, [w / scale for w in self.weights]))
+        # The dead taps' target enters as a constant: none for the cosine (its scale above counts
+        # them), their weighted squares for L2 (non-zero where the client added noise, DP-SGD).
+        crops = crops or {}
+        self.dead_l2 = 0.0
+        for i, name in enumerate(names):
+            if name in crops:
+                dead = targets[i].double()
+                dead[crops[name]] = 0
+                self.dead_l2 += self.weights[i] * float(dead.pow(2).sum())
+                targets[i] = targets[i][crops[name]].contiguous()
         self.targets = targets
 
     def _weighted_sq_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -115,7 +130,7 @@ class GradientMatch:
         """The term alone, as torch operations autograd (and torch.compile) can differentiate."""
         weights = self.weight_vector.to(grads[0].dtype)
         if self.objective == "l2":
-            return sum(w * (g - t).pow(2).sum() for w, g, t in zip(weights, grads, self.targets))
+            return sum(w * (g - t).pow(2).sum() for w, g, t in zip(weights, grads, self.targets)) + self.dead_l2
         dot = sum((g * t).sum() for g, t in zip(grads, self.targets))
         norm = sum(w * g.pow(2).sum() for w, g in zip(weights, grads)).sqrt().clamp_min(1e-12)
         return 1 - dot / norm
@@ -125,7 +140,8 @@ class GradientMatch:
         """(the term, its gradient with respect to each tensor of `grads`)."""
         if self.objective == "l2":  # sum w |g - t|^2, gradient 2 w (g - t)
             diffs = torch._foreach_sub(grads, self.targets)
-            return self._weighted_sq_norm(diffs), torch._foreach_mul(diffs, [2 * w for w in self.weights])
+            value = self._weighted_sq_norm(diffs) + self.dead_l2
+            return value, torch._foreach_mul(diffs, [2 * w for w in self.weights])
         # 1 - <g, T> / n with n = sqrt(sum w |g|^2); gradient -T / n + <g, T> w g / n^3
         dot = torch.stack([torch.dot(g.reshape(-1), t.reshape(-1)) for g, t in zip(grads, self.targets)]).sum()
         norm = self._weighted_sq_norm(grads).sqrt()
@@ -302,7 +318,8 @@ def invert(
     statistics as the prior's reference.
     """
     model = copy.deepcopy(model)
-    match = GradientMatch(model, target, settings.objective, settings.layer_weights)
+    crops = crop_dead_taps(model, image_shape)  # ResNet-18 at 32 px: layer4 at 1 x 1, 3 x 3 kernels used at the centre
+    match = GradientMatch(model, target, settings.objective, settings.layer_weights, crops)
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
     check_split(model, len(labels), shards, world, settings.bn_prior)
     if settings.compile and (settings.bn_prior or world > 1):

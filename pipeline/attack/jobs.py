@@ -10,6 +10,7 @@ Each job writes its result to a file in a scratch folder; the caller combines th
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,23 @@ def _timed_job(job: Job, a: AttackParams, seed: int, **options) -> Reconstructio
     return rec
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep memory freed at the top of its heap (up to 1 GiB) and serve
+    blocks up to 32 MiB from there, instead of handing them back to the system and faulting
+    them in again. An attack step builds and frees the same tensors every iteration: on the
+    ConvNet at B = 8, 3 000 page faults a step, a seventh of its time. False where the C library
+    is not glibc (its own policy stands)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 25))
+
+
 def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
     torch.set_num_threads(threads)
+    keep_freed_memory()
     torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
