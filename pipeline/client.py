@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
-from pipeline.nets import smallest_batchnorm_input
+from pipeline.nets import batchnorm_layers, smallest_batchnorm_input
 from pipeline.uploads import joined, split
 
 
@@ -147,7 +147,7 @@ def _feeding(model: nn.Module, positions: torch.Tensor, key: tuple[int, int]) ->
 
 
 def _has_train_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    return any(m.training for _, m in batchnorm_layers(model))
 
 
 Grads = dict[str, torch.Tensor]
@@ -170,8 +170,7 @@ class NormalisationStatistics:
     def __init__(self, model: nn.Module, steps: int, groups: int):
         self.shape, self.at = (steps, groups), (0, 0)  # `at`: (step, group) being forwarded
         self.sums: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in model.named_modules()
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in batchnorm_layers(model)]
 
     def _hook(self, name: str):
         def add(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:

@@ -118,6 +118,11 @@ def build_model(
     return model
 
 
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every BatchNorm layer of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def input_shapes(model: nn.Module, kind: type[nn.Module], image_shape: tuple[int, ...]) -> dict[str, torch.Size]:
     """The input shape of each `kind` module of `model` for one image of `image_shape` (C, H, W),
     read off one forward pass in eval mode (the model's mode is restored)."""

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.nets import crop_dead_taps
+from pipeline.nets import batchnorm_layers, crop_dead_taps
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class BatchNormPrior:
     each step's were taken at other weights and their pool is an approximation."""
 
     def __init__(self, model: nn.Module, shards: int, statistics: dict[str, torch.Tensor] | None = None):
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        layers = batchnorm_layers(model)
         if statistics is None:
             layers = [(n, m) for n, m in layers if m.running_mean is not None]
             self.reference = [(m.running_mean.clone().expand(shards, -1), m.running_var.clone().expand(shards, -1))
@@ -426,7 +426,7 @@ def check_split(model: nn.Module, batch: int, shards: int, world: int, bn_prior:
         raise ValueError(f"a dummy batch of {batch} does not split over {world} processes")
     if bn_prior:
         raise ValueError("the BatchNorm prior needs the whole dummy batch's statistics: it cannot split over processes")
-    batchnorm_in_train = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    batchnorm_in_train = any(m.training for _, m in batchnorm_layers(model))
     if batchnorm_in_train and shards % world:
         raise ValueError(f"train-mode BatchNorm normalises {shards} shard(s) of the batch together: "
                          f"the batch cannot split over {world} processes")

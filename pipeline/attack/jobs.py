@@ -23,7 +23,7 @@ from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
 from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
-from pipeline.nets import classifier_weight_name
+from pipeline.nets import batchnorm_layers, classifier_weight_name
 from pipeline.uploads import check_fits, load_upload
 
 
@@ -67,8 +67,7 @@ def target_of(job: Job, a: AttackParams) -> Target:
     shards = tm["participants"] if a.client_model == "exact" and tm["bn"] == "async" and tm["mode"] == "train" else 1
     statistics = None
     if a.bn_prior and a.bn_statistics == "exact":
-        has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_batchnorm and not upload.bn_statistics:
+        if batchnorm_layers(model) and not upload.bn_statistics:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
                                 "statistics (extract it again with extract.reveal_bn_statistics: true)")
         statistics = upload.bn_statistics
