@@ -161,6 +161,8 @@ def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int)
     the whole kernel where a symmetric padding cannot express the cropped one."""
     outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     live = [i for i in range(kernel) if any(0 <= o * stride - padding + i * dilation < size for o in range(outputs))]
+    if not live:  # a dilated kernel that straddles a tiny input: left as it is
+        return 0, kernel - 1
     first, last = live[0], live[-1]
     cropped_padding = padding - first * dilation
     if cropped_padding < 0 or (size + 2 * cropped_padding - dilation * (last - first) - 1) // stride + 1 != outputs:

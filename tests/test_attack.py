@@ -156,6 +156,16 @@ def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(o
     for arch in ("convnet", "vgg11"):  # nothing to cut: every tap reads an image pixel somewhere
         assert crop_dead_taps(build_model(arch, 1, 10, 32), (1, 32, 32)) == {}
     assert crop_dead_taps(build_model("resnet18", 1, 10, 64), (1, 64, 64)) == {}
+    # dilated and rectangular kernels on a 1 x 1 map: cut where the cut is exact, same outputs
+    nn = torch.nn
+    odd = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(1, 4, 3, padding=2, dilation=2),
+                        nn.Conv2d(4, 4, (3, 1), padding=(1, 0)), nn.Conv2d(4, 4, 2, padding=1, dilation=2))
+    cut = copy.deepcopy(odd)
+    assert [tuple(p.shape) for p in cut.parameters() if p.dim() == 4] == [(4, 1, 3, 3), (4, 4, 3, 1), (4, 4, 2, 2)]
+    assert sorted(crop_dead_taps(cut, (1, 8, 8))) == ["1.weight", "2.weight"]  # the last reads no pixel: kept
+    assert [tuple(p.shape) for p in cut.parameters() if p.dim() == 4] == [(4, 1, 1, 1), (4, 4, 1, 1), (4, 4, 2, 2)]
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(cut(x), odd(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"),
