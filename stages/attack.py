@@ -1,22 +1,23 @@
 """attack@<setting>: rebuild each upload's images from its gradient alone (the truth is never read).
 
-The work is one job per upload x restart, sharded over `attack.processes` processes; this
-process alone writes the outputs and logs. A killed attack resumes: the temporary output is
-fingerprinted by the parameters, the uploads and the code, and jobs finished before the kill
-are kept.
+The work is one job per upload x restart, sharded over `attack.processes` processes forked
+here, or over the processes torchrun started (`torchrun --nproc_per_node N -m stages.attack
+<setting>`, on one node or several sharing the project's folder); the first process alone
+writes the outputs and logs. A killed attack resumes: the temporary output is fingerprinted by
+the parameters, the uploads and the code, and jobs finished before the kill are kept.
 """
 
 import shutil
 from pathlib import Path
 
 from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, load_result, run_jobs
+from pipeline.attack.jobs import Job, launched_processes, load_result, run_jobs
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, digest, save_tensors, tree_digest
+from pipeline.files import atomic_dir, digest, partial_path, save_tensors, tree_digest
 from pipeline.report import save_grid
 from pipeline.uploads import load_upload
-from stages._common import Stage, code_digest, run
+from stages._common import Stage, code_digest, is_first_process, run
 
 
 def main(stage: Stage) -> None:
@@ -25,19 +26,25 @@ def main(stage: Stage) -> None:
     uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
+    jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
+    if not is_first_process():  # one of torchrun's other processes: its share, into the first one's folder
+        run_jobs(jobs, a, p.seed, partial_path(out_folder) / ".jobs")
+        return
     inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest())
     with atomic_dir(out_folder, fingerprint=inputs) as out:
         scratch = out / ".jobs"  # one file per finished job; removed before the output is finished
         scratch.mkdir(exist_ok=True)
-        jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
-        todo = [job for job in jobs if not job.result_path(scratch).with_suffix(".json").is_file()]
+        todo = [job for job in jobs if not job.done(scratch)]
         if len(todo) < len(jobs):
             print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
-        how = (f"each split over {a.processes} process(es)" if a.split == "batch"
-               else f"on {min(a.processes, max(len(todo), 1))} process(es)")
-        print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}, {a.labels} labels, "
+        launched = launched_processes()
+        processes = launched[0] * launched[1] if launched else a.processes
+        how = (f"each split over {processes} process(es)" if a.split == "batch"
+               else f"on {processes if launched else min(processes, max(len(todo), 1))} process(es)")
+        print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}"
+              f"{' started by torchrun' if launched else ''}, {a.labels} labels, "
               f"{a.objective} objective, {a.iterations} iterations")
-        run_jobs(todo, a, p.seed, scratch)
+        run_jobs(jobs, a, p.seed, scratch)
         for path in uploads:
             tm = load_upload(path).threat_model
             restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]

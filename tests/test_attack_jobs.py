@@ -71,6 +71,12 @@ def test_two_fabric_processes_give_the_reconstructions_of_one(tmp_path, fashion_
     # and each restart is the restart the whole attack would have run
     best = best_of([load_result(Job(uploads[0], r).result_path(one)) for r in range(2)])
     assert best.grad_loss == min(load_result(Job(uploads[0], r).result_path(two)).grad_loss for r in range(2))
+    # a job already done in the folder (a killed run's) is not run again; the others are
+    written = [job.result_path(two).stat().st_mtime_ns for job in jobs]
+    job.result_path(two).with_suffix(".json").unlink()
+    run_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
+    assert [j.result_path(two).stat().st_mtime_ns == t for j, t in zip(jobs, written)] == [True, True, True, False]
+    assert torch.equal(load_result(job.result_path(two)).images, load_result(job.result_path(one)).images)
 
 
 @pytest.mark.parametrize("norm, kernel", [("batch", 25), ("group", None)])

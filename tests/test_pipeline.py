@@ -236,3 +236,15 @@ def test_second_repro_runs_nothing(project):
     again = sh([sys.executable, "-m", "dvc", "repro"], root, env)
     assert "Running stage" not in again.stdout
     assert (root / "dvc.lock").read_text() == lock
+
+
+def test_the_attack_stage_under_torchrun_writes_the_bytes_of_its_forked_run(project):
+    root, env, *_ = project
+    folder = root / "attacks" / "pure"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    done = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.attack", "pure"], root, env)
+    assert "on 2 process(es) started by torchrun" in done.stdout, done.stdout
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (root / "attacks" / ".pure.partial").exists()
+    assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], root, env).stdout

@@ -1,6 +1,7 @@
 """The attack as jobs: one upload x one restart each, run in this process or over processes
-(Lightning Fabric; gloo on CPU, the same code under torchrun or SLURM): either the jobs shard
-over the processes, or every process works on every job with its part of the dummy batch.
+(Lightning Fabric on gloo: processes it forks here, or those torchrun started, on one node or
+several): either the jobs shard over the processes, or every process works on every job with
+its part of the dummy batch.
 
 A job's result depends only on the upload, the attack parameters and (seed, restart): the
 same jobs give the same reconstructions on one process or several (bytes when the jobs shard,
@@ -11,6 +12,7 @@ Each job writes its result to a file in a scratch folder; the caller combines th
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,10 @@ class Job:
 
     def result_path(self, folder: Path) -> Path:
         return folder / f"{self.upload.stem}.restart-{self.restart:03d}.safetensors"
+
+    def done(self, folder: Path) -> bool:
+        """Whether a run (this one, or one killed before) finished the job: its metadata, written last, is there."""
+        return self.result_path(folder).with_suffix(".json").is_file()
 
 
 def settings_of(a: AttackParams, seed: int) -> AttackSettings:
@@ -133,24 +139,42 @@ def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: in
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
+    # A job finished by a killed run is skipped by the process it falls to; with split: batch
+    # all processes see its file before any of them could write the next one.
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
-            rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
-            if rank == 0:
-                save_result(job.result_path(folder), rec)
+            if not job.done(folder):
+                rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
+                if rank == 0:
+                    save_result(job.result_path(folder), rec)
         return
     for job in jobs[rank::world]:
-        save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
+        if not job.done(folder):
+            save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
 
 
 def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
+    fabric.barrier()  # started by torchrun, the first process has made `folder` by now
     _run_share(fabric.global_rank, fabric.world_size, jobs, a, seed, folder, threads)
     fabric.barrier()
 
 
+def launched_processes() -> tuple[int, int] | None:
+    """(processes per node, nodes) when torchrun started this process among others, else None."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    return (per_node, world // per_node) if world > 1 else None
+
+
 def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
-    """Run the jobs on `a.processes` processes of `a.threads` threads each; results into `folder`."""
-    processes = a.processes if a.split == "batch" else min(a.processes, len(jobs))
+    """Run the jobs not yet done in `folder` on `a.processes` processes of `a.threads` threads each,
+    or, started by torchrun, on its processes (every one of them calls this with the same jobs;
+    the first makes `folder`); results into `folder`."""
+    launched = launched_processes()
+    processes = a.processes if a.split == "batch" or launched else min(a.processes, len(jobs))
+    if launched:
+        processes = launched[0] * launched[1]
     for path in dict.fromkeys(job.upload for job in jobs):
         check_upload(path, a, processes)
     if processes <= 1 or not jobs:
@@ -158,7 +182,11 @@ def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
         return
     from lightning.fabric import Fabric
 
-    # Forked, not spawned: the workers start with this process's imports, in about a second
-    # instead of ten here (bench/attack.py); they leave by os._exit, so no MLflow exit hook runs.
-    fabric = Fabric(accelerator="cpu", devices=processes, strategy="ddp_fork", precision="32-true")
+    if launched:
+        fabric = Fabric(accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp",
+                        precision="32-true")
+    else:
+        # Forked, not spawned: the workers start with this process's imports, in about a second
+        # instead of ten here (bench/attack.py); they leave by os._exit, so no MLflow exit hook runs.
+        fabric = Fabric(accelerator="cpu", devices=processes, strategy="ddp_fork", precision="32-true")
     fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads)
