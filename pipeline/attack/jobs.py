@@ -172,9 +172,10 @@ def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
     or, started by torchrun, on its processes (every one of them calls this with the same jobs;
     the first makes `folder`); results into `folder`."""
     launched = launched_processes()
-    processes = a.processes if a.split == "batch" or launched else min(a.processes, len(jobs))
     if launched:
         processes = launched[0] * launched[1]
+    else:
+        processes = a.processes if a.split == "batch" else min(a.processes, len(jobs))
     for path in dict.fromkeys(job.upload for job in jobs):
         check_upload(path, a, processes)
     if processes <= 1 or not jobs:
