@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, launched_processes, load_result, run_jobs
+from pipeline.attack.jobs import Job, launched_processes, load_result, process_count, run_jobs
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, digest, partial_path, save_tensors, tree_digest
@@ -37,12 +37,10 @@ def main(stage: Stage) -> None:
         todo = [job for job in jobs if not job.done(scratch)]
         if len(todo) < len(jobs):
             print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
-        launched = launched_processes()
-        processes = launched[0] * launched[1] if launched else a.processes
-        how = (f"each split over {processes} process(es)" if a.split == "batch"
-               else f"on {processes if launched else min(processes, max(len(todo), 1))} process(es)")
+        processes = max(process_count(jobs, a, scratch), 1)
+        how = f"each split over {processes} process(es)" if a.split == "batch" else f"on {processes} process(es)"
         print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}"
-              f"{' started by torchrun' if launched else ''}, {a.labels} labels, "
+              f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
               f"{a.objective} objective, {a.iterations} iterations")
         run_jobs(jobs, a, p.seed, scratch)
         for path in uploads:

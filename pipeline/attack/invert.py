@@ -116,9 +116,10 @@ class GradientMatch:
         self.dead_l2 = 0.0
         for i, name in enumerate(names):
             if name in crops:
-                dead = targets[i].double()
-                dead[crops[name]] = 0
-                self.dead_l2 += self.weights[i] * float(dead.pow(2).sum())
+                if objective == "l2":
+                    dead = targets[i].double()
+                    dead[crops[name]] = 0
+                    self.dead_l2 += self.weights[i] * float(dead.pow(2).sum())
                 targets[i] = targets[i][crops[name]].contiguous()
         self.targets = targets
 

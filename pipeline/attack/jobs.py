@@ -139,23 +139,21 @@ def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: in
     torch.set_num_threads(threads)
     keep_freed_memory()
     torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
-    # A job finished by a killed run is skipped by the process it falls to; with split: batch
-    # all processes see its file before any of them could write the next one.
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
-            if not job.done(folder):
-                rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
-                if rank == 0:
-                    save_result(job.result_path(folder), rec)
+            rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
+            if rank == 0:
+                save_result(job.result_path(folder), rec)
         return
     for job in jobs[rank::world]:
-        if not job.done(folder):
-            save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
+        save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
 
 
 def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
     fabric.barrier()  # started by torchrun, the first process has made `folder` by now
-    _run_share(fabric.global_rank, fabric.world_size, jobs, a, seed, folder, threads)
+    todo = [job for job in jobs if not job.done(folder)]
+    fabric.barrier()  # all processes have seen the same finished jobs before any writes one
+    _run_share(fabric.global_rank, fabric.world_size, todo, a, seed, folder, threads)
     fabric.barrier()
 
 
@@ -167,19 +165,27 @@ def launched_processes() -> tuple[int, int] | None:
     return (per_node, world // per_node) if world > 1 else None
 
 
-def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
-    """Run the jobs not yet done in `folder` on `a.processes` processes of `a.threads` threads each,
-    or, started by torchrun, on its processes (every one of them calls this with the same jobs;
-    the first makes `folder`); results into `folder`."""
+def process_count(jobs: list[Job], a: AttackParams, folder: Path) -> int:
+    """The processes run_jobs runs `jobs` on: torchrun's, or `a.processes` (when the jobs shard,
+    no more than there are jobs not yet done in `folder`)."""
     launched = launched_processes()
     if launched:
-        processes = launched[0] * launched[1]
-    else:
-        processes = a.processes if a.split == "batch" else min(a.processes, len(jobs))
+        return launched[0] * launched[1]
+    if a.split == "batch":
+        return a.processes
+    return min(a.processes, sum(not job.done(folder) for job in jobs))
+
+
+def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
+    """Run the jobs not yet done in `folder` (a killed run's are kept) on `a.processes` processes
+    of `a.threads` threads each, or, started by torchrun, on its processes (every one of them
+    calls this with the same jobs; the first makes `folder`); results into `folder`."""
+    launched = launched_processes()
+    processes = process_count(jobs, a, folder)
     for path in dict.fromkeys(job.upload for job in jobs):
         check_upload(path, a, processes)
     if processes <= 1 or not jobs:
-        _run_share(0, 1, jobs, a, seed, folder, a.threads)
+        _run_share(0, 1, [job for job in jobs if not job.done(folder)], a, seed, folder, a.threads)
         return
     from lightning.fabric import Fabric
 
