@@ -37,32 +37,36 @@ from pipeline.nets import batchnorm_layers, smallest_batchnorm_input
 from pipeline.uploads import joined, split
 
 
-def choose_batch(pool_size: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Positions in the victim pool of the client's batch: the same at every checkpoint."""
-    if batch_size > pool_size:
-        raise PipelineError(
-            f"batch_size is {batch_size} but the victim pool holds {pool_size} images "
-            "(raise data.victims_per_class)"
-        )
-    return torch.randperm(pool_size, generator=torch.Generator().manual_seed(seed))[:batch_size]
-
-
-def choose_repeated_batch(pool_labels: torch.Tensor, batch_size: int, classes: int, seed: int) -> torch.Tensor:
-    """Positions of k = `classes` seeded classes x B/k images that truly belong to them, class by class."""
+def choose_batches(pool_labels: torch.Tensor, batch_size: int, trials: int, seed: int,
+                   label_repetition: int | None = None) -> list[torch.Tensor]:
+    """Positions in the victim pool of the client's batch in each trial, the same at every
+    checkpoint. The trials' batches are disjoint, drawn from one seeded order of the pool, so
+    trial t holds the same images in every setting of the same batch size without repetition.
+    With k = `label_repetition`, trial t holds k classes x B/k images that truly belong to them,
+    class by class (other images by construction: such batches pair only with themselves)."""
+    pool = len(pool_labels)
+    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+    if label_repetition is None:
+        if trials * batch_size > pool:
+            raise PipelineError(f"extract.trials {trials} x batch_size {batch_size} needs {trials * batch_size} distinct "
+                                f"victims, but the pool holds {pool} (raise data.victims_per_class)")
+        return [order[t * batch_size:(t + 1) * batch_size] for t in range(trials)]
     present = torch.unique(pool_labels)
-    if classes > len(present):
-        raise PipelineError(f"label_repetition {classes}: the victim pool holds only {len(present)} classes")
-    gen = torch.Generator().manual_seed(seed)
-    chosen = present[torch.randperm(len(present), generator=gen)[:classes]]
-    per_class = batch_size // classes
-    positions = []
-    for label in chosen.tolist():
-        mine = torch.nonzero(pool_labels == label).flatten()
-        if len(mine) < per_class:
-            raise PipelineError(f"label_repetition {classes} needs {per_class} images of class {label}; the victim "
-                                f"pool holds {len(mine)} (raise data.victims_per_class)")
-        positions.append(mine[torch.randperm(len(mine), generator=gen)[:per_class]])
-    return torch.cat(positions)
+    k, per_class = label_repetition, batch_size // label_repetition
+    if k > len(present):
+        raise PipelineError(f"label_repetition {k}: the victim pool holds only {len(present)} classes")
+    unused = {int(c): [int(i) for i in order if pool_labels[i] == c] for c in present}
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for t in range(trials):
+        eligible = [c for c in unused if len(unused[c]) >= per_class]
+        if len(eligible) < k:
+            raise PipelineError(f"extract.trials {trials} with label_repetition {k}: trial {t} finds only "
+                                f"{len(eligible)} classes with {per_class} unused victims left, {k} needed "
+                                "(raise data.victims_per_class)")
+        chosen = [eligible[i] for i in torch.randperm(len(eligible), generator=gen)[:k].tolist()]
+        batches.append(torch.tensor([unused[c].pop(0) for c in chosen for _ in range(per_class)]))
+    return batches
 
 
 def repetition_rate(labels: torch.Tensor) -> float:

@@ -93,6 +93,9 @@ class SchemeParams(_Section):
 
 class ExtractParams(_Section):
     epochs: list[int] = Field(min_length=1)  # checkpoints every setting's client uploads from
+    # client batches per setting and epoch, disjoint, drawn from the victim pool by trial: trial t
+    # holds the same images in every setting that draws its batch the same way (the pairing)
+    trials: int = Field(ge=1)
     # Put the true labels into the threat model (the attacker's "known labels" oracle).
     reveal_labels: bool
     # Put into the upload the statistics the client's BatchNorm layers normalised with (per
@@ -182,6 +185,14 @@ class EvaluateParams(_Section):
     lpips_backbone: str | None
 
 
+class ReportParams(_Section):
+    # the setting every other is paired with, image by image (null: no paired columns)
+    baseline: str | None
+    confidence: float = Field(gt=0, lt=1)  # of the bootstrap intervals
+    resamples: int = Field(ge=100)  # bootstrap resamples
+    alpha: float = Field(gt=0, lt=1)  # the Wilcoxon test's level for a verdict
+
+
 class Params(_Section):
     seed: int = Field(ge=0)
     data: DataParams
@@ -193,6 +204,7 @@ class Params(_Section):
     settings: dict[str, SettingParams] = Field(min_length=1)
     attack: AttackParams
     evaluate: EvaluateParams
+    report: ReportParams
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
@@ -225,6 +237,13 @@ class Params(_Section):
                                  "ties the samples together (use mode: eval or a scheme with norm: group)")
             if self.attack.labels == "idlg" and client.batch_size != 1:
                 raise ValueError(f"attack.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
+        baseline = self.report.baseline
+        if baseline is not None:
+            if baseline not in self.settings:
+                raise ValueError(f"report.baseline: {baseline!r} is not a setting, so nothing can be paired with it; "
+                                 f"params.yaml defines {', '.join(self.settings)} (null: a table without paired columns)")
+            if self._resolve(baseline).label_repetition is not None:
+                raise ValueError(f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's")
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
         if self.attack.lr_min > self.attack.lr:

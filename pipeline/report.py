@@ -73,6 +73,22 @@ def line_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: s
     _save(plt, fig, path)
 
 
+def band_plot(path: Path, frame: pd.DataFrame, x: str, y: str, low: str, high: str, by: str, title: str,
+              ylabel: str) -> None:
+    """`line_plot` with each line's interval [low, high] shaded behind it."""
+    plt, fig, axes = _figure(size=(7, 4.5))
+    ax = axes[0, 0]
+    for name, part in frame.groupby(by, sort=False):
+        part = part.sort_values(x)
+        (line,) = ax.plot(part[x], part[y], marker="o", label=str(name))
+        ax.fill_between(part[x], part[low].astype(float), part[high].astype(float), color=line.get_color(), alpha=0.12)
+    ax.set(title=title, xlabel=x, ylabel=ylabel)
+    ax.set_xticks(sorted(frame[x].unique()))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(plt, fig, path)
+
+
 def scatter_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, xlabel: str,
                  ylabel: str) -> None:
     """`y` against `x`, one marker colour per value of `by`; points without an `x` are left out."""

@@ -132,3 +132,44 @@ def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, 
     with mlflow.start_run(run_name=run_name, tags=tags):
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()})
         yield mlflow
+
+
+def _history(client, run_id: str | None, key: str) -> dict[int, float]:
+    return {} if run_id is None else {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str | None = None) -> Any:
+    """The results table rebuilt from the stage runs in the tracking store (the latest finished run
+    of each DVC stage, within one pipeline group if given): train (test accuracy, epsilon per epoch),
+    extract (GH, the client's epsilon), attack (iterations, unconverged restarts, wall time), evaluate
+    (image metrics): per epoch the mean over the trials, as the stages log them; `shared` the columns."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    query = "attributes.status = 'FINISHED'" + (f" and tags.`{GROUP_TAG}` = '{group}'" if group else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query, order_by=["attributes.start_time DESC"])
+    if runs.empty or "tags.dvc.stage" not in runs:
+        raise PipelineError(f"{uri}: no finished stage runs in experiment {experiment!r}")
+    latest = runs[runs["tags.dvc.stage"].notna()].drop_duplicates("tags.dvc.stage").set_index("tags.dvc.stage")
+    run_id = latest.run_id.to_dict()
+    if "evaluate" not in run_id:
+        raise PipelineError(f"{uri}: no finished evaluate run to take the image metrics from")
+    client = mlflow.MlflowClient()
+    rows = []
+    for _, extract in latest[latest["tags.stage"] == "extract"].iterrows():
+        setting, scheme = extract["tags.setting"], extract["tags.scheme"]
+        train, attack = run_id.get(f"train@{scheme}"), run_id.get(f"attack@{setting}")
+        h = {
+            "test_accuracy": _history(client, train, "epoch.test_accuracy"), "train_epsilon": _history(client, train, "epoch.epsilon"),
+            "client_epsilon": _history(client, extract.run_id, "epsilon"), "gh": _history(client, extract.run_id, "gh"),
+            "iterations_run": _history(client, attack, "iterations_run"), "unconverged": _history(client, attack, "unconverged"),
+            "attack_seconds": _history(client, attack, "attack_seconds"),
+            **{k: _history(client, run_id["evaluate"], f"{k}.{setting}") for k in ("label_accuracy", "psnr", "ssim", "mse", "lpips")},
+        }
+        for epoch in sorted(h["psnr"]):
+            rows.append({"setting": setting, "scheme": scheme, "epoch": epoch,
+                         "epsilon": h["train_epsilon"].get(epoch, h["client_epsilon"].get(epoch)),
+                         **{k: h[k].get(epoch) for k in shared[3:] if k != "epsilon"},
+                         "attack_seconds": h["attack_seconds"].get(epoch)})
+    return pd.DataFrame(rows)

@@ -20,9 +20,14 @@ from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 
 THREAT_MODEL_KEYS = (
-    *ARCH_KEYS, "mean", "std", "checkpoint", "checkpoint_sha256", "epoch", "scheme", "setting",
+    *ARCH_KEYS, "mean", "std", "checkpoint", "checkpoint_sha256", "epoch", "trial", "scheme", "setting",
     "batch_size", "participants", "bn", "local_steps", "lr", "mode", "dp", "label_repetition",
 )
+
+
+def upload_name(epoch: int, trial: int) -> str:
+    """The file name of one client upload (and of its truth, reconstruction and figure)."""
+    return f"epoch-{epoch:03d}-trial-{trial:02d}.safetensors"
 
 
 STATISTICS = "bn_statistics/"  # the prefix of their names beside the gradients' (no parameter name has a /)

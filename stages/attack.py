@@ -43,30 +43,37 @@ def main(stage: Stage) -> None:
               f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
               f"{a.objective} objective, {a.iterations} iterations")
         run_jobs(jobs, a, p.seed, scratch)
+        by_epoch: dict[int, list] = {}
         for path in uploads:
             tm = load_upload(path).threat_model
             restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]
             rec = best_of(restarts)
             images = to_unit_range(rec.images, tm["mean"], tm["std"])
             meta = {
-                "upload": path.name, "epoch": tm["epoch"], "scheme": tm["scheme"], "setting": tm["setting"],
+                "upload": path.name, "epoch": tm["epoch"], "trial": tm["trial"], "scheme": tm["scheme"],
+                "setting": tm["setting"],
                 "labels_method": a.labels, "client_model": a.client_model,
                 "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
-                "iterations_run": rec.iterations_run,
+                "iterations_run": rec.iterations_run, "converged": rec.converged,
+                "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
                 "note": rec.note,
             }
             save_grid((out / path.name).with_suffix(".png"), [images])
             save_tensors(out / path.name, {"images": images, "labels": rec.labels}, meta)
             for iteration, loss in rec.curve:
-                stage.mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}", loss, step=iteration)
-            # step = training epoch; the wall time goes to MLflow only (in an output it would break byte-identity)
-            stage.mlflow.log_metrics({"best_grad_loss": rec.grad_loss, "iterations_run": rec.iterations_run or 0,
-                                      "attack_seconds": sum(r.seconds or 0 for r in restarts)}, step=tm["epoch"])
+                stage.mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}.trial_{tm['trial']}", loss, step=iteration)
+            by_epoch.setdefault(tm["epoch"], []).append((rec, sum(r.seconds or 0 for r in restarts)))
             stopped = "" if rec.note or rec.iterations_run == a.iterations else \
                 f", stopped at the TV target after {rec.iterations_run} iterations"
+            stopped += ", still falling at the end: not converged" if rec.converged is False else ""
             print(f"attack@{setting}: {path.name}: labels {rec.labels.tolist()}: "
                   + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})"))
         shutil.rmtree(scratch)
+    for epoch, done in by_epoch.items():  # step = training epoch, over its trials; the wall time goes
+        # to MLflow only (in an output it would break byte-identity)
+        stage.mlflow.log_metrics({"iterations_run": sum(r.iterations_run or 0 for r, _ in done) / len(done),
+                                  "unconverged": sum(r.converged is False for r, _ in done),
+                                  "attack_seconds": sum(s for _, s in done)}, step=epoch)
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
 

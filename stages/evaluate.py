@@ -35,13 +35,16 @@ def evaluate_upload(path: Path, lpips: Lpips) -> tuple[list[dict], dict]:
     scores = image_metrics(paired, truth)
     scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
     rows = [
-        {"setting": setting, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"], "image": i,
+        {"setting": setting, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"],
+         "trial": meta["trial"], "image": i, "victim": truth_meta["victim_positions"][i],
          "true_label": int(truth_labels[i]), "gir": truth_meta["gir"][i], "reconstruction": int(order[i]),
+         "converged": meta["converged"],
          **{k: round(float(v[i]), 6) for k, v in scores.items()}}
         for i in range(len(truth))
     ]
     frame = pd.DataFrame(rows)
-    summary = {"setting": setting, "scheme": meta["scheme"], "epoch": meta["epoch"], "label_accuracy": label_accuracy(rec["labels"], truth_labels),
+    summary = {"setting": setting, "scheme": meta["scheme"], "epoch": meta["epoch"], "trial": meta["trial"],
+               "converged": meta["converged"], "label_accuracy": label_accuracy(rec["labels"], truth_labels),
                **{k: _stats(frame[k]) for k in SCORES}}
     return rows, summary
 
@@ -68,10 +71,13 @@ def main(stage: Stage) -> None:
     with atomic_file(PER_IMAGE) as tmp:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
-    for s in summary.values():  # step = training epoch: the UI plots each metric through training
-        setting = s["setting"]
-        stage.mlflow.log_metrics({f"{k}.{setting}": s[k]["mean"] for k in SCORES if s[k]}, step=s["epoch"])
-        stage.mlflow.log_metric(f"label_accuracy.{setting}", s["label_accuracy"], step=s["epoch"])
+    # step = training epoch: the UI plots each metric through training, the mean over a cell's images
+    for (setting, epoch), cell in per_image.groupby(["setting", "epoch"], sort=False):
+        stage.mlflow.log_metrics({f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()},
+                                 step=int(epoch))
+        uploads = [s for s in summary.values() if s["setting"] == setting and s["epoch"] == epoch]
+        stage.mlflow.log_metric(f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads),
+                                step=int(epoch))
     stage.mlflow.log_metrics({k: v["mean"] for k, v in metrics["all"].items() if v})
     stage.mlflow.log_artifact(str(METRICS))
     stage.mlflow.log_artifact(str(PER_IMAGE))

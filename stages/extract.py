@@ -1,4 +1,6 @@
-"""extract@<setting>: what one client uploads at each listed checkpoint, the ground truth apart.
+"""extract@<setting>: what one client uploads at each listed checkpoint, for each of
+`extract.trials` client batches (the same victims in every setting that draws its batch the
+same way), the ground truth apart.
 
 Per upload it also measures, with the truth the attacker never sees: GH (how far the upload
 is from the gradient the attacker models), GIR per sample (who leaks most) and RA-i.
@@ -7,14 +9,14 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 from pathlib import Path
 
 from pipeline.checkpoints import ARCH_KEYS, checkpoint_name, load_checkpoint
-from pipeline.client import (check_batchnorm_batch, choose_batch, choose_repeated_batch, client_upload,
-                             information_ratio, plain, repetition_rate, simulate_client)
+from pipeline.client import (check_batchnorm_batch, choose_batches, client_upload, information_ratio, plain,
+                             repetition_rate, simulate_client)
 from pipeline.data import load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.rank_analysis import model_ra_index, rank_analysis
 from pipeline.tracking import flatten
-from pipeline.uploads import Upload, save_truth, save_upload
+from pipeline.uploads import Upload, save_truth, save_upload, upload_name
 from stages._common import Stage, run
 
 DATA = Path("data/prepared")
@@ -24,54 +26,55 @@ def main(stage: Stage) -> None:
     p, setting = stage.params, stage.setting
     scheme, c = p.setting(setting)
     victims, meta = load_split(DATA, "victims")
-    if c.label_repetition is None:
-        chosen = choose_batch(len(victims.labels), c.batch_size, p.seed)
-    else:
-        chosen = choose_repeated_batch(victims.labels, c.batch_size, c.label_repetition, p.seed)
-    images, labels = victims.images[chosen], victims.labels[chosen]
-    inputs = normalise(images, meta["mean"], meta["std"])
+    batches = choose_batches(victims.labels, c.batch_size, p.extract.trials, p.seed, c.label_repetition)
     summary = {}
     with atomic_dir(Path("uploads") / setting) as uploads, atomic_dir(Path("truth") / setting) as truth:
         for epoch in p.extract.epochs:
             path = Path("models") / scheme / checkpoint_name(epoch)
             model, ckpt = load_checkpoint(path)
             check_batchnorm_batch(model, c, ckpt["in_channels"], ckpt["image_size"])
-            update = client_upload(model, inputs, labels, c, p.seed)
-            modelled = simulate_client(model, inputs, labels, plain(c), p.seed).gradients
-            gir = information_ratio(model, inputs, labels, c.mode, p.seed)
             units = rank_analysis(model, ckpt["arch"], ckpt["in_channels"], ckpt["image_size"], c.batch_size)
-            threat_model = {  # what the server knows: the exact architecture, the weights, the client's protocol
-                **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
-                "setting": setting,
-                "checkpoint": path.as_posix(),
-                "checkpoint_sha256": ckpt["sha256"],
-                **{k: v for k, v in c.model_dump().items() if k != "participants_as"},
-                "labels": labels.tolist() if p.extract.reveal_labels else None,
-            }
-            name = checkpoint_name(epoch)
-            revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
-            save_upload(uploads / name, Upload(update.gradients, threat_model, revealed))
-            save_truth(truth / name, images, labels, {
-                "epoch": epoch, "setting": setting, "victim_positions": chosen.tolist(),
-                "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],
-                "gir": [round(float(v), 6) for v in gir],
-            })
-            norm = float(sum(g.pow(2).sum() for g in update.gradients.values()) ** 0.5)
-            gh = gradient_heterogeneity(update.gradients, modelled)
-            summary[f"epoch_{epoch}"] = {
-                "epoch": epoch, "gh": None if gh is None else round(gh, 6), "gradient_norm": round(norm, 6),
-                "gir_max": round(float(gir.max()), 4), "leaker": int(gir.argmax()),
-                "repetition_rate": round(repetition_rate(labels), 4), "ra_index": model_ra_index(units),
-                "epsilon": None if update.epsilon is None else round(update.epsilon, 4),
-            }
-            print(f"extract@{setting}: epoch {epoch}: {len(labels)} images from {scheme}, GH "
-                  + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
-                  + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}")
-    write_json(Path("reports/client") / f"{setting}.json", {"setting": setting, "scheme": scheme, **summary})
+            for trial, chosen in enumerate(batches):
+                images, labels = victims.images[chosen], victims.labels[chosen]
+                inputs = normalise(images, meta["mean"], meta["std"])
+                update = client_upload(model, inputs, labels, c, p.seed)
+                modelled = simulate_client(model, inputs, labels, plain(c), p.seed).gradients
+                gir = information_ratio(model, inputs, labels, c.mode, p.seed)
+                threat_model = {  # what the server knows: the exact architecture, the weights, the client's protocol
+                    **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
+                    "trial": trial,
+                    "setting": setting,
+                    "checkpoint": path.as_posix(),
+                    "checkpoint_sha256": ckpt["sha256"],
+                    **{k: v for k, v in c.model_dump().items() if k != "participants_as"},
+                    "labels": labels.tolist() if p.extract.reveal_labels else None,
+                }
+                name = upload_name(epoch, trial)
+                revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
+                save_upload(uploads / name, Upload(update.gradients, threat_model, revealed))
+                save_truth(truth / name, images, labels, {
+                    "epoch": epoch, "trial": trial, "setting": setting, "victim_positions": chosen.tolist(),
+                    "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],
+                    "gir": [round(float(v), 6) for v in gir],
+                })
+                norm = float(sum(g.pow(2).sum() for g in update.gradients.values()) ** 0.5)
+                gh = gradient_heterogeneity(update.gradients, modelled)
+                summary[Path(name).stem] = {
+                    "epoch": epoch, "trial": trial, "gh": None if gh is None else round(gh, 6),
+                    "gradient_norm": round(norm, 6), "gir_max": round(float(gir.max()), 4), "leaker": int(gir.argmax()),
+                    "repetition_rate": round(repetition_rate(labels), 4), "ra_index": model_ra_index(units),
+                    "epsilon": None if update.epsilon is None else round(update.epsilon, 4),
+                }
+                print(f"extract@{setting}: epoch {epoch} trial {trial}: {len(labels)} images from {scheme}, GH "
+                      + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
+                      + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}")
+    write_json(Path("reports/client") / f"{setting}.json", {"setting": setting, "scheme": scheme, "uploads": summary})
     stage.mlflow.log_params(flatten({"client": c.model_dump()}))
-    for s in summary.values():  # step = training epoch
-        stage.mlflow.log_metrics({k: s[k] for k in ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index",
-                                                     "epsilon") if s[k] is not None}, step=s["epoch"])
+    for epoch in p.extract.epochs:  # step = training epoch; the mean over the trials
+        mine = [s for s in summary.values() if s["epoch"] == epoch]
+        stage.mlflow.log_metrics({k: sum(s[k] for s in mine) / len(mine) for k in
+                                  ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
+                                  if all(s[k] is not None for s in mine)}, step=epoch)
     stage.mlflow.log_artifacts(str(Path("uploads") / setting), "uploads")
 
 

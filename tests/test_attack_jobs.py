@@ -39,7 +39,7 @@ def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None,
                           mode=mode, dp=None, label_repetition=None, participants_as="simulated")
     update = simulate_client(model, images, labels, client, seed=0)
     threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
-              "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "scheme": "s", "setting": "s",
+              "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "trial": 0, "scheme": "s", "setting": "s",
               **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist()}
     path = folder / f"{name}.safetensors"
     save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {}))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.client import (ClientParams, batch_gradient, check_batchnorm_batch, choose_batch,
-                             choose_repeated_batch, client_upload, information_ratio, plain, repetition_rate,
+from pipeline.client import (ClientParams, batch_gradient, check_batchnorm_batch, choose_batches,
+                             client_upload, information_ratio, plain, repetition_rate,
                              simulate_client, step_parts)
 from pipeline.dp import epsilon
 from pipeline.errors import PipelineError
@@ -223,17 +223,18 @@ def test_gir_sums_to_100_and_ranks_the_largest_loss_first():
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # running statistics untouched
 
 
-def test_label_repetition_batch_holds_k_classes_of_true_images(fashion_images):
+def test_label_repetition_trials_hold_k_classes_of_true_images_and_never_share_one(fashion_images):
     _, pool_labels, _, _ = fashion_images
-    positions = choose_repeated_batch(pool_labels, 8, 2, seed=4)
-    chosen = pool_labels[positions]
-    counts = torch.bincount(chosen, minlength=10)
-    assert sorted(counts[counts > 0].tolist()) == [4, 4]  # exactly two classes of four true images
-    assert len(set(positions.tolist())) == 8
-    assert repetition_rate(chosen) == pytest.approx(1 - 2 / 8)
-    assert torch.equal(positions, choose_repeated_batch(pool_labels, 8, 2, seed=4))
-    with pytest.raises(PipelineError, match="needs 40 images of class"):
-        choose_repeated_batch(pool_labels, 80, 2, seed=4)
+    batches = choose_batches(pool_labels, 8, 3, seed=4, label_repetition=2)
+    for positions in batches:
+        chosen = pool_labels[positions]
+        counts = torch.bincount(chosen, minlength=10)
+        assert sorted(counts[counts > 0].tolist()) == [4, 4]  # exactly two classes of four true images
+        assert repetition_rate(chosen) == pytest.approx(1 - 2 / 8)
+    assert len(set(torch.cat(batches).tolist())) == 24  # three disjoint batches
+    assert all(torch.equal(a, b) for a, b in zip(batches, choose_batches(pool_labels, 8, 3, seed=4, label_repetition=2)))
+    with pytest.raises(PipelineError, match="finds only .* classes with 40 unused victims left"):
+        choose_batches(pool_labels, 80, 1, seed=4, label_repetition=2)
 
 
 def test_step_parts_cover_the_batch_once_in_contiguous_shards():
@@ -268,8 +269,12 @@ def test_batch_gradient_leaves_running_statistics_untouched():
     assert torch.equal(model.features[1].running_mean, before)
 
 
-def test_batch_choice_is_seeded_and_bounded():
-    assert torch.equal(choose_batch(40, 8, 3), choose_batch(40, 8, 3))
-    assert len(set(choose_batch(40, 8, 3).tolist())) == 8
-    with pytest.raises(PipelineError, match="victim pool holds 4"):
-        choose_batch(4, 8, 0)
+def test_trials_are_disjoint_seeded_batches_and_the_pool_bounds_them():
+    labels = torch.arange(40) % 10
+    batches = choose_batches(labels, 8, 5, seed=3)
+    assert len(set(torch.cat(batches).tolist())) == 40  # five disjoint batches use the whole pool
+    assert all(torch.equal(a, b) for a, b in zip(batches, choose_batches(labels, 8, 5, seed=3)))
+    assert torch.equal(batches[1], choose_batches(labels, 8, 2, seed=3)[1])  # more trials keep the first ones
+    with pytest.raises(PipelineError, match="extract.trials 6 x batch_size 8 needs 48 distinct victims, but the pool "
+                                            "holds 40"):
+        choose_batches(labels, 8, 6, seed=3)

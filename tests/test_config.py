@@ -41,6 +41,12 @@ def test_project_params_validate():
         ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
         ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),
         ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
+        ("extract.trials", 0, "params.yaml: extract.trials: Input should be greater than or equal to 1 (got 0)"),
+        ("report.baseline", "plain", "params.yaml: report.baseline: 'plain' is not a setting, so nothing can be paired "
+         "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, label-repeat "
+         "(null: a table without paired columns)"),
+        ("report.baseline", "label-repeat", "params.yaml: report.baseline: 'label-repeat' repeats labels, so its batches "
+         "pair with no other setting's"),
     ],
 )
 def test_bad_value_gives_one_line_naming_the_key(key, value, message):

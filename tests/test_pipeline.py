@@ -75,27 +75,38 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     for stage in STAGES:
         assert log.count(f"Running stage '{stage}'") == 2  # `dvc repro`, then `dvc repro --force`
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}" for k in SETTINGS for e in (0, 2)}
+    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}-trial-0{t}" for k in SETTINGS for e in (0, 2) for t in (0, 1)}
     for upload in metrics["uploads"].values():
         assert upload["label_accuracy"] == 1.0  # known labels
         assert 3 < upload["psnr"]["mean"] < 60 and 0 < upload["ssim"]["mean"] <= 1
     # GH: 0 for the plain client, > 0 where the client departs from what the attacker models
     client = {k: json.loads((root / f"reports/client/{k}.json").read_text()) for k in SETTINGS}
     for k in ("pure", "ra", "dp-sgd", "clip-noise", "label-repeat"):
-        assert all(abs(client[k][f"epoch_{e}"]["gh"]) < 1e-6 for e in (0, 2)), k
+        assert all(abs(u["gh"]) < 1e-6 for u in client[k]["uploads"].values()), k
     for k in ("gh", "async-bn", "local-steps", "client-dp"):
-        assert all(client[k][f"epoch_{e}"]["gh"] > 1e-3 for e in (0, 2)), k
-    assert client["label-repeat"]["epoch_0"]["repetition_rate"] == 0.5 and client["client-dp"]["epoch_0"]["epsilon"] > 0
-    async_upload = json.loads((root / "uploads/async-bn/epoch-000.json").read_text())
+        assert all(u["gh"] > 1e-3 for u in client[k]["uploads"].values()), k
+    first = "epoch-000-trial-00"
+    assert client["label-repeat"]["uploads"][first]["repetition_rate"] == 0.5
+    assert client["client-dp"]["uploads"][first]["epsilon"] > 0
+    # the pairing: trial t holds the same victims in every setting that draws its batch the same way,
+    # other victims in every other trial, and a repeated-label batch of its own
+    def victims(setting, epoch, trial):
+        return json.loads((root / f"truth/{setting}/epoch-00{epoch}-trial-0{trial}.json").read_text())["victim_positions"]
+    for trial in (0, 1):
+        assert all(victims(k, e, trial) == victims("pure", 0, trial) for k in SETTINGS[:-1] for e in (0, 2))
+    assert not set(victims("pure", 0, 0)) & set(victims("pure", 0, 1))
+    assert victims("label-repeat", 0, 0) == victims("label-repeat", 2, 0) != victims("pure", 0, 0)
+    async_upload = json.loads((root / f"uploads/async-bn/{first}.json").read_text())
     assert (async_upload["participants"], async_upload["bn"], async_upload["scheme"]) == (2, "async", "pure")
     table = (root / "reports/results.md").read_text()
     assert "| pure" in table and (root / "reports/reconstructions.png").stat().st_size > 1000
     # the attacker's inputs hold no ground truth
-    upload_meta = json.loads((root / "uploads/pure/epoch-000.json").read_text())
+    upload_meta = json.loads((root / f"uploads/pure/{first}.json").read_text())
     assert upload_meta["kind"] == "upload" and "images" not in upload_meta
     # every scheme's checkpoints say how they were trained; the attacker rebuilds that architecture
     ra = json.loads((root / "models/ra/epoch-002.json").read_text())
-    assert ra["maxpool_kernel"] == 25 and json.loads((root / "uploads/ra/epoch-002.json").read_text())["maxpool_kernel"] == 25
+    assert ra["maxpool_kernel"] == 25
+    assert json.loads((root / "uploads/ra/epoch-002-trial-01.json").read_text())["maxpool_kernel"] == 25
     assert json.loads((root / "models/ra/rank_analysis.json").read_text())["ra_index"] > 0
     dp = json.loads((root / "models/dp-sgd/epoch-002.json").read_text())
     assert dp["norm"] == "group" and dp["epsilon"] > 0 and dp["delta"] == 1e-5
@@ -137,8 +148,8 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
         assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(f"train@{scheme}", "checkpoints")
         assert "resume.ckpt" not in files(f"train@{scheme}", "checkpoints")
     for setting in SETTINGS:
-        assert {"epoch-000.safetensors", "epoch-002.safetensors"} <= files(f"extract@{setting}", "uploads")
-        assert {"epoch-000.png", "epoch-000.safetensors"} <= files(f"attack@{setting}", "reconstructions")
+        assert {"epoch-000-trial-01.safetensors", "epoch-002-trial-00.safetensors"} <= files(f"extract@{setting}", "uploads")
+        assert {"epoch-000-trial-00.png", "epoch-000-trial-01.safetensors"} <= files(f"attack@{setting}", "reconstructions")
     extract = runs[runs["tags.dvc.stage"] == "extract@local-steps"].iloc[0]
     assert extract["params.client.local_steps"] == "2" and extract["metrics.gh"] > 0
     assert extract["tags.scheme"] == "pure" and extract["tags.setting"] == "local-steps"
@@ -150,9 +161,10 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
     assert evaluate["metrics.psnr.pure"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
-    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png"} <= files("report", "plots")
+    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png", "gir_vs_psnr.png"} <= files("report", "plots")
     attack = client.get_metric_history(by_stage["attack@pure"], "iterations_run")
-    assert sorted((m.step, m.value) for m in attack) == [(0, 200), (2, 200)]
+    assert sorted((m.step, m.value) for m in attack) == [(0, 200), (2, 200)]  # the mean over the trials
+    assert {m.step for m in client.get_metric_history(by_stage["attack@pure"], "unconverged")} == {0, 2}
     assert all(m.value > 0 for m in client.get_metric_history(by_stage["attack@pure"], "attack_seconds"))
 
 
@@ -171,16 +183,24 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     summary = json.loads(shown)[""]["data"]["reports/summary.json"]["data"]
     assert set(summary) == set(SETTINGS) and summary["pure"]["accuracy_cost"] == 0
     assert summary["ra"]["accuracy_cost"] == pytest.approx(summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"])
-    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr"):
+    assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["n"] == 8  # 2 trials x 4 images
+    assert summary["label-repeat"]["verdict"].startswith("not paired with pure")
+    assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "p = " in summary["async-bn"]["verdict"]
+    table = pd.read_csv(root / "reports/results.csv")
+    assert (table.trials == 2).all() and (table.n == 8).all() and (table.psnr_low <= table.psnr).all()
+    assert table[table.setting == "local-steps"].paired_n.tolist() == [8, 8]
+    assert table[table.setting.isin(["pure", "label-repeat"])].p_value.isna().all()
+    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr", "gir_vs_psnr"):
         with Image.open(root / "reports/plots" / f"{name}.png") as image:
-            assert image.size == (600, 400) and len(image.getcolors(1 << 16)) > 20  # drawn, not blank
+            assert image.size in ((600, 400), (700, 450)) and len(image.getcolors(1 << 16)) > 20  # drawn, not blank
     rendered = sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], root, env)
     assert (root / "plots-html" / "index.html").stat().st_size > 1000, rendered.stdout
     text = (root / "reports/results.md").read_text()
-    assert text.startswith("# Results\n\n## Summary") and "The attack did least against" in text
+    assert text.startswith("# Results\n\nEach cell: 2 client batches") and "\n## Summary\n" in text
     for setting in SETTINGS:
         assert (root / "reports/figures" / f"{setting}.png").is_file()
-        assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {"epoch-000.png", "epoch-002.png"}
+        assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {
+            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1)}
 
 
 def test_mlflow_server_lists_the_settings_side_by_side(project):

@@ -48,7 +48,7 @@ def test_stages_killed_part_way_resume_and_end_with_the_same_bytes(tmp_path, fas
     assert not (root / "models" / "pure").exists()  # nothing that looks finished
     assert (trained / "epoch-001.json").exists() and not (trained / "epoch-002.json").exists()
 
-    second = _kill_when(repro, root, env, attacked / ".jobs" / "epoch-000.restart-000.json")
+    second = _kill_when(repro, root, env, attacked / ".jobs" / "epoch-000-trial-00.restart-000.json")
     assert "train: resuming after epoch 1 of an interrupted run" in second
     assert not (root / "attacks" / "pure").exists()
     assert not (trained / "epoch-002.json").exists() and (root / "models" / "pure" / "epoch-002.json").exists()

@@ -98,3 +98,23 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
     _assert_one_line_failure(done, "prepare: error: cannot write data/.prepared.partial/train.safetensors: File too large")
     assert not (tmp_path / "data" / "prepared").exists()
     assert not list((tmp_path / "data").glob(".*"))
+
+
+def test_a_missing_baseline_and_zero_trials_are_refused_before_anything_is_written(tmp_path):
+    settings = {k: v for k, v in RAW_PARAMS["settings"].items() if k != "pure"}
+    done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "settings": settings})
+    _assert_one_line_failure(done, "prepare: error: params.yaml: report.baseline: 'pure' is not a setting, so nothing "
+                                   "can be paired with it")
+    done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "extract": {**RAW_PARAMS["extract"], "trials": 0}})
+    _assert_one_line_failure(done, "prepare: error: params.yaml: extract.trials: Input should be greater than or equal to 1")
+    assert not (tmp_path / "data").exists()
+
+
+def test_more_trials_than_the_pool_holds_are_refused_before_an_upload_is_written(tmp_path):
+    params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 200, "test_size": 50, "victims_per_class": 2}}
+    assert run_stage("prepare", tmp_path, params).returncode == 0
+    params["extract"] = {**RAW_PARAMS["extract"], "trials": 6}
+    done = run_stage("extract", tmp_path, params, "pure")
+    _assert_one_line_failure(done, "extract: error: extract.trials 6 x batch_size 4 needs 24 distinct victims, but the "
+                                   "pool holds 20 (raise data.victims_per_class)")
+    assert not (tmp_path / "uploads").exists() and not (tmp_path / "truth").exists()

@@ -19,7 +19,7 @@ def upload_file(tmp_path):
     model = build_model(**ARCH)
     save_checkpoint(tmp_path / "ckpt.safetensors", model, ARCH)
     threat = {**ARCH, "mean": [0.3], "std": [0.3], "checkpoint": str(tmp_path / "ckpt.safetensors"),
-              "checkpoint_sha256": load_meta(tmp_path / "ckpt.safetensors")["sha256"], "epoch": 0, "scheme": "pure",
+              "checkpoint_sha256": load_meta(tmp_path / "ckpt.safetensors")["sha256"], "epoch": 0, "trial": 0, "scheme": "pure",
               "setting": "pure", "batch_size": 2, "participants": 1, "bn": "sync", "local_steps": 1, "lr": 0.01,
               "mode": "train", "dp": None, "label_repetition": None, "labels": None}
     grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")

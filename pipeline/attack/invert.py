@@ -54,6 +54,24 @@ class Reconstruction:
     note: str | None = None  # why the attack could not run, when it could not
     iterations_run: int | None = None  # fewer than asked when the TV target stopped it
     seconds: float | None = None  # wall time of the job (kept out of the stage's outputs: it varies)
+    # the gradient loss at the first iteration, its lowest in the 10 % of iterations before the
+    # last 10 %, and its lowest in the last 10 %
+    tail: tuple[float, float, float] | None = None
+    converged: bool | None = None  # see still_falling; None: too few iterations to tell, or not run
+
+
+# A restart that made more than this share of its whole decrease of the loss in its last tenth
+# of iterations had not converged: its number says what the budget allowed, not what the attack can do.
+CONVERGENCE_TOLERANCE = 0.01
+
+
+def still_falling(first: float, before: float, last: float, tolerance: float = CONVERGENCE_TOLERANCE) -> bool:
+    """Whether the best loss of the last 10 % of iterations (`last`) is below the best of the
+    10 % before them (`before`) by more than `tolerance` of the run's whole decrease from its
+    first loss (`first`): the attack was cut short. (Relative to the loss itself, a cosine-decayed
+    attack still falls 10-15 % in its last tenth at 300-500 iterations, long after its images have
+    stopped changing much: that rule would flag every run.)"""
+    return before - last > tolerance * max(first - last, 0.0)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -383,8 +401,14 @@ def invert(
         opt = torch.optim.Adam([x], lr=settings.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iterations, eta_min=settings.lr_min)
         kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=settings.iterations)
+        tenth = settings.iterations // 10
+        tail = [float("inf"), float("inf")]
         for it in range(settings.iterations):
             x.grad, g_value = image_gradient(x)
+            first = g_value if it == 0 else first
+            if tenth and it >= settings.iterations - 2 * tenth:
+                window = int(it >= settings.iterations - tenth)
+                tail[window] = min(tail[window], g_value) if g_value == g_value else tail[window]
             # The loss is that of the current x, before this step moves it: keep x as it is now.
             if g_value < kept.grad_loss:  # (a NaN loss is never kept)
                 kept.grad_loss = g_value
@@ -403,6 +427,11 @@ def invert(
                 kept.curve.append((it, g_value))
                 bar.update(settings.iterations - it - 1)
                 break
+        if kept.iterations_run < settings.iterations:
+            kept.converged = True  # it stopped at its own TV target
+        elif settings.iterations >= 20:
+            kept.tail = (first, tail[0], tail[1])
+            kept.converged = not still_falling(*kept.tail)
         if world > 1:
             parts = [torch.empty_like(kept.images) for _ in range(world)]
             dist.all_gather(parts, kept.images)

@@ -104,14 +104,15 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
 def save_result(path: Path, rec: Reconstruction) -> None:
     save_tensors(path, {"images": rec.images, "labels": rec.labels},
                  {"grad_loss": rec.grad_loss, "restart": rec.restart, "curve": rec.curve, "note": rec.note,
-                  "iterations_run": rec.iterations_run, "seconds": rec.seconds})
+                  "iterations_run": rec.iterations_run, "seconds": rec.seconds,
+                  "tail": None if rec.tail is None else list(rec.tail), "converged": rec.converged})
 
 
 def load_result(path: Path) -> Reconstruction:
     tensors, meta = load_tensors(path, expected={"images", "labels"})
     return Reconstruction(tensors["images"], tensors["labels"], meta["grad_loss"], meta["restart"],
                           [tuple(point) for point in meta["curve"]], meta["note"], meta["iterations_run"],
-                          meta["seconds"])
+                          meta["seconds"], None if meta["tail"] is None else tuple(meta["tail"]), meta["converged"])
 
 
 def _timed_job(job: Job, a: AttackParams, seed: int, **options) -> Reconstruction:
