@@ -259,6 +259,7 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
         out["p (Wilcoxon)"] = [f"{p:.2g}" if p is not None and not pd.isna(p) else "" for p in table.p_value]
     out["unconverged"] = table.unconverged
     out["epsilon"] = table.epsilon
+    out["privacy"] = table.privacy
     return out
 
 
