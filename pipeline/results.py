@@ -160,7 +160,7 @@ def client_summary(c) -> str:
     return ", ".join(x for x in parts if x)
 
 
-def load_outputs(per_image: pd.DataFrame, metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
+def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
     """One row per attacked upload: what the client stage measured (GH, ...), the attack's
     bookkeeping (labels method, iterations, convergence) and the label accuracy."""
     rows = []

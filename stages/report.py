@@ -129,7 +129,7 @@ def main(stage: Stage) -> None:
     baseline = p.report.baseline
     evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
     per_image = pd.read_csv(PER_IMAGE)
-    uploads = load_outputs(per_image, read_json(METRICS)["uploads"], ATTACKS, CLIENT)
+    uploads = load_outputs(read_json(METRICS)["uploads"], ATTACKS, CLIENT)
     training = training_table(MODELS, list(p.schemes))
     table = results_table(per_image, uploads, lambda s, e, u: describe(p, s, e, u), evidence, list(p.settings))
     base_client = None if baseline is None else p.setting(baseline)[1]
