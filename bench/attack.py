@@ -103,7 +103,7 @@ def main() -> None:
                 folder = Path(tmp)
                 path, model, grads, labels = write_upload(folder, arch, b, mode)
                 params = AttackParams(labels="known", iterations=iterations, restarts=args.restarts, lr=0.1,
-                                      lr_min=1e-3, tv_weight=1e-2, client_model="exact", objective="cosine",
+                                      lr_min=1e-3, tv_weight=1e-2, client_model="exact", classic=False, objective="cosine",
                                       layer_weights="equal", bn_prior=0.0, bn_statistics="running", tv_target=None,
                                       processes=args.processes, split=args.split, threads=args.threads,
                                       compile=args.compile)

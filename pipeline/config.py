@@ -159,9 +159,13 @@ class AttackParams(_Section):
     lr: float = Field(gt=0)
     lr_min: float = Field(ge=0)
     tv_weight: float = Field(ge=0)
-    # exact: the attacker models the client's async BatchNorm over its W shards (the threat
-    # model says W); plain: one full batch with common statistics, the classic attacker.
+    # exact: the adaptive attacker, modelling what the threat model says of the client: its
+    # async BatchNorm over W shards, its E local steps at its step size, unrolled; plain: one
+    # full-batch gradient with common statistics, the classic attacker.
     client_model: Literal["exact", "plain"]
+    # with exact: attack each upload the exact model treats otherwise a second time, with plain,
+    # so the table shows both attackers (attacks/<setting>/classic/)
+    classic: bool
     objective: Literal["cosine", "l2"]  # 1 - cosine, or squared L2, over all parameters
     layer_weights: Literal["equal", "linear"]  # linear: layer l of L weighs (L - l) / L
     bn_prior: float = Field(ge=0)  # weight of the BatchNorm-statistics prior (0: off)

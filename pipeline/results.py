@@ -9,7 +9,10 @@ Images of one batch share an attack, so they are not fully independent: the inte
 anything, narrower than a resampling of whole batches would give.
 
 A verdict is read per attacked epoch under one rule (`verdict`): a defense protects at an epoch
-when the paired difference's interval lies below zero and p < alpha.
+when the paired difference's interval lies below zero and p < alpha. It is read against the
+adaptive attacker, the one that models what the threat model says of the client (its shards,
+its local steps); where that attacker differs from the classic one, the classic's PSNR is
+shown beside it (`add_classic`), for every other setting the two are one attack.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from scipy import stats
 
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, read_json
+from pipeline.uploads import CLASSIC
 
 SCORES = ("psnr", "ssim", "mse", "lpips")
 # The columns both tables have: the one built from the DVC outputs and the one rebuilt from MLflow.
@@ -213,6 +217,23 @@ def add_differences(table: pd.DataFrame, per_image: pd.DataFrame, baseline: str 
     return pd.concat([table, extra_frame], axis=1)
 
 
+def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
+    """The classic attacker's PSNR per cell: its own images' mean and interval where it ran as a
+    separate attack, else the adaptive attacker's (`classic_separate` False: the same attack)."""
+    classic = per_image[per_image.attacker == CLASSIC]
+    rows = []
+    for row in table.itertuples():
+        cell = classic[(classic.setting == row.setting) & (classic.epoch == row.epoch)]
+        if len(cell):
+            low, high = mean_interval(cell.psnr.astype(float), evidence)
+            rows.append({"classic_separate": True, "classic_psnr": float(cell.psnr.mean()),
+                         "classic_psnr_low": low, "classic_psnr_high": high})
+        else:
+            rows.append({"classic_separate": False, "classic_psnr": row.psnr, "classic_psnr_low": row.psnr_low,
+                         "classic_psnr_high": row.psnr_high})
+    return pd.concat([table, pd.DataFrame(rows, index=table.index)], axis=1)
+
+
 def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, baseline: str | None) -> pd.DataFrame:
     """Per setting: PSNR at each attacked epoch as mean [interval], the accuracy the defense costs
     (the setting's scheme against the baseline's after the last epoch) and the verdict."""
@@ -226,6 +247,11 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
         for r in part.itertuples():
             row[f"psnr_epoch_{r.epoch}"] = r.psnr
             row[f"psnr_epoch_{r.epoch}_ci"] = [r.psnr_low, r.psnr_high]
+        if "classic_psnr" in part:
+            row["classic_separate"] = bool(part.classic_separate.any())
+            for r in part.itertuples():
+                row[f"classic_psnr_epoch_{r.epoch}"] = r.classic_psnr
+                row[f"classic_psnr_epoch_{r.epoch}_ci"] = [r.classic_psnr_low, r.classic_psnr_high]
         row.update({
             "test_accuracy": final.get(scheme),
             "accuracy_cost": (final[base_scheme] - final[scheme]) if base_scheme in final and scheme in final else None,
@@ -248,6 +274,9 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     """The cells as a reader takes them: "mean [interval]" per score, the paired difference and p."""
     out = table[["setting", "epoch", "test_accuracy", "client", "trials", "n"]].copy()
     out["PSNR dB"] = [_interval(r.psnr, r.psnr_low, r.psnr_high) for r in table.itertuples()]
+    if "classic_psnr" in table:
+        out["classic attacker"] = [_interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high)
+                                   if r.classic_separate else "same attack" for r in table.itertuples()]
     out["median"] = table.psnr_median.round(1)
     out["SSIM"] = [_interval(r.ssim, r.ssim_low, r.ssim_high, 2) for r in table.itertuples()]
     out["LPIPS"] = [_interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None else "n/a"
@@ -269,6 +298,12 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     for column in epochs:
         out[f"PSNR epoch {column.removeprefix('psnr_epoch_')}"] = [
             _interval(m, *ci) for m, ci in zip(summary[column], summary[f"{column}_ci"])]
+    if "classic_separate" in summary:
+        for column in epochs:
+            classic = f"classic_{column}"
+            out[f"classic epoch {column.removeprefix('psnr_epoch_')}"] = [
+                _interval(m, *ci) if separate else "same attack"
+                for m, ci, separate in zip(summary[classic], summary[f"{classic}_ci"], summary.classic_separate)]
     out["test accuracy"] = summary.test_accuracy
     out["cost vs baseline"] = summary.accuracy_cost
     out["verdict"] = summary.verdict

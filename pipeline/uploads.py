@@ -30,6 +30,12 @@ def upload_name(epoch: int, trial: int) -> str:
     return f"epoch-{epoch:03d}-trial-{trial:02d}.safetensors"
 
 
+# The two attackers of every upload: the adaptive one models what the threat model says of the
+# client, the classic one a single full-batch gradient (per_image.csv's attacker column; the
+# classic's reconstructions go to attacks/<setting>/<CLASSIC>/, where it differs at all).
+ADAPTIVE, CLASSIC = "adaptive", "classic"
+
+
 STATISTICS = "bn_statistics/"  # the prefix of their names beside the gradients' (no parameter name has a /)
 
 

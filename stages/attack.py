@@ -1,5 +1,10 @@
 """attack@<setting>: rebuild each upload's images from its gradient alone (the truth is never read).
 
+The attacker is the adaptive one (`attack.client_model: exact`: it models the client's shards
+and local steps as the threat model states them); with `attack.classic`, every upload it treats
+otherwise than the classic attacker is attacked a second time by that one (attacks/<setting>/
+classic/), so the report shows both.
+
 The work is one job per upload x restart, sharded over `attack.processes` processes forked
 here, or over the processes torchrun started (`torchrun --nproc_per_node N -m stages.attack
 <setting>`, on one node or several sharing the project's folder); the first process alone
@@ -11,13 +16,71 @@ import shutil
 from pathlib import Path
 
 from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, launched_processes, load_result, process_count, run_jobs
+from pipeline.attack.jobs import (Job, classic_of, launched_processes, load_result, process_count, run_jobs,
+                                  target_of)
+from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, digest, partial_path, save_tensors, tree_digest
 from pipeline.report import save_grid
-from pipeline.uploads import load_upload
+from pipeline.uploads import CLASSIC, load_upload
 from stages._common import Stage, code_digest, is_first_process, run
+
+
+def attackers(a: AttackParams, uploads: list[Path]) -> list[tuple[str, AttackParams, list[Path]]]:
+    """(subfolder, attack parameters, uploads) per attacker: the adaptive one on every upload, the
+    classic one on those the adaptive one models otherwise."""
+    runs = [("", a, uploads)]
+    if a.client_model == "exact" and a.classic:
+        adapted = [path for path in uploads if target_of(Job(path, 0), a).adapted]
+        if adapted:
+            runs.append((CLASSIC, classic_of(a), adapted))
+    return runs
+
+
+def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratch: Path, prefix: str) -> dict:
+    """Run one attacker's jobs (resuming those done in `scratch`) and write its reconstructions
+    into `out`; returns per epoch the (reconstruction, seconds) of each upload."""
+    setting = stage.setting
+    jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
+    scratch.mkdir(parents=True, exist_ok=True)
+    todo = [job for job in jobs if not job.done(scratch)]
+    if len(todo) < len(jobs):
+        print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
+    processes = max(process_count(jobs, a, scratch), 1)
+    how = f"each split over {processes} process(es)" if a.split == "batch" else f"on {processes} process(es)"
+    print(f"attack@{setting}: {'the classic attacker: ' if prefix else ''}{len(todo)} jobs (upload x restart) {how}"
+          f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
+          f"{a.objective} objective, {a.iterations} iterations")
+    run_jobs(jobs, a, stage.params.seed, scratch)
+    out.mkdir(exist_ok=True)
+    by_epoch: dict[int, list] = {}
+    for path in uploads:
+        tm = load_upload(path).threat_model
+        restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]
+        rec = best_of(restarts)
+        images = to_unit_range(rec.images, tm["mean"], tm["std"])
+        meta = {
+            "upload": path.name, "epoch": tm["epoch"], "trial": tm["trial"], "scheme": tm["scheme"],
+            "setting": tm["setting"],
+            "labels_method": a.labels, "client_model": a.client_model,
+            "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
+            "iterations_run": rec.iterations_run, "converged": rec.converged,
+            "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
+            "note": rec.note,
+        }
+        save_grid((out / path.name).with_suffix(".png"), [images])
+        save_tensors(out / path.name, {"images": images, "labels": rec.labels}, meta)
+        for iteration, loss in rec.curve:
+            stage.mlflow.log_metric(f"{prefix}grad_loss.epoch_{tm['epoch']}.trial_{tm['trial']}", loss, step=iteration)
+        by_epoch.setdefault(tm["epoch"], []).append((rec, sum(r.seconds or 0 for r in restarts)))
+        stopped = "" if rec.note or rec.iterations_run == a.iterations else \
+            f", stopped at the TV target after {rec.iterations_run} iterations"
+        stopped += ", still falling at the end: not converged" if rec.converged is False else ""
+        print(f"attack@{setting}: {prefix.replace('.', ': ')}{path.name}: labels {rec.labels.tolist()}: "
+              + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})"))
+    shutil.rmtree(scratch)
+    return by_epoch
 
 
 def main(stage: Stage) -> None:
@@ -26,54 +89,24 @@ def main(stage: Stage) -> None:
     uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
-    jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
+    runs = attackers(a, uploads)
     if not is_first_process():  # one of torchrun's other processes: its share, into the first one's folder
-        run_jobs(jobs, a, p.seed, partial_path(out_folder) / ".jobs")
+        for sub, params, paths in runs:
+            run_jobs([Job(path, r) for path in paths for r in range(params.restarts)], params, p.seed,
+                     partial_path(out_folder) / sub / ".jobs")
         return
     inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest())
     with atomic_dir(out_folder, fingerprint=inputs) as out:
-        scratch = out / ".jobs"  # one file per finished job; removed before the output is finished
-        scratch.mkdir(exist_ok=True)
-        todo = [job for job in jobs if not job.done(scratch)]
-        if len(todo) < len(jobs):
-            print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
-        processes = max(process_count(jobs, a, scratch), 1)
-        how = f"each split over {processes} process(es)" if a.split == "batch" else f"on {processes} process(es)"
-        print(f"attack@{setting}: {len(todo)} jobs (upload x restart) {how}"
-              f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
-              f"{a.objective} objective, {a.iterations} iterations")
-        run_jobs(jobs, a, p.seed, scratch)
-        by_epoch: dict[int, list] = {}
-        for path in uploads:
-            tm = load_upload(path).threat_model
-            restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]
-            rec = best_of(restarts)
-            images = to_unit_range(rec.images, tm["mean"], tm["std"])
-            meta = {
-                "upload": path.name, "epoch": tm["epoch"], "trial": tm["trial"], "scheme": tm["scheme"],
-                "setting": tm["setting"],
-                "labels_method": a.labels, "client_model": a.client_model,
-                "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
-                "iterations_run": rec.iterations_run, "converged": rec.converged,
-                "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
-                "note": rec.note,
-            }
-            save_grid((out / path.name).with_suffix(".png"), [images])
-            save_tensors(out / path.name, {"images": images, "labels": rec.labels}, meta)
-            for iteration, loss in rec.curve:
-                stage.mlflow.log_metric(f"grad_loss.epoch_{tm['epoch']}.trial_{tm['trial']}", loss, step=iteration)
-            by_epoch.setdefault(tm["epoch"], []).append((rec, sum(r.seconds or 0 for r in restarts)))
-            stopped = "" if rec.note or rec.iterations_run == a.iterations else \
-                f", stopped at the TV target after {rec.iterations_run} iterations"
-            stopped += ", still falling at the end: not converged" if rec.converged is False else ""
-            print(f"attack@{setting}: {path.name}: labels {rec.labels.tolist()}: "
-                  + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})"))
-        shutil.rmtree(scratch)
-    for epoch, done in by_epoch.items():  # step = training epoch, over its trials; the wall time goes
+        timings = {}
+        for sub, params, paths in runs:  # one scratch folder per attacker, removed before the output is finished
+            timings[sub] = attack(stage, params, paths, out / sub, out / sub / ".jobs", f"{sub}." if sub else "")
+    for sub, by_epoch in timings.items():  # step = training epoch, over its trials; the wall time goes
         # to MLflow only (in an output it would break byte-identity)
-        stage.mlflow.log_metrics({"iterations_run": sum(r.iterations_run or 0 for r, _ in done) / len(done),
-                                  "unconverged": sum(r.converged is False for r, _ in done),
-                                  "attack_seconds": sum(s for _, s in done)}, step=epoch)
+        prefix = f"{sub}." if sub else ""
+        for epoch, done in by_epoch.items():
+            stage.mlflow.log_metrics({f"{prefix}iterations_run": sum(r.iterations_run or 0 for r, _ in done) / len(done),
+                                      f"{prefix}unconverged": sum(r.converged is False for r, _ in done),
+                                      f"{prefix}attack_seconds": sum(s for _, s in done)}, step=epoch)
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
 

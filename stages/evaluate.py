@@ -1,4 +1,5 @@
-"""evaluate: pair each reconstruction with a true image (Hungarian) and score it, for every setting."""
+"""evaluate: pair each reconstruction with a true image (Hungarian) and score it, for every setting
+and attacker (the adaptive one's in attacks/<setting>/, the classic one's in attacks/<setting>/classic/)."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, load_tensors, write_json
 from pipeline.metrics import Lpips, image_metrics, label_accuracy, pair_by_hungarian
-from pipeline.uploads import load_truth
+from pipeline.uploads import ADAPTIVE, CLASSIC, load_truth
 from stages._common import Stage, run
 
 ATTACKS, TRUTH = Path("attacks"), Path("truth")
@@ -22,9 +23,9 @@ def _stats(values) -> dict[str, float] | None:
     return {"mean": round(float(values.mean()), 6), "std": round(float(values.std(ddof=0)), 6)}
 
 
-def evaluate_upload(path: Path, lpips: Lpips) -> tuple[list[dict], dict]:
+def evaluate_upload(path: Path, lpips: Lpips, attacker: str = ADAPTIVE) -> tuple[list[dict], dict]:
     """Per-image rows and the upload's summary for one reconstruction file."""
-    setting = path.parent.name
+    setting = path.parent.name if attacker == ADAPTIVE else path.parent.parent.name
     rec, meta = load_tensors(path, expected={"images", "labels"})
     truth_u8, truth_labels, truth_meta = load_truth(TRUTH / setting / path.name)
     truth = truth_u8.float() / 255
@@ -35,7 +36,7 @@ def evaluate_upload(path: Path, lpips: Lpips) -> tuple[list[dict], dict]:
     scores = image_metrics(paired, truth)
     scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
     rows = [
-        {"setting": setting, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"],
+        {"setting": setting, "attacker": attacker, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"],
          "trial": meta["trial"], "image": i, "victim": truth_meta["victim_positions"][i],
          "true_label": int(truth_labels[i]), "gir": truth_meta["gir"][i], "reconstruction": int(order[i]),
          "converged": meta["converged"],
@@ -50,34 +51,38 @@ def evaluate_upload(path: Path, lpips: Lpips) -> tuple[list[dict], dict]:
 
 
 def main(stage: Stage) -> None:
-    reconstructions = sorted(ATTACKS.glob("*/*.safetensors"))
+    reconstructions = [(path, ADAPTIVE) for path in sorted(ATTACKS.glob("*/*.safetensors"))]
+    reconstructions += [(path, CLASSIC) for path in sorted(ATTACKS.glob(f"*/{CLASSIC}/*.safetensors"))]
     if not reconstructions:
         raise PipelineError(f"{ATTACKS}: no reconstructions to evaluate (run the attack stages first)")
     lpips = Lpips(stage.params.evaluate.lpips_backbone)
     if not lpips.available:
         print(f"evaluate: {lpips.reason}")
     stage.mlflow.set_tag("lpips", "computed" if lpips.available else lpips.reason)
-    rows, summary = [], {}
-    for path in reconstructions:
-        upload_rows, upload = evaluate_upload(path, lpips)
+    rows, summary, classic = [], {}, {}
+    for path, attacker in reconstructions:
+        upload_rows, upload = evaluate_upload(path, lpips, attacker)
         rows += upload_rows
         key = f"{upload['setting']}/{path.stem}"
-        summary[key] = upload
+        (summary if attacker == ADAPTIVE else classic)[key] = upload
         shown = "n/a" if upload["lpips"] is None else f"{upload['lpips']['mean']:.3f}"
-        print(f"evaluate: {key}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
+        print(f"evaluate: {key}{'' if attacker == ADAPTIVE else ' (classic attacker)'}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
               f"LPIPS {shown}, labels {upload['label_accuracy']:.2f}")
     per_image = pd.DataFrame(rows)
-    metrics = {"uploads": summary, "all": {k: _stats(per_image[k]) for k in SCORES}}
+    adaptive = per_image[per_image.attacker == ADAPTIVE]
+    metrics = {"uploads": summary, "classic": classic, "all": {k: _stats(adaptive[k]) for k in SCORES}}
     with atomic_file(PER_IMAGE) as tmp:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
     # step = training epoch: the UI plots each metric through training, the mean over a cell's images
-    for (setting, epoch), cell in per_image.groupby(["setting", "epoch"], sort=False):
+    for (setting, epoch), cell in adaptive.groupby(["setting", "epoch"], sort=False):
         stage.mlflow.log_metrics({f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()},
                                  step=int(epoch))
         uploads = [s for s in summary.values() if s["setting"] == setting and s["epoch"] == epoch]
         stage.mlflow.log_metric(f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads),
                                 step=int(epoch))
+    for (setting, epoch), cell in per_image[per_image.attacker == CLASSIC].groupby(["setting", "epoch"], sort=False):
+        stage.mlflow.log_metric(f"classic.psnr.{setting}", float(cell.psnr.mean()), step=int(epoch))
     stage.mlflow.log_metrics({k: v["mean"] for k, v in metrics["all"].items() if v})
     stage.mlflow.log_artifact(str(METRICS))
     stage.mlflow.log_artifact(str(PER_IMAGE))

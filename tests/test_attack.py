@@ -8,9 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import AttackSettings, invert, recover_labels
-from pipeline.attack.invert import (BatchNormPrior, GradientMatch, check_compiled, dummy_gradient,
-                                    pooled_statistics, total_variation)
-from pipeline.client import ClientParams, batch_gradient, simulate_client
+from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, check_compiled, dummy_gradient,
+                                    pooled_statistics, total_variation, unrolled_update)
+from pipeline.client import ClientParams, batch_gradient, simulate_client, step_parts
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
@@ -323,6 +323,54 @@ def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images
     finally:
         torch.set_num_threads(threads)
     assert exact > without + 3.0, (without, exact)
+
+
+def _cosine(a: dict[str, torch.Tensor], b: list[torch.Tensor], names: list[str]) -> float:
+    flat_a = torch.cat([a[n].reshape(-1).double() for n in names])
+    flat_b = torch.cat([t.detach().reshape(-1).double() for t in b])
+    return float(F.cosine_similarity(flat_a, flat_b, dim=0))
+
+
+@pytest.mark.parametrize("local_steps", [2, 3])
+@pytest.mark.parametrize("participants, bn", [(1, "sync"), (2, "sync"), (2, "async")])
+def test_the_unrolled_client_model_at_the_truth_gives_the_clients_upload(fashion_images, local_steps, participants, bn):
+    """The adaptive attacker's update of the true batch (E steps on the client's parts of it, at
+    its step size, each participant's part normalised apart under async BN) is the upload; the
+    classic attacker's one gradient of the whole batch is not."""
+    images, labels, _, _ = fashion_images
+    batch = 12  # 2 participants x 3 steps x 2 images
+    model = build_model("convnet", 1, 10, 32).train()
+    client = ClientParams(batch_size=batch, participants=participants, bn=bn, local_steps=local_steps, lr=0.05,
+                          mode="train", dp=None, label_repetition=None, participants_as="simulated")
+    upload = simulate_client(model, images[:batch], labels[:batch], client, seed=0).gradients
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    steps = LocalSteps(step_parts(batch, participants, local_steps), separate=bn == "async", lr=0.05)
+    unrolled = unrolled_update(model, images[:batch], labels[:batch], steps)
+    for name, got in zip(names, unrolled):
+        torch.testing.assert_close(got.detach(), upload[name], rtol=1e-4, atol=1e-6)
+    assert _cosine(upload, unrolled, names) == pytest.approx(1.0, abs=1e-6)
+    classic = dummy_gradient(model, images[:batch], labels[:batch], participants if bn == "async" else 1)
+    assert _cosine(upload, classic, names) < 0.99
+
+
+def test_the_unrolled_update_is_differentiable_in_the_images(fashion_images):
+    """Its gradient with respect to the dummy batch is autograd's through the E steps: checked
+    against a central finite difference along a random direction (float64; a step small enough
+    that no ReLU or max-pool switches within it)."""
+    images, labels, _, _ = fashion_images
+    model = build_model("convnet", 1, 10, 32).double().train()
+    steps = LocalSteps(step_parts(4, 1, 2), separate=False, lr=0.1)
+    x = images[:4].double().clone().requires_grad_(True)
+    direction = torch.randn_like(x)
+    weights = [torch.randn_like(p) for p in model.parameters() if p.requires_grad]
+
+    def value(batch: torch.Tensor) -> torch.Tensor:
+        return sum((w * g).sum() for w, g in zip(weights, unrolled_update(model, batch, labels[:4], steps)))
+
+    (analytic,) = torch.autograd.grad(value(x), x)
+    h = 1e-7
+    numeric = (value(x.detach() + h * direction) - value(x.detach() - h * direction)) / (2 * h)
+    assert float((analytic * direction).sum()) == pytest.approx(float(numeric.detach()), rel=1e-5)
 
 
 def test_a_restart_through_dropout_depends_on_the_seed_and_restart_alone(fashion_images):

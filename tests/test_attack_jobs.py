@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, load_result, run_job, run_jobs
+from pipeline.attack.jobs import Job, check_upload, load_result, run_job, run_jobs
 from pipeline.checkpoints import save_checkpoint
 from pipeline.client import ClientParams, simulate_client
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
-from pipeline.files import load_meta
+from pipeline.files import load_meta, load_tensors, save_tensors
 from pipeline.metrics import image_metrics, pair_by_hungarian
 from pipeline.nets import build_model
 from pipeline.uploads import Upload, save_upload
@@ -28,14 +28,14 @@ MEAN, STD = [0.286], [0.353]
 
 
 def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
-                name="epoch-000", mode="train", reveal_bn_statistics=False) -> Path:
+                name="epoch-000", mode="train", reveal_bn_statistics=False, local_steps=1, lr=0.01) -> Path:
     arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
             "maxpool_kernel": maxpool_kernel}
     torch.manual_seed(0)
     model = build_model(**arch)
     checkpoint = folder / f"{name}.checkpoint.safetensors"
     save_checkpoint(checkpoint, model, arch)
-    client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=1, lr=0.01,
+    client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=local_steps, lr=lr,
                           mode=mode, dp=None, label_repetition=None, participants_as="simulated")
     update = simulate_client(model, images, labels, client, seed=0)
     threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
@@ -104,6 +104,32 @@ def test_the_exact_attacker_models_async_batchnorm_over_the_shards(tmp_path, fas
     plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
     assert exact.grad_loss < plain.grad_loss
     assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
+
+
+def test_the_exact_attacker_unrolls_the_clients_local_steps(tmp_path, fashion_images):
+    """Two local steps of two images each: the classic attacker matches one gradient of all four
+    (BatchNorm over four), the adaptive one the client's two steps (BatchNorm over each two)."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
+    exact = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="exact"), 0, False)
+    plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
+    assert exact.grad_loss < plain.grad_loss
+    assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
+
+
+def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
+    tensors, meta = load_tensors(path)
+    save_tensors(path, tensors, {**meta, "lr": 0.0})
+    with pytest.raises(PipelineError, match="no positive step size"):
+        check_upload(path, attack_params(), processes=1)
+    check_upload(path, attack_params(attack__client_model="plain"), processes=1)  # the classic one needs none
+    path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2, name="epoch-001")
+    with pytest.raises(PipelineError, match="unrolled local steps train on parts of the whole dummy batch"):
+        check_upload(path, attack_params(attack__split="batch", attack__processes=2), processes=2)
+    with pytest.raises(PipelineError, match="does not unroll"):
+        check_upload(path, attack_params(attack__compile=True), processes=1)
 
 
 @pytest.mark.parametrize("client", [dict(participants=2, bn="async"), dict(mode="eval")])

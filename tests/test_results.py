@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from pipeline.errors import PipelineError
-from pipeline.results import (SHARED, Evidence, add_differences, mean_interval, paired, results_table, summary_of,
-                              table_differences, verdict_at, wilcoxon_p)
+from pipeline.results import (SHARED, Evidence, add_classic, add_differences, mean_interval, paired, results_table,
+                              shown_summary, summary_of, table_differences, verdict_at, wilcoxon_p)
 
 EVIDENCE = Evidence(confidence=0.95, resamples=2000, alpha=0.05, seed=7)
 
@@ -117,3 +117,25 @@ def test_table_differences_find_a_changed_value_and_ignore_row_order_and_extra_c
     assert len(table_differences(ours, theirs)) == 1 and table_differences(ours, theirs)[0].startswith("same epoch 0: psnr")
     assert table_differences(ours, theirs[theirs.epoch == 0])[0].startswith("rows differ")
     assert {"iterations_run", "unconverged"} <= set(SHARED)
+
+
+def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_verdict_alone():
+    """Where the classic attacker ran apart (here: on `defended`, 6 dB lower) its own mean and
+    interval are shown; elsewhere the one attack is both; the verdict is the adaptive one's."""
+    adaptive = _per_image({"pure": 0.0, "defended": 0.0}).assign(attacker="adaptive")
+    classic = _per_image({"defended": -6.0}).assign(attacker="classic")
+    table = add_classic(_table(adaptive, _uploads(adaptive)), pd.concat([adaptive, classic]), EVIDENCE)
+    cells = table.set_index(["setting", "epoch"])
+    mine = classic[classic.epoch == 0].psnr
+    assert cells.loc[("defended", 0), "classic_separate"]
+    assert cells.loc[("defended", 0), "classic_psnr"] == pytest.approx(mine.mean())
+    assert (cells.loc[("defended", 0), "classic_psnr_low"], cells.loc[("defended", 0), "classic_psnr_high"]) == \
+        mean_interval(mine, EVIDENCE)
+    assert not cells.loc[("pure", 0), "classic_separate"]
+    assert cells.loc[("pure", 0), "classic_psnr"] == cells.loc[("pure", 0), "psnr"]
+    training = pd.DataFrame({"scheme": ["pure", "defended"], "epoch": 3, "test_accuracy": [0.9, 0.9]})
+    summary = summary_of(table, training, EVIDENCE, "pure")
+    assert summary.set_index("setting").loc["defended", "verdict"].startswith("epoch 0: no detectable protection")
+    shown = shown_summary(summary).set_index("setting")
+    assert shown.loc["pure", "classic epoch 0"] == "same attack"
+    assert shown.loc["defended", "classic epoch 0"].startswith(f"{mine.mean():.1f} [")

@@ -98,6 +98,38 @@ def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return list(torch.autograd.grad(F.cross_entropy(logits, labels), params, create_graph=True))
 
 
+@dataclass(frozen=True)
+class LocalSteps:
+    """The client's E local steps as the attacker models them: which dummy positions each step
+    trains on, per participant (pipeline.client.step_parts), whether each participant's part is
+    normalised on its own (asynchronous BatchNorm in train mode), and the step size."""
+    parts: list[list[torch.Tensor]]
+    separate: bool
+    lr: float
+
+
+def unrolled_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: LocalSteps) -> list[torch.Tensor]:
+    """(theta_0 - theta_E) / (lr * E) of the dummy batch, differentiable with respect to it: the
+    client's E SGD steps taken through torch.func.functional_call at the weights each step
+    reached, step e's loss the mean over the images it trains on (DDP's average of the
+    participants' means), computed as the mean of the step gradients as the client does."""
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    current = [p for p in model.parameters() if p.requires_grad]
+    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+    taken: list[tuple[torch.Tensor, ...]] = []
+    for parts in steps.parts:
+        groups = parts if steps.separate else [torch.cat(parts)]
+        state = {**fixed, **dict(zip(names, current))}
+        loss = sum(F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum")
+                   for g in groups) / sum(len(g) for g in groups)
+        grads = torch.autograd.grad(loss, current, create_graph=True)
+        taken.append(grads)
+        current = [p - steps.lr * g for p, g in zip(current, grads)]
+    return [torch.stack(per_step).mean(0) for per_step in zip(*taken)]
+
+
 class GradientMatch:
     """The gradient term against one upload: 1 - cosine or the squared L2 distance over all
     parameters, each layer's entries weighted (equal weights: the plain global cosine).
@@ -198,14 +230,15 @@ class BatchNormPrior:
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0]
             dims = [0, *range(2, x.dim())]
-            mean, var = (r[self.calls[i]] for r in self.reference[i])
+            mean, var = (r[self.calls[i] % self.shards] for r in self.reference[i])  # the step's shard
             self.calls[i] += 1
             self.terms.append((mean - x.mean(dims)).norm() + (var - x.var(dims, unbiased=False)).norm())
         return record
 
     def take(self) -> torch.Tensor:
         """The prior of the forward passes since the last call."""
-        total = torch.stack(self.terms).sum() / self.shards if self.terms else torch.zeros(())
+        # averaged over the shards of every local step the attacker modelled
+        total = torch.stack(self.terms).sum() / self.calls[0] if self.terms else torch.zeros(())
         self.terms, self.calls = [], [0] * len(self.calls)
         return total
 
@@ -321,6 +354,7 @@ def invert(
     shards: int = 1,
     split_batch: bool = False,
     bn_statistics: dict[str, torch.Tensor] | None = None,
+    local_steps: LocalSteps | None = None,
 ) -> Reconstruction:
     """Reconstruct a batch of len(labels) images whose gradient at `model` matches `target`.
 
@@ -335,14 +369,21 @@ def invert(
 
     `bn_statistics`, the client's revealed BatchNorm statistics, replace the model's running
     statistics as the prior's reference.
+
+    With `local_steps`, the dummy upload is the client's E local steps unrolled (see
+    unrolled_update) rather than one gradient; `shards` is then the groups each step
+    normalises apart (W under asynchronous BatchNorm, else 1).
     """
     model = copy.deepcopy(model)
     crops = crop_dead_taps(model, image_shape)  # ResNet-18 at 32 px: layer4 at 1 x 1, 3 x 3 kernels used at the centre
     match = GradientMatch(model, target, settings.objective, settings.layer_weights, crops)
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
     check_split(model, len(labels), shards, world, settings.bn_prior)
-    if settings.compile and (settings.bn_prior or world > 1):
-        raise ValueError("the compiled step takes neither the BatchNorm prior nor a dummy batch split over processes")
+    if settings.compile and (settings.bn_prior or world > 1 or local_steps is not None):
+        raise ValueError("the compiled step takes neither the BatchNorm prior, nor a dummy batch split over processes, "
+                         "nor unrolled local steps")
+    if local_steps is not None and world > 1:
+        raise ValueError("unrolled local steps train on parts of the whole dummy batch: it cannot split over processes")
     low, high = pixel_box(mean, std)
     batch = (len(labels), *image_shape)
     restarts = list(range(settings.restarts)) if restarts is None else restarts
@@ -371,7 +412,8 @@ def invert(
 
     def eager_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""
-        grads = dummy_gradient(model, x, own, max(shards // world, 1))
+        grads = dummy_gradient(model, x, own, max(shards // world, 1)) if local_steps is None else \
+            unrolled_update(model, x, own, local_steps)
         extra = settings.tv_weight * total_variation(x) if settings.tv_weight else None
         if prior is not None:
             extra = settings.bn_prior * prior.take() + (0 if extra is None else extra)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import AttackSettings, Reconstruction, check_split, invert
+from pipeline.attack.invert import AttackSettings, LocalSteps, Reconstruction, check_split, invert
 from pipeline.attack.labels import recover_labels
 from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
+from pipeline.client import step_parts
 from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
@@ -57,6 +58,12 @@ class Target:
     shards: int
     threat_model: dict
     bn_statistics: dict[str, torch.Tensor] | None  # the prior's reference when exact; None: running
+    local_steps: LocalSteps | None  # the client's E > 1 steps, unrolled by the exact client model
+
+    @property
+    def adapted(self) -> bool:
+        """Whether this attacker models the client otherwise than the classic one does."""
+        return self.shards > 1 or self.local_steps is not None
 
 
 def target_of(job: Job, a: AttackParams) -> Target:
@@ -69,24 +76,48 @@ def target_of(job: Job, a: AttackParams) -> Target:
     check_fits(job.upload, upload, model)
     model.train(tm["mode"] == "train")
     labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
-    # An attacker who knows the protocol normalises its dummy shards as the client's async BN did.
-    shards = tm["participants"] if a.client_model == "exact" and tm["bn"] == "async" and tm["mode"] == "train" else 1
+    # An attacker who knows the protocol normalises its dummy shards as the client's async BN did,
+    # and takes the client's local steps on the same parts of its dummy batch.
+    exact = a.client_model == "exact"
+    shards = tm["participants"] if exact and tm["bn"] == "async" and tm["mode"] == "train" else 1
+    local_steps = None
+    if exact and tm["local_steps"] > 1:
+        lr = tm["lr"]
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise PipelineError(f"{job.upload}: attack.client_model 'exact' unrolls {tm['local_steps']} local steps, "
+                                f"but the upload's threat model gives no positive step size (lr is {lr!r})")
+        try:
+            parts = step_parts(tm["batch_size"], tm["participants"], tm["local_steps"])
+        except PipelineError as err:
+            raise PipelineError(f"{job.upload}: the threat model's local steps: {err}") from None
+        local_steps = LocalSteps(parts, separate=shards > 1, lr=float(lr))
     statistics = None
     if a.bn_prior and a.bn_statistics == "exact":
         if batchnorm_layers(model) and not upload.bn_statistics:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
                                 "statistics (extract it again with extract.reveal_bn_statistics: true)")
         statistics = upload.bn_statistics
-    return Target(model, upload.gradients, labels, shards, tm, statistics)
+    return Target(model, upload.gradients, labels, shards, tm, statistics, local_steps)
+
+
+def classic_of(a: AttackParams) -> AttackParams:
+    """The classic attacker with the same budget and objective: one full-batch gradient."""
+    return a.model_copy(update={"client_model": "plain", "classic": False})
 
 
 def check_upload(path: Path, a: AttackParams, processes: int) -> None:
     """Refuse, before any process starts, an upload the attack cannot run on (or, with
     split: batch, whose dummy batch cannot split `processes` ways)."""
     t = target_of(Job(path, 0), a)
+    if t.local_steps is not None and a.compile:
+        raise PipelineError(f"{path}: attack.compile: the compiled step does not unroll the client's "
+                            f"{t.threat_model['local_steps']} local steps (compile: false, or client_model: plain)")
     if a.split != "batch":
         return
     try:
+        if t.local_steps is not None and processes > 1:
+            raise ValueError("unrolled local steps train on parts of the whole dummy batch (use split: jobs, "
+                             "or client_model: plain)")
         check_split(t.model, len(t.labels), t.shards, processes, a.bn_prior)
     except ValueError as err:
         raise PipelineError(f"{path}: attack.split batch: {err}") from None
@@ -98,7 +129,7 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
     shape = (t.threat_model["in_channels"], t.threat_model["image_size"], t.threat_model["image_size"])
     return invert(t.model, t.gradients, t.labels, shape, t.threat_model["mean"], t.threat_model["std"],
                   settings_of(a, seed), progress=progress, restarts=[job.restart], shards=t.shards,
-                  split_batch=split_batch, bn_statistics=t.bn_statistics)
+                  split_batch=split_batch, bn_statistics=t.bn_statistics, local_steps=t.local_steps)
 
 
 def save_result(path: Path, rec: Reconstruction) -> None:
