@@ -163,6 +163,8 @@ class ClientUpdate:
     epsilon: float | None  # per-sample DP at the client: the guarantee for each of its samples
     # "<layer>.mean" / "<layer>.var": what each BatchNorm normalised with, [E steps, groups, C]
     bn_statistics: dict[str, torch.Tensor]
+    # "<layer>.running_mean" / "<layer>.running_var" after the update (client.upload_buffers); else empty
+    bn_buffers: dict[str, torch.Tensor]
 
 
 class NormalisationStatistics:
@@ -276,7 +278,24 @@ def simulate_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         return [(0, torch.cat(parts))] if normalisation_groups(c) == 1 else list(enumerate(parts))
 
     upload, statistics = _run_client(model, images, labels, c, seed, my_groups, lambda g: g)
-    return ClientUpdate(upload, _client_epsilon(c), statistics)
+    return ClientUpdate(upload, _client_epsilon(c), statistics, running_buffers(model) if c.upload_buffers else {})
+
+
+def running_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each BatchNorm layer's running statistics as they stand: after the client's steps, what a
+    FedAvg client sends beside its weights. (Its train-mode forwards updated them by PyTorch's
+    rule: r <- (1 - m) r + m s, s the batch mean and unbiased variance of the step.)"""
+    return {f"{name}.{kind}": getattr(m, kind).detach().clone() for name, m in batchnorm_layers(model)
+            if m.running_mean is not None for kind in ("running_mean", "running_var")}
+
+
+def batchnorm_momentum(model: nn.Module) -> float | None:
+    """The momentum all of the model's BatchNorm layers share (None without BatchNorm)."""
+    momenta = {m.momentum for _, m in batchnorm_layers(model) if m.running_mean is not None}
+    if len(momenta) > 1 or None in momenta:
+        raise PipelineError(f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
+                            "uploaded buffers need one momentum")
+    return momenta.pop() if momenta else None
 
 
 def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
@@ -313,14 +332,14 @@ def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     with tempfile.TemporaryDirectory() as folder:
         out = f"{folder}/upload.safetensors"
         fabric.launch(_participant, model, images, labels, c, seed, out)
-        gradients, statistics = split(load_file(out))
-    return ClientUpdate(gradients, _client_epsilon(c), statistics)
+        gradients, statistics, _ = split(load_file(out))
+    return ClientUpdate(gradients, _client_epsilon(c), statistics, {})  # upload_buffers: simulated only (config)
 
 
 def plain(c: ClientParams) -> ClientParams:
     """The setting an attacker models: one participant, one step, synchronous BN, no DP."""
     return c.model_copy(update={"participants": 1, "bn": "sync", "local_steps": 1, "dp": None,
-                                "participants_as": "simulated"})
+                                "participants_as": "simulated", "upload_buffers": False})
 
 
 def information_ratio(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
@@ -336,5 +355,5 @@ def information_ratio(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int = 0) -> Grads:
     """The plain client's upload: the gradient of the batch's mean loss at the model's weights."""
     c = ClientParams(batch_size=len(labels), participants=1, bn="sync", local_steps=1, lr=1.0, mode=mode, dp=None,
-                     label_repetition=None, participants_as="simulated")
+                     label_repetition=None, participants_as="simulated", upload_buffers=False)
     return simulate_client(model, images, labels, c, seed).gradients

@@ -131,6 +131,8 @@ class ClientParams(_Section):
     dp: ClientDPParams | None
     label_repetition: Annotated[int, Field(ge=1)] | None  # k: the batch holds k classes x B/k images each
     participants_as: Literal["simulated", "processes"]  # one process, or W real (Lightning Fabric) ones
+    # the upload carries the BatchNorm running statistics after the update, as FedAvg sends the whole state
+    upload_buffers: bool
 
     @model_validator(mode="after")
     def _splits(self) -> "ClientParams":
@@ -141,19 +143,24 @@ class ClientParams(_Section):
             raise ValueError(f"a shard of {b // w} images does not split into {e} equal local steps")
         if self.label_repetition is not None and b % self.label_repetition:
             raise ValueError(f"batch_size {b} does not split into {self.label_repetition} classes of equal size")
+        if self.upload_buffers and w > 1 and (self.bn == "async" or self.participants_as == "processes"):
+            raise ValueError("upload_buffers: the buffers of one client model are uploaded; W participants with "
+                             "bn: async, or run as processes, each hold their own (use participants: 1 or bn: sync, "
+                             "simulated)")
         return self
 
 
 class SettingParams(BaseModel):
-    """A named client setting: the scheme whose checkpoints it uploads from, and what it changes
-    from the `client` section (any of its keys)."""
+    """A named client setting: the scheme whose checkpoints it uploads from, what it changes
+    from the `client` section (any of its keys), and from the `attack` section (under `attack:`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     scheme: str
+    attack: dict[str, Any] = Field(default_factory=dict)
 
 
 class AttackParams(_Section):
-    labels: Literal["known", "llg", "llg-original", "idlg"]
+    labels: Literal["known", "llg", "llg-original", "idlg", "counts"]
     iterations: int = Field(ge=1)
     restarts: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -170,8 +177,9 @@ class AttackParams(_Section):
     layer_weights: Literal["equal", "linear"]  # linear: layer l of L weighs (L - l) / L
     bn_prior: float = Field(ge=0)  # weight of the BatchNorm-statistics prior (0: off)
     # the prior's reference: running: the model's running statistics; exact: those the client
-    # normalised with, from the upload (needs extract.reveal_bn_statistics)
-    bn_statistics: Literal["running", "exact"]
+    # normalised with, from the upload (needs extract.reveal_bn_statistics); from-buffers: derived
+    # from the running statistics the client uploaded after its update (needs client.upload_buffers)
+    bn_statistics: Literal["running", "exact", "from-buffers"]
     tv_target: float | None = Field(gt=0)  # stop a restart once its best iterate's TV is under this
     processes: int = Field(ge=1)
     # jobs: the jobs (upload x restart) sharded over the processes; batch: every process on
@@ -229,6 +237,7 @@ class Params(_Section):
                     f"does not split evenly over {processes} processes"
                 )
             _check_name("schemes", name)
+        self._check_attack(self.attack, "attack")
         for name, setting in self.settings.items():
             _check_name("settings", name)
             if setting.scheme not in self.schemes:
@@ -239,8 +248,14 @@ class Params(_Section):
                     and self.schemes[setting.scheme].norm != "group":
                 raise ValueError(f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
                                  "ties the samples together (use mode: eval or a scheme with norm: group)")
-            if self.attack.labels == "idlg" and client.batch_size != 1:
-                raise ValueError(f"attack.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
+            attack, where = self._attack(name), f"settings.{name}.attack" if setting.attack else "attack"
+            if attack.labels == "idlg" and client.batch_size != 1:
+                raise ValueError(f"{where}.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
+            if setting.attack:
+                self._check_attack(attack, where)
+            if attack.bn_statistics == "from-buffers" and not client.upload_buffers:
+                raise ValueError(f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "
+                                 f"(settings.{name} has upload_buffers: false)")
         baseline = self.report.baseline
         if baseline is not None:
             if baseline not in self.settings:
@@ -250,21 +265,44 @@ class Params(_Section):
                 raise ValueError(f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's")
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
-        if self.attack.lr_min > self.attack.lr:
-            raise ValueError("attack.lr_min: must not exceed attack.lr")
-        if self.attack.labels == "known" and not self.extract.reveal_labels:
-            raise ValueError("attack.labels: 'known' needs extract.reveal_labels: true")
-        if self.attack.compile and (self.attack.bn_prior or self.attack.split == "batch"):
-            raise ValueError("attack.compile: the compiled step takes neither bn_prior nor split: batch")
-        if self.attack.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
-            raise ValueError("attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
         return self
+
+    def _check_attack(self, a: AttackParams, where: str) -> None:
+        if a.lr_min > a.lr:
+            raise ValueError(f"{where}.lr_min: must not exceed attack.lr")
+        if a.labels == "known" and not self.extract.reveal_labels:
+            raise ValueError(f"{where}.labels: 'known' needs extract.reveal_labels: true")
+        if a.compile and (a.bn_prior or a.split == "batch"):
+            raise ValueError(f"{where}.compile: the compiled step takes neither bn_prior nor split: batch")
+        if a.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
+            raise ValueError(f"{where}.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
+
+    def _attack(self, name: str) -> AttackParams:
+        overrides = self.settings[name].attack
+        if not overrides:
+            return self.attack
+        try:
+            return AttackParams.model_validate({**self.attack.model_dump(), **overrides})
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise ValueError(f"settings.{name}.attack: unknown key {key!r} (it changes keys of attack)") from None
+            got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+            raise ValueError(f"settings.{name}.attack.{key}: {first['msg']}{got}") from None
+
+    def attack_for(self, name: str) -> AttackParams:
+        """The attack parameters a named setting is attacked with: `attack`, changed by its own `attack:` keys."""
+        if name not in self.settings:
+            raise PipelineError(f"unknown setting {name!r}; params.yaml defines {', '.join(self.settings)}")
+        return self._attack(name)
 
     def _resolve(self, name: str) -> ClientParams:
         overrides = dict(self.settings[name].model_extra or {})
         unknown = sorted(set(overrides) - set(ClientParams.model_fields))
         if unknown:
-            raise ValueError(f"settings.{name}: unknown key {unknown[0]!r} (a setting changes keys of client)")
+            raise ValueError(f"settings.{name}: unknown key {unknown[0]!r} (a setting changes keys of client, "
+                             "and of attack under attack:)")
         try:
             return ClientParams.model_validate({**self.client.model_dump(), **overrides})
         except ValidationError as err:

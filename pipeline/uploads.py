@@ -2,7 +2,8 @@
 
 An upload is the gradient by parameter name plus the threat model (what the server knows),
 and, when the threat model reveals them, the statistics the client's BatchNorm layers
-normalised with; the truth file holds the client's images and labels and is read only by the
+normalised with, and, when the client sends its whole state, its BatchNorm running statistics
+after the update; the truth file holds the client's images and labels and is read only by the
 evaluation.
 """
 
@@ -36,7 +37,8 @@ def upload_name(epoch: int, trial: int) -> str:
 ADAPTIVE, CLASSIC = "adaptive", "classic"
 
 
-STATISTICS = "bn_statistics/"  # the prefix of their names beside the gradients' (no parameter name has a /)
+# the prefixes of their names beside the gradients' (no parameter name has a /)
+STATISTICS, BUFFERS = "bn_statistics/", "bn_buffers/"
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Upload:
     threat_model: dict[str, Any]
     # "<layer>.mean" / "<layer>.var", [local steps, normalisation groups, channels]; empty: not revealed
     bn_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # "<layer>.running_mean" / "<layer>.running_var" after the client's update; empty: not uploaded
+    bn_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -52,19 +56,25 @@ class Upload:
         return None if revealed is None else torch.tensor(revealed, dtype=torch.long)
 
 
-def joined(gradients: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gradients and BatchNorm statistics as one flat mapping of tensors (for one file)."""
-    return {**gradients, **{STATISTICS + n: s for n, s in statistics.items()}}
+def joined(gradients: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor],
+           buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Gradients, BatchNorm statistics and buffers as one flat mapping of tensors (for one file)."""
+    return {**gradients, **{STATISTICS + n: s for n, s in statistics.items()},
+            **{BUFFERS + n: b for n, b in (buffers or {}).items()}}
 
 
-def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The inverse of `joined`: (gradients, BatchNorm statistics)."""
-    statistics = {n.removeprefix(STATISTICS): t for n, t in tensors.items() if n.startswith(STATISTICS)}
-    return {n: t for n, t in tensors.items() if not n.startswith(STATISTICS)}, statistics
+def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
+    """The inverse of `joined`: (gradients, BatchNorm statistics, BatchNorm buffers)."""
+    def under(prefix: str) -> dict[str, torch.Tensor]:
+        return {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
+
+    gradients = {n: t for n, t in tensors.items() if not n.startswith((STATISTICS, BUFFERS))}
+    return gradients, under(STATISTICS), under(BUFFERS)
 
 
 def save_upload(path: Path, upload: Upload) -> None:
-    save_tensors(path, joined(upload.gradients, upload.bn_statistics), {"kind": "upload", **upload.threat_model})
+    save_tensors(path, joined(upload.gradients, upload.bn_statistics, upload.bn_buffers),
+                 {"kind": "upload", **upload.threat_model})
 
 
 def load_upload(path: Path) -> Upload:
@@ -77,8 +87,8 @@ def load_upload(path: Path) -> Upload:
     for name, tensor in tensors.items():
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise PipelineError(f"{path}: {name!r} is not a finite float tensor")
-    gradients, statistics = split(tensors)
-    return Upload(gradients, meta, statistics)
+    gradients, statistics, buffers = split(tensors)
+    return Upload(gradients, meta, statistics, buffers)
 
 
 def check_fits(path: Path, upload: Upload, model: nn.Module) -> None:

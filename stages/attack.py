@@ -84,7 +84,8 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
 
 
 def main(stage: Stage) -> None:
-    p, a, setting = stage.params, stage.params.attack, stage.setting
+    p, setting = stage.params, stage.setting
+    a = p.attack_for(setting)
     folder, out_folder = Path("uploads") / setting, Path("attacks") / setting
     uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:

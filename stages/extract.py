@@ -9,8 +9,8 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 from pathlib import Path
 
 from pipeline.checkpoints import ARCH_KEYS, checkpoint_name, load_checkpoint
-from pipeline.client import (check_batchnorm_batch, choose_batches, client_upload, information_ratio, plain,
-                             repetition_rate, simulate_client)
+from pipeline.client import (batchnorm_momentum, check_batchnorm_batch, choose_batches, client_upload,
+                             information_ratio, plain, repetition_rate, simulate_client)
 from pipeline.data import load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
@@ -47,11 +47,12 @@ def main(stage: Stage) -> None:
                     "checkpoint": path.as_posix(),
                     "checkpoint_sha256": ckpt["sha256"],
                     **{k: v for k, v in c.model_dump().items() if k != "participants_as"},
+                    "bn_momentum": batchnorm_momentum(model) if c.upload_buffers else None,
                     "labels": labels.tolist() if p.extract.reveal_labels else None,
                 }
                 name = upload_name(epoch, trial)
                 revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
-                save_upload(uploads / name, Upload(update.gradients, threat_model, revealed))
+                save_upload(uploads / name, Upload(update.gradients, threat_model, revealed, update.bn_buffers))
                 save_truth(truth / name, images, labels, {
                     "epoch": epoch, "trial": trial, "setting": setting, "victim_positions": chosen.tolist(),
                     "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],

@@ -8,8 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import AttackSettings, invert, recover_labels
-from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, check_compiled, dummy_gradient,
+from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, check_compiled, dummy_gradient, pixel_box,
                                     pooled_statistics, total_variation, unrolled_update)
+from pipeline.attack.labels import mean_prediction
 from pipeline.client import ClientParams, batch_gradient, simulate_client, step_parts
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
@@ -44,6 +45,35 @@ def test_llg_with_repeated_labels_returns_a_full_batch():
     labels = torch.tensor([2, 2, 2, 5, 5, 7, 7, 7])
     got = recover_labels("llg", _fc_grad(model, torch.randn(8, 3, 32, 32), labels, "train"), 8)
     assert len(got) == 8 and set(got.tolist()) == {2, 5, 7}
+
+
+@pytest.mark.parametrize("arch,channels", [("convnet", 1), ("resnet18", 3)])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_counts_recover_repeated_labels_exactly_on_untrained_models(arch, channels, mode):
+    """B = 8, 4 classes x 2 (label repetition): the bias gradient counts every class, with the mean
+    prediction estimated on the attacker's own noise; with the batch's true mean prediction the
+    formula B * (pbar - g) gives the integer counts themselves."""
+    model = build_model(arch, channels, 10, 32).train(mode == "train")
+    mean, std = [0.286] * channels, [0.353] * channels
+    estimated = mean_prediction(model, (channels, 32, 32), *pixel_box(mean, std))
+    weight = classifier_weight_name(model)
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randperm(10, generator=gen)[:4].repeat_interleave(2)
+        images = torch.randn(8, channels, 32, 32, generator=gen)
+        grads = batch_gradient(model, images, labels, mode)
+        bias = grads[weight.removesuffix("weight") + "bias"]
+        got = recover_labels("counts", grads[weight], 8, fc_bias_grad=bias, mean_probs=estimated)
+        assert got.tolist() == sorted(labels.tolist()), seed
+        with torch.no_grad():
+            true_mean = copy.deepcopy(model)(images).double().softmax(dim=1).mean(dim=0)
+        real = 8 * (true_mean - bias.double())
+        assert torch.allclose(real, F.one_hot(labels, 10).sum(dim=0).double(), atol=1e-4)
+
+
+def test_counts_need_a_bias_gradient():
+    with pytest.raises(PipelineError, match="bias"):
+        recover_labels("counts", torch.zeros(10, 4), 4)
 
 
 def test_idlg_exact_for_one_image():
@@ -268,7 +298,7 @@ def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alo
 def async_client(batch_size: int, participants: int) -> ClientParams:
     return ClientParams(batch_size=batch_size, participants=participants, bn="async" if participants > 1 else "sync",
                         local_steps=1, lr=0.01, mode="train", dp=None, label_repetition=None,
-                        participants_as="simulated")
+                        participants_as="simulated", upload_buffers=False)
 
 
 def test_pooled_statistics_are_those_of_the_pooled_activations():
@@ -341,7 +371,7 @@ def test_the_unrolled_client_model_at_the_truth_gives_the_clients_upload(fashion
     batch = 12  # 2 participants x 3 steps x 2 images
     model = build_model("convnet", 1, 10, 32).train()
     client = ClientParams(batch_size=batch, participants=participants, bn=bn, local_steps=local_steps, lr=0.05,
-                          mode="train", dp=None, label_repetition=None, participants_as="simulated")
+                          mode="train", dp=None, label_repetition=None, participants_as="simulated", upload_buffers=False)
     upload = simulate_client(model, images[:batch], labels[:batch], client, seed=0).gradients
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     steps = LocalSteps(step_parts(batch, participants, local_steps), separate=bn == "async", lr=0.05)

@@ -13,22 +13,23 @@ import pytest
 import torch
 
 from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, check_upload, load_result, run_job, run_jobs
+from pipeline.attack.jobs import Job, check_upload, load_result, run_job, run_jobs, target_of
 from pipeline.checkpoints import save_checkpoint
-from pipeline.client import ClientParams, simulate_client
+from pipeline.client import ClientParams, batchnorm_momentum, simulate_client
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import load_meta, load_tensors, save_tensors
 from pipeline.metrics import image_metrics, pair_by_hungarian
 from pipeline.nets import build_model
-from pipeline.uploads import Upload, save_upload
+from pipeline.uploads import Upload, load_upload, save_upload
 from tests.conftest import REPO, make_params
 
 MEAN, STD = [0.286], [0.353]
 
 
 def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
-                name="epoch-000", mode="train", reveal_bn_statistics=False, local_steps=1, lr=0.01) -> Path:
+                name="epoch-000", mode="train", reveal_bn_statistics=False, local_steps=1, lr=0.01,
+                upload_buffers=False) -> Path:
     arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
             "maxpool_kernel": maxpool_kernel}
     torch.manual_seed(0)
@@ -36,13 +37,16 @@ def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None,
     checkpoint = folder / f"{name}.checkpoint.safetensors"
     save_checkpoint(checkpoint, model, arch)
     client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=local_steps, lr=lr,
-                          mode=mode, dp=None, label_repetition=None, participants_as="simulated")
+                          mode=mode, dp=None, label_repetition=None, participants_as="simulated",
+                          upload_buffers=upload_buffers)
     update = simulate_client(model, images, labels, client, seed=0)
     threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
               "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "trial": 0, "scheme": "s", "setting": "s",
-              **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist()}
+              **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist(),
+              "bn_momentum": batchnorm_momentum(model) if upload_buffers else None}
     path = folder / f"{name}.safetensors"
-    save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {}))
+    save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {},
+                             update.bn_buffers))
     return path
 
 
@@ -129,7 +133,7 @@ def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashi
     with pytest.raises(PipelineError, match="unrolled local steps train on parts of the whole dummy batch"):
         check_upload(path, attack_params(attack__split="batch", attack__processes=2), processes=2)
     with pytest.raises(PipelineError, match="does not unroll"):
-        check_upload(path, attack_params(attack__compile=True), processes=1)
+        check_upload(path, attack_params().model_copy(update={"compile": True}), processes=1)
 
 
 @pytest.mark.parametrize("client", [dict(participants=2, bn="async"), dict(mode="eval")])
@@ -173,6 +177,47 @@ def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(t
     exact = run_job(Job(revealed, 0), a, 0, False)
     running = run_job(Job(revealed, 0), attack_params(attack__iterations=20, attack__bn_prior=0.01), 0, False)
     assert torch.isfinite(exact.images).all() and not torch.equal(exact.images, running.images)
+
+
+def test_statistics_derived_from_the_uploaded_buffers_are_those_the_client_normalised_with(tmp_path, fashion_images):
+    """One local step: (r_after - (1 - m) r_before) / m, its variance made biased again, gives the
+    statistics the client recorded; the prior with them recovers as well as with the revealed ones."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], reveal_bn_statistics=True, upload_buffers=True)
+    upload = load_upload(path)
+    assert upload.threat_model["bn_momentum"] == 0.1 and len(upload.bn_buffers) == len(upload.bn_statistics) > 0
+    a = attack_params(attack__iterations=200, attack__restarts=1)
+    from_buffers = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "from-buffers"})
+    revealed = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "exact"})
+    derived = target_of(Job(path, 0), from_buffers).bn_statistics
+    assert set(derived) == set(upload.bn_statistics)
+    for name, truth in upload.bn_statistics.items():
+        torch.testing.assert_close(derived[name], truth, rtol=1e-4, atol=1e-4)
+    got, want = run_job(Job(path, 0), from_buffers, 0, False), run_job(Job(path, 0), revealed, 0, False)
+    running = run_job(Job(path, 0), a.model_copy(update={"bn_prior": 0.01}), 0, False)
+    # the same references to 1e-7, so the same attack up to the sign steps' amplification of rounding
+    assert abs(psnr(got, images[:4]) - psnr(want, images[:4])) < 0.5
+    assert psnr(got, images[:4]) > psnr(running, images[:4]) + 1
+
+
+def test_a_prior_from_buffers_needs_an_upload_that_carries_them(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    bare = make_upload(tmp_path, images[:4], labels[:4])
+    a = attack_params(attack__iterations=20).model_copy(update={"bn_prior": 0.01, "bn_statistics": "from-buffers"})
+    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.bn_statistics 'from-buffers', but the upload "
+                                            "carries no BatchNorm buffers"):
+        run_jobs([Job(bare, 0)], a, 0, tmp_path)
+    assert not list(tmp_path.glob("*.restart-*"))
+
+
+def test_counts_recover_the_repeated_labels_of_an_upload(tmp_path, fashion_images):
+    images, labels, _, _ = fashion_images
+    order = torch.argsort(labels[:64], stable=True)
+    first_two = [c for c in torch.unique(labels[:64]) if (labels[:64] == c).sum() >= 2][:4]
+    chosen = torch.cat([order[labels[:64][order] == c][:2] for c in first_two])  # 4 classes x 2
+    path = make_upload(tmp_path, images[chosen], labels[chosen])
+    got = target_of(Job(path, 0), attack_params().model_copy(update={"labels": "counts"})).labels
+    assert got.tolist() == sorted(labels[chosen].tolist())
 
 
 def _children(pid: int) -> list[int]:

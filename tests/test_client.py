@@ -17,7 +17,7 @@ from pipeline.nets import build_model
 from tests.conftest import make_params
 
 PLAIN = dict(batch_size=8, participants=1, bn="sync", local_steps=1, lr=0.05, mode="train", dp=None,
-             label_repetition=None, participants_as="simulated")
+             label_repetition=None, participants_as="simulated", upload_buffers=False)
 
 
 def client(**changes) -> ClientParams:

@@ -34,7 +34,10 @@ def test_project_params_validate():
         ("settings.client-dp.dp.sigma", -1.0, "params.yaml: settings.client-dp.dp.sigma: Input should be greater than or equal to 0 (got -1.0)"),
         ("settings.client-dp.mode", "train", "params.yaml: settings.client-dp: per-sample DP cannot run through train-mode BatchNorm, which ties the samples together (use mode: eval or a scheme with norm: group)"),
         ("settings.pure.scheme", "gradient", "params.yaml: settings.pure.scheme: 'gradient' is not a scheme; params.yaml defines pure, ra, dp-sgd, clip-noise, gh"),
-        ("settings.pure.participant", 2, "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client)"),
+        ("settings.pure.participant", 2, "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client, and of attack under attack:)"),
+        ("settings.label-repeat.attack.labels", "guess", "params.yaml: settings.label-repeat.attack.labels: Input should be 'known', 'llg', 'llg-original', 'idlg' or 'counts' (got 'guess')"),
+        ("settings.label-repeat.attack.iteration", 5, "params.yaml: settings.label-repeat.attack: unknown key 'iteration' (it changes keys of attack)"),
+        ("settings.pure.attack", {"labels": "idlg"}, "params.yaml: settings.pure.attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
         ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
         ("attack.bn_statistics", "exact", "params.yaml: attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
@@ -43,7 +46,7 @@ def test_project_params_validate():
         ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
         ("extract.trials", 0, "params.yaml: extract.trials: Input should be greater than or equal to 1 (got 0)"),
         ("report.baseline", "plain", "params.yaml: report.baseline: 'plain' is not a setting, so nothing can be paired "
-         "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, label-repeat "
+         "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat "
          "(null: a table without paired columns)"),
         ("report.baseline", "label-repeat", "params.yaml: report.baseline: 'label-repeat' repeats labels, so its batches "
          "pair with no other setting's"),
@@ -61,6 +64,10 @@ def test_bad_value_gives_one_line_naming_the_key(key, value, message):
 def test_the_compiled_attack_refuses_what_it_cannot_compute():
     raw = copy.deepcopy(RAW_PARAMS)
     set_dotted(raw, "attack.compile", True)
+    with pytest.raises(PipelineError, match="^params.yaml: settings.buffers.attack.compile: the compiled step takes "
+                                            "neither bn_prior nor split: batch$"):
+        parse_params(raw)  # the setting's own prior
+    set_dotted(raw, "settings.buffers.attack.compile", False)
     assert parse_params(raw).attack.compile
     set_dotted(raw, "attack.bn_prior", 0.1)
     with pytest.raises(PipelineError, match="^params.yaml: attack.compile: the compiled step takes neither bn_prior "
@@ -95,3 +102,12 @@ def test_unreadable_yaml(tmp_path):
     path.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(PipelineError, match="expected a mapping"):
         load_params(path)
+
+
+def test_a_setting_changes_the_attack_it_faces_and_only_its_own():
+    params = load_params(REPO / "params.yaml")
+    assert params.attack_for("label-repeat").labels == "counts"
+    assert params.attack_for("label-repeat").iterations == params.attack.iterations
+    assert params.attack_for("pure") == params.attack
+    with pytest.raises(PipelineError, match="unknown setting 'nope'"):
+        params.attack_for("nope")

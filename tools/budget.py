@@ -35,7 +35,7 @@ def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None) -
     evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
     rows = []
     for budget in iterations:
-        a = p.attack.model_copy(update={"iterations": budget})
+        a = p.attack_for(setting).model_copy(update={"iterations": budget})
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
             run_jobs([Job(u, r) for u in uploads for r in range(a.restarts)], a, p.seed, Path(scratch))

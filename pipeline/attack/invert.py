@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.nets import batchnorm_layers, crop_dead_taps
+from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,35 @@ def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels:
     square = var.reshape_as(mean) + mean * mean
     pooled_mean = mean.mean((0, 2))
     return pooled_mean.float(), (square.mean((0, 2)) - pooled_mean * pooled_mean).clamp_min(0).float()
+
+
+def statistics_from_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], momentum: float, steps: int,
+                            step_images: int, image_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """What each BatchNorm layer normalised with, derived from its running statistics before the
+    client's update (`model`'s) and after it (`buffers`, uploaded), in the format of revealed
+    statistics ([1 step, 1 group, C]).
+
+    One train-mode step moves r to (1 - m) r + m s, with s the step's batch mean and unbiased
+    variance over its n values per channel; so s = (r_after - (1 - m) r_before) / m, and the
+    biased variance the layer normalised with is (n - 1) / n of it. After E steps the same rule
+    with k = (1 - m)^E, s = (r_after - k r_before) / (1 - k), is the steps' statistics averaged
+    with weights (1 - m)^(E - 1 - e): exact for one step; for several, a weighted mean of
+    statistics each taken at other weights (as the revealed ones pooled over steps are)."""
+    shapes = input_shapes(model, nn.modules.batchnorm._BatchNorm, image_shape)
+    kept = (1 - momentum) ** steps
+    out = {}
+    for name, m in batchnorm_layers(model):
+        if m.running_mean is None:
+            continue
+        after = [buffers.get(f"{name}.{kind}") for kind in ("running_mean", "running_var")]
+        if any(b is None or b.shape != m.running_mean.shape for b in after):
+            raise ValueError(f"the upload carries no running statistics of BatchNorm layer {name!r} of its shape")
+        mean = (after[0].double() - kept * m.running_mean.double()) / (1 - kept)
+        unbiased = (after[1].double() - kept * m.running_var.double()) / (1 - kept)
+        n = step_images * shapes[name][1:].numel()
+        out[f"{name}.mean"] = mean.float().view(1, 1, -1)
+        out[f"{name}.var"] = (unbiased * (n - 1) / n).clamp_min(0).float().view(1, 1, -1)
+    return out
 
 
 def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, shards: int, tv_weight: float,

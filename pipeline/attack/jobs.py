@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import AttackSettings, LocalSteps, Reconstruction, check_split, invert
-from pipeline.attack.labels import recover_labels
+from pipeline.attack.invert import (AttackSettings, LocalSteps, Reconstruction, check_split, invert, pixel_box,
+                                    statistics_from_buffers)
+from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
 from pipeline.client import step_parts
 from pipeline.config import AttackParams
@@ -57,7 +58,7 @@ class Target:
     labels: torch.Tensor
     shards: int
     threat_model: dict
-    bn_statistics: dict[str, torch.Tensor] | None  # the prior's reference when exact; None: running
+    bn_statistics: dict[str, torch.Tensor] | None  # the prior's reference when exact or from buffers; None: running
     local_steps: LocalSteps | None  # the client's E > 1 steps, unrolled by the exact client model
 
     @property
@@ -75,7 +76,7 @@ def target_of(job: Job, a: AttackParams) -> Target:
     model, _ = load_checkpoint(Path(tm["checkpoint"]), expect={"sha256": tm["checkpoint_sha256"], **arch})
     check_fits(job.upload, upload, model)
     model.train(tm["mode"] == "train")
-    labels = recover_labels(a.labels, upload.gradients[classifier_weight_name(model)], tm["batch_size"], upload.labels)
+    labels = _labels(a, model, upload, tm)
     # An attacker who knows the protocol normalises its dummy shards as the client's async BN did,
     # and takes the client's local steps on the same parts of its dummy batch.
     exact = a.client_model == "exact"
@@ -97,7 +98,31 @@ def target_of(job: Job, a: AttackParams) -> Target:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
                                 "statistics (extract it again with extract.reveal_bn_statistics: true)")
         statistics = upload.bn_statistics
+    if a.bn_prior and a.bn_statistics == "from-buffers" and batchnorm_layers(model):
+        momentum = tm.get("bn_momentum")
+        if not upload.bn_buffers or not isinstance(momentum, float) or not 0 < momentum <= 1:
+            raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm "
+                                "buffers and momentum (extract it again with client.upload_buffers: true)")
+        if tm["bn"] == "async" and tm["participants"] > 1 and tm["mode"] == "train":
+            raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': the buffers of {tm['participants']} "
+                                "asynchronous participants are not one client's")
+        step_images = tm["batch_size"] // tm["local_steps"]
+        shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
+        try:
+            statistics = statistics_from_buffers(model, upload.bn_buffers, momentum, tm["local_steps"], step_images, shape)
+        except ValueError as err:
+            raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': {err}") from None
     return Target(model, upload.gradients, labels, shards, tm, statistics, local_steps)
+
+
+def _labels(a: AttackParams, model: torch.nn.Module, upload, tm: dict) -> torch.Tensor:
+    weight = classifier_weight_name(model)
+    bias, mean_probs = None, None
+    if a.labels == "counts":
+        bias = upload.gradients.get(weight.removesuffix("weight") + "bias")
+        shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
+        mean_probs = mean_prediction(model, shape, *pixel_box(tm["mean"], tm["std"]))
+    return recover_labels(a.labels, upload.gradients[weight], tm["batch_size"], upload.labels, bias, mean_probs)
 
 
 def classic_of(a: AttackParams) -> AttackParams:
