@@ -160,7 +160,8 @@ def client_summary(c) -> str:
     parts = [f"B={c.batch_size}", f"W={c.participants} {c.bn} BN" if c.participants > 1 else "",
              f"E={c.local_steps}" if c.local_steps > 1 else "", c.mode,
              f"k={c.label_repetition} classes" if c.label_repetition else "",
-             f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else ""]
+             f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else "",
+             "BN buffers uploaded" if c.upload_buffers else ""]
     return ", ".join(x for x in parts if x)
 
 

@@ -57,6 +57,7 @@ def test_counts_recover_repeated_labels_exactly_on_untrained_models(arch, channe
     mean, std = [0.286] * channels, [0.353] * channels
     estimated = mean_prediction(model, (channels, 32, 32), *pixel_box(mean, std))
     weight = classifier_weight_name(model)
+    llg = []
     for seed in range(6):
         gen = torch.Generator().manual_seed(seed)
         labels = torch.randperm(10, generator=gen)[:4].repeat_interleave(2)
@@ -69,6 +70,11 @@ def test_counts_recover_repeated_labels_exactly_on_untrained_models(arch, channe
             true_mean = copy.deepcopy(model)(images).double().softmax(dim=1).mean(dim=0)
         real = 8 * (true_mean - bias.double())
         assert torch.allclose(real, F.one_hot(labels, 10).sum(dim=0).double(), atol=1e-4)
+        llg.append(label_accuracy(recover_labels("llg", grads[weight], 8), labels))
+    # LLG's rule, made for distinct labels: exact on the ConvNet here; on ResNet-18 in train mode
+    # 4 of the 6 batches exact, label accuracy 0.96 (counts: 6 of 6)
+    if (arch, mode) == ("resnet18", "train"):
+        assert sum(x == 1.0 for x in llg) < len(llg), llg
 
 
 def test_counts_need_a_bias_gradient():

@@ -56,6 +56,27 @@ def test_attack_without_uploads(tmp_path):
     _assert_one_line_failure(done, "attack: error: uploads/pure: no uploads to attack (run extract@pure first)")
 
 
+def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(tmp_path, fashion_images):
+    """The setting asks for buffers, but its uploads were extracted before it did."""
+    import copy
+
+    from tests.test_attack_jobs import make_upload
+
+    images, labels, _, _ = fashion_images
+    (tmp_path / "made").mkdir()
+    (tmp_path / "uploads" / "pure").mkdir(parents=True)
+    made = make_upload(tmp_path / "made", images[:4], labels[:4], name="epoch-000-trial-00")  # its checkpoint stays
+    for path in (made, made.with_suffix(".json")):
+        path.rename(tmp_path / "uploads" / "pure" / path.name)
+    params = copy.deepcopy(RAW_PARAMS)
+    params["settings"]["pure"] = {"scheme": "pure", "upload_buffers": True,
+                                  "attack": {"bn_prior": 0.01, "bn_statistics": "from-buffers"}}
+    done = run_stage("attack", tmp_path, params, "pure")
+    _assert_one_line_failure(done, "epoch-000-trial-00.safetensors: attack.bn_statistics 'from-buffers', but the "
+                                   "upload carries no BatchNorm buffers")
+    assert not (tmp_path / "attacks" / "pure").exists()
+
+
 def test_scheme_stages_need_a_known_scheme(tmp_path):
     _assert_one_line_failure(run_stage("train", tmp_path, RAW_PARAMS),
                              "train: error: usage: python -m stages.train <scheme> (one of pure, ra, dp-sgd, clip-noise, gh)")

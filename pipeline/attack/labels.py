@@ -58,23 +58,36 @@ def counts(fc_bias_grad: torch.Tensor, batch_size: int, mean_probs: torch.Tensor
     """How many images of each class the batch holds, sorted by class index.
 
     Under softmax cross-entropy averaged over the batch, the classifier's bias gradient is
-    mean_i (p_i - y_i), so the count of class c is B * (pbar_c - g_c): exact when the model's
-    mean prediction pbar on the batch is known. The attacker estimates it from inputs of its own
-    (`mean_probs`); on an untrained model predictions hardly depend on the input, so the counts
-    come out exact, repeated classes included, where LLG's rule, made for distinct labels, is
-    not. On a trained model pbar depends on the images and the estimate is what it is. The real
-    counts are rounded to B by largest remainders (after clipping at 0).
+    g = mean_i (p_i - y_i), so class c holds B * (pbar_c - g_c) images, pbar the model's mean
+    prediction on the batch. Two facts are used. A class with g_c < 0 is certainly in the
+    batch (pbar_c >= 0, so n_c > 0): those classes get one image each. The images left go to
+    them in proportion to B * (pbar_c - g_c) - 1, with pbar estimated on inputs of the
+    attacker's own (`mean_probs`), rounded by largest remainders. On an untrained model,
+    whose predictions hardly depend on the input, the estimate is exact and so are the counts,
+    repeated classes included, where LLG's rule, made for distinct labels, is not. On a
+    trained model pbar depends on the images; the present classes are still the certain ones
+    and the shares are an estimate (a class the model over-predicts can be missed).
     """
-    estimate = (batch_size * (mean_probs.double() - fc_bias_grad.double())).clamp(min=0)
-    if float(estimate.sum()) == 0:
-        estimate = torch.ones_like(estimate)
-    estimate = estimate * (batch_size / estimate.sum())
-    whole = estimate.floor()
-    left = batch_size - int(whole.sum())
-    # The classes with the largest remainders take the images still to give (ties: lower class first).
-    order = sorted(range(len(estimate)), key=lambda c: (-float(estimate[c] - whole[c]), c))
-    for c in order[:left]:
-        whole[c] += 1
+    g = fc_bias_grad.double()
+    present = torch.nonzero(g < 0).flatten()
+    if present.numel() == 0:
+        present = g.argmin().reshape(1)
+    if present.numel() > batch_size:  # more certain classes than images: only with noise in the upload
+        present = present[g[present].argsort()[:batch_size]].sort().values
+    whole = torch.zeros_like(g)
+    whole[present] = 1
+    left = batch_size - present.numel()
+    weight = (batch_size * (mean_probs.double() - g) - 1).clamp(min=0)[present]
+    if float(weight.sum()) == 0:
+        weight = torch.ones_like(weight)
+    share = weight * (left / weight.sum())
+    whole[present] += share.floor()
+    remainder = share - share.floor()
+    missing = batch_size - int(whole.sum())
+    # the classes with the largest remainders take the images still to give (ties: lower class first)
+    order = sorted(range(present.numel()), key=lambda i: (-float(remainder[i]), int(present[i])))
+    for i in order[:missing]:
+        whole[present[i]] += 1
     return torch.repeat_interleave(torch.arange(len(whole)), whole.long())
 
 

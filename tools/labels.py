@@ -1,0 +1,67 @@
+"""Label recovery methods side by side on a setting's uploads: each method's labels for every
+upload, scored against the truth (the multiset overlap the evaluate stage reports).
+
+    python -m tools.labels <setting> [--methods llg,counts]
+
+Run after `dvc repro` (it reads uploads/<setting> and truth/<setting>, writes nothing). The
+methods see only the upload and its checkpoint; the truth is read here only to score them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.attack.jobs import Job, target_of
+from pipeline.attack.labels import LABEL_METHODS
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.metrics import label_accuracy
+from pipeline.uploads import load_truth, load_upload
+
+
+def label_rows(setting: str, methods: list[str]) -> list[dict]:
+    """One row per (method, checkpoint epoch): mean label accuracy over the uploads and how many were exact."""
+    p = load_params(Path("params.yaml"))
+    p.setting(setting)  # an unknown name is refused here
+    uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
+    if not uploads:
+        raise PipelineError(f"uploads/{setting}: no uploads (run `dvc repro extract@{setting}` first)")
+    cells: dict[tuple[str, int], list[float]] = {}
+    for method in methods:
+        a = p.attack_for(setting).model_copy(update={"labels": method})
+        for u in uploads:
+            got = target_of(Job(u, 0), a).labels
+            _, truth, _ = load_truth(Path("truth", setting, u.name))
+            cells.setdefault((method, load_upload(u).threat_model["epoch"]), []).append(label_accuracy(got, truth))
+    return [{"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
+            for (m, e), v in cells.items()]
+
+
+def _fail(message: str) -> None:
+    print(f"labels: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.labels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("setting")
+    parser.add_argument("--methods", default="llg,counts", help="comma-separated, of " + ", ".join(LABEL_METHODS[1:]))
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in LABEL_METHODS[1:]]
+    if unknown:
+        _fail(f"--methods: unknown method {unknown[0]!r}; choose of {', '.join(LABEL_METHODS[1:])}")
+    try:
+        rows = label_rows(args.setting, methods)
+    except PipelineError as err:
+        _fail(str(err))
+    print(f"{args.setting}: label accuracy by recovery method, mean over the uploads of each epoch")
+    print("| method | epoch | uploads | label accuracy | exact |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['epoch']} | {r['uploads']} | {r['accuracy']:.3f} | {r['exact']}/{r['uploads']} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
