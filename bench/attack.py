@@ -70,10 +70,11 @@ def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, 
     gen = torch.Generator().manual_seed(1)
     images, labels = torch.randn(batch, 1, 32, 32, generator=gen), torch.arange(batch) % 10
     grads = batch_gradient(model, images, labels, mode)
-    threat = {**meta, "mean": [0.3], "std": [0.3], "checkpoint": str(folder / "model.safetensors"),
+    threat = {**meta, "mean": [0.3], "std": [0.3], "checkpoint": str(folder / "model.safetensors"), "trial": 0,
               "checkpoint_sha256": load_meta(folder / "model.safetensors")["sha256"], "epoch": 0, "scheme": "bench",
               "setting": "bench", "batch_size": batch, "participants": 1, "bn": "sync", "local_steps": 1, "lr": 0.01,
-              "mode": mode, "dp": None, "label_repetition": None, "labels": labels.tolist()}
+              "mode": mode, "dp": None, "label_repetition": None, "upload_buffers": False, "bn_momentum": None,
+              "labels": labels.tolist()}
     save_upload(folder / "upload.safetensors", Upload(grads, threat))
     return folder / "upload.safetensors", model.train(mode == "train"), grads, labels
 
