@@ -281,15 +281,7 @@ class Params(_Section):
         overrides = self.settings[name].attack
         if not overrides:
             return self.attack
-        try:
-            return AttackParams.model_validate({**self.attack.model_dump(), **overrides})
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            if first["type"] == "extra_forbidden":
-                raise ValueError(f"settings.{name}.attack: unknown key {key!r} (it changes keys of attack)") from None
-            got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
-            raise ValueError(f"settings.{name}.attack.{key}: {first['msg']}{got}") from None
+        return _changed(self.attack, overrides, f"settings.{name}.attack", "it changes keys of attack")
 
     def attack_for(self, name: str) -> AttackParams:
         """The attack parameters a named setting is attacked with: `attack`, changed by its own `attack:` keys."""
@@ -298,19 +290,8 @@ class Params(_Section):
         return self._attack(name)
 
     def _resolve(self, name: str) -> ClientParams:
-        overrides = dict(self.settings[name].model_extra or {})
-        unknown = sorted(set(overrides) - set(ClientParams.model_fields))
-        if unknown:
-            raise ValueError(f"settings.{name}: unknown key {unknown[0]!r} (a setting changes keys of client, "
-                             "and of attack under attack:)")
-        try:
-            return ClientParams.model_validate({**self.client.model_dump(), **overrides})
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
-            raise ValueError(f"settings.{name}" + (f".{key}" if key else "")
-                             + f": {first['msg'].removeprefix('Value error, ')}{got}") from None
+        return _changed(self.client, dict(self.settings[name].model_extra or {}), f"settings.{name}",
+                        "a setting changes keys of client, and of attack under attack:")
 
     def setting(self, name: str) -> tuple[str, ClientParams]:
         """The scheme a named setting uploads from and its complete client parameters."""
@@ -322,6 +303,22 @@ class Params(_Section):
         if name not in self.schemes:
             raise PipelineError(f"unknown scheme {name!r}; params.yaml defines {', '.join(self.schemes)}")
         return self.schemes[name]
+
+
+def _changed(section: _Section, overrides: dict[str, Any], where: str, about: str) -> Any:
+    """`section` with `overrides` applied, validated; a bad key or value raises one ValueError
+    naming `where`.<key> (`about`: what the overrides may change, for an unknown key)."""
+    unknown = sorted(set(overrides) - set(type(section).model_fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} ({about})")
+    try:
+        return type(section).model_validate({**section.model_dump(), **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
+        raise ValueError(f"{where}" + (f".{key}" if key else "")
+                         + f": {first['msg'].removeprefix('Value error, ')}{got}") from None
 
 
 def _check_name(section: str, name: str) -> None:

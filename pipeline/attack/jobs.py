@@ -67,6 +67,11 @@ class Target:
         return self.shards > 1 or self.local_steps is not None
 
 
+def image_shape(tm: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the client's images, from the upload's threat model."""
+    return tm["in_channels"], tm["image_size"], tm["image_size"]
+
+
 def target_of(job: Job, a: AttackParams) -> Target:
     """The client's exact architecture and mode rebuilt from the upload's threat model (maxpool
     kernel, GroupNorm, dropout and BatchNorm mode), the checkpoint's hash checked."""
@@ -107,9 +112,9 @@ def target_of(job: Job, a: AttackParams) -> Target:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': the buffers of {tm['participants']} "
                                 "asynchronous participants are not one client's")
         step_images = tm["batch_size"] // tm["local_steps"]
-        shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
         try:
-            statistics = statistics_from_buffers(model, upload.bn_buffers, momentum, tm["local_steps"], step_images, shape)
+            statistics = statistics_from_buffers(model, upload.bn_buffers, momentum, tm["local_steps"], step_images,
+                                                 image_shape(tm))
         except ValueError as err:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': {err}") from None
     return Target(model, upload.gradients, labels, shards, tm, statistics, local_steps)
@@ -120,8 +125,7 @@ def _labels(a: AttackParams, model: torch.nn.Module, upload, tm: dict) -> torch.
     bias, mean_probs = None, None
     if a.labels == "counts":
         bias = upload.gradients.get(weight.removesuffix("weight") + "bias")
-        shape = (tm["in_channels"], tm["image_size"], tm["image_size"])
-        mean_probs = mean_prediction(model, shape, *pixel_box(tm["mean"], tm["std"]))
+        mean_probs = mean_prediction(model, image_shape(tm), *pixel_box(tm["mean"], tm["std"]))
     return recover_labels(a.labels, upload.gradients[weight], tm["batch_size"], upload.labels, bias, mean_probs)
 
 
@@ -151,8 +155,8 @@ def check_upload(path: Path, a: AttackParams, processes: int) -> None:
 def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_batch: bool = False) -> Reconstruction:
     """One restart against one upload (with `split_batch`, this process's part of it)."""
     t = target_of(job, a)
-    shape = (t.threat_model["in_channels"], t.threat_model["image_size"], t.threat_model["image_size"])
-    return invert(t.model, t.gradients, t.labels, shape, t.threat_model["mean"], t.threat_model["std"],
+    tm = t.threat_model
+    return invert(t.model, t.gradients, t.labels, image_shape(tm), tm["mean"], tm["std"],
                   settings_of(a, seed), progress=progress, restarts=[job.restart], shards=t.shards,
                   split_batch=split_batch, bn_statistics=t.bn_statistics, local_steps=t.local_steps)
 
