@@ -28,8 +28,8 @@ from torch.nn import functional as F
 from pipeline.attack.invert import pixel_box, total_variation
 from pipeline.attack.jobs import Job, run_jobs
 from pipeline.checkpoints import save_checkpoint
-from pipeline.client import batch_gradient
-from pipeline.config import AttackParams
+from pipeline.client import batch_gradient, threat_model
+from pipeline.config import AttackParams, ClientParams
 from pipeline.files import load_meta
 from pipeline.nets import build_model
 from pipeline.uploads import Upload, save_upload
@@ -66,15 +66,14 @@ def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, 
     meta = {"arch": arch, "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
     torch.manual_seed(0)
     model = build_model(**meta)
-    save_checkpoint(folder / "model.safetensors", model, meta)
+    checkpoint = folder / "model.safetensors"
+    save_checkpoint(checkpoint, model, {**meta, "mean": [0.3], "std": [0.3], "scheme": "bench", "epoch": 0})
     gen = torch.Generator().manual_seed(1)
     images, labels = torch.randn(batch, 1, 32, 32, generator=gen), torch.arange(batch) % 10
     grads = batch_gradient(model, images, labels, mode)
-    threat = {**meta, "mean": [0.3], "std": [0.3], "checkpoint": str(folder / "model.safetensors"), "trial": 0,
-              "checkpoint_sha256": load_meta(folder / "model.safetensors")["sha256"], "epoch": 0, "scheme": "bench",
-              "setting": "bench", "batch_size": batch, "participants": 1, "bn": "sync", "local_steps": 1, "lr": 0.01,
-              "mode": mode, "dp": None, "label_repetition": None, "upload_buffers": False, "bn_momentum": None,
-              "labels": labels.tolist()}
+    client = ClientParams(batch_size=batch, participants=1, bn="sync", local_steps=1, lr=0.01, mode=mode, dp=None,
+                          label_repetition=None, participants_as="simulated", upload_buffers=False)
+    threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "bench", 0, labels)
     save_upload(folder / "upload.safetensors", Upload(grads, threat))
     return folder / "upload.safetensors", model.train(mode == "train"), grads, labels
 

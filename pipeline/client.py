@@ -24,17 +24,20 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.checkpoints import ARCH_KEYS
 from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, smallest_batchnorm_input
-from pipeline.uploads import joined, split
+from pipeline.uploads import ThreatModel, joined, split
 
 
 def choose_batches(pool_labels: torch.Tensor, batch_size: int, trials: int, seed: int,
@@ -296,6 +299,17 @@ def batchnorm_momentum(model: nn.Module) -> float | None:
         raise PipelineError(f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
                             "uploaded buffers need one momentum")
     return momenta.pop() if momenta else None
+
+
+def threat_model(model: nn.Module, checkpoint: Path, ckpt: dict[str, Any], c: ClientParams, setting: str, trial: int,
+                 revealed_labels: torch.Tensor | None = None) -> ThreatModel:
+    """What the server knows of the upload of client `c` starting from `model`, the checkpoint
+    at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
+    return ThreatModel(**{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
+                       setting=setting, trial=trial, checkpoint=checkpoint.as_posix(), checkpoint_sha256=ckpt["sha256"],
+                       **c.model_dump(exclude={"participants_as"}),
+                       bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
+                       labels=None if revealed_labels is None else revealed_labels.tolist())
 
 
 def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,

@@ -326,7 +326,8 @@ def _check_name(section: str, name: str) -> None:
         raise ValueError(f"{section}: {name!r} is not a usable name (lower-case letters, digits, - and _)")
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def one_line(err: ValidationError, source: str) -> str:
+    """The first problem of a failed validation as one line about `source`."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -346,7 +347,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise PipelineError(_one_line(err, source)) from None
+        raise PipelineError(one_line(err, source)) from None
 
 
 def load_params(path: str | Path) -> Params:

@@ -59,10 +59,10 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
         tm = load_upload(path).threat_model
         restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]
         rec = best_of(restarts)
-        images = to_unit_range(rec.images, tm["mean"], tm["std"])
+        images = to_unit_range(rec.images, tm.mean, tm.std)
         meta = {
-            "upload": path.name, "epoch": tm["epoch"], "trial": tm["trial"], "scheme": tm["scheme"],
-            "setting": tm["setting"],
+            "upload": path.name, "epoch": tm.epoch, "trial": tm.trial, "scheme": tm.scheme,
+            "setting": tm.setting,
             "labels_method": a.labels, "client_model": a.client_model,
             "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
             "iterations_run": rec.iterations_run, "converged": rec.converged,
@@ -72,8 +72,8 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
         save_grid((out / path.name).with_suffix(".png"), [images])
         save_tensors(out / path.name, {"images": images, "labels": rec.labels}, meta)
         for iteration, loss in rec.curve:
-            stage.mlflow.log_metric(f"{prefix}grad_loss.epoch_{tm['epoch']}.trial_{tm['trial']}", loss, step=iteration)
-        by_epoch.setdefault(tm["epoch"], []).append((rec, sum(r.seconds or 0 for r in restarts)))
+            stage.mlflow.log_metric(f"{prefix}grad_loss.epoch_{tm.epoch}.trial_{tm.trial}", loss, step=iteration)
+        by_epoch.setdefault(tm.epoch, []).append((rec, sum(r.seconds or 0 for r in restarts)))
         stopped = "" if rec.note or rec.iterations_run == a.iterations else \
             f", stopped at the TV target after {rec.iterations_run} iterations"
         stopped += ", still falling at the end: not converged" if rec.converged is False else ""

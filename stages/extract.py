@@ -8,9 +8,9 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 
 from pathlib import Path
 
-from pipeline.checkpoints import ARCH_KEYS, checkpoint_name, load_checkpoint
-from pipeline.client import (batchnorm_momentum, check_batchnorm_batch, choose_batches, client_upload,
-                             information_ratio, plain, repetition_rate, simulate_client)
+from pipeline.checkpoints import checkpoint_name, load_checkpoint
+from pipeline.client import (check_batchnorm_batch, choose_batches, client_upload, information_ratio, plain,
+                             repetition_rate, simulate_client, threat_model)
 from pipeline.data import load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
@@ -40,19 +40,11 @@ def main(stage: Stage) -> None:
                 update = client_upload(model, inputs, labels, c, p.seed)
                 modelled = simulate_client(model, inputs, labels, plain(c), p.seed).gradients
                 gir = information_ratio(model, inputs, labels, c.mode, p.seed)
-                threat_model = {  # what the server knows: the exact architecture, the weights, the client's protocol
-                    **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
-                    "trial": trial,
-                    "setting": setting,
-                    "checkpoint": path.as_posix(),
-                    "checkpoint_sha256": ckpt["sha256"],
-                    **{k: v for k, v in c.model_dump().items() if k != "participants_as"},
-                    "bn_momentum": batchnorm_momentum(model) if c.upload_buffers else None,
-                    "labels": labels.tolist() if p.extract.reveal_labels else None,
-                }
+                revealed_labels = labels if p.extract.reveal_labels else None
+                threat = threat_model(model, path, ckpt, c, setting, trial, revealed_labels)
                 name = upload_name(epoch, trial)
                 revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
-                save_upload(uploads / name, Upload(update.gradients, threat_model, revealed, update.bn_buffers))
+                save_upload(uploads / name, Upload(update.gradients, threat, revealed, update.bn_buffers))
                 save_truth(truth / name, images, labels, {
                     "epoch": epoch, "trial": trial, "setting": setting, "victim_positions": chosen.tolist(),
                     "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import Params, parse_params
+from pipeline.config import AttackParams, Params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -25,6 +25,17 @@ def make_params(**overrides) -> Params:
     for key, value in overrides.items():
         set_dotted(raw, key.replace("__", "."), value)
     return parse_params(raw)
+
+
+# the attack's keys a test of the inversion itself does not vary
+INVERSION = {"labels": "known", "client_model": "exact", "classic": False, "objective": "cosine", "layer_weights": "equal",
+             "bn_prior": 0.0, "bn_statistics": "running", "tv_target": None, "processes": 1, "split": "jobs", "threads": 1,
+             "compile": False}
+
+
+def inversion_params(**values) -> AttackParams:
+    """Attack parameters for calling `invert` directly: its budget and step in `values`."""
+    return AttackParams(**{**INVERSION, **values})
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +61,13 @@ def fashion_images(fashion_root):
 def _seed():
     torch.manual_seed(0)
 
+
+
+# The end-to-end file (two clean clones running the whole tiny chain side by side) takes the
+# longest; under `--dist loadfile` the files go out in collection order, so it goes first
+# rather than starting late and finishing last.
+LONGEST_FIRST = ("test_pipeline.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order

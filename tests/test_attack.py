@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.attack import AttackSettings, invert, recover_labels
+from pipeline.attack import invert, recover_labels
 from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, check_compiled, dummy_gradient, pixel_box,
                                     pooled_statistics, total_variation, unrolled_update)
 from pipeline.attack.labels import mean_prediction
@@ -16,7 +16,7 @@ from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
 from pipeline.nets import build_model, classifier_weight_name, crop_dead_taps
-from tests.conftest import REPO
+from tests.conftest import REPO, inversion_params
 
 
 def _fc_grad(model, images, labels, mode="eval"):
@@ -100,8 +100,8 @@ def test_convnet_single_image_reconstruction_reaches_25db(fashion_images):
     x, y = images[:1], labels[:1]
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, x, y, "train")
-    settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0)
-    rec = invert(model, target, y, (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1)
+    rec = invert(model, target, y, (1, 32, 32), mean, std, settings, 0, progress=False)
     got, truth = to_unit_range(rec.images, mean, std), to_unit_range(x, mean, std)
     psnr = float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"][0])
     assert psnr >= 25.0, psnr
@@ -114,8 +114,8 @@ def test_an_attack_cut_short_is_flagged_as_not_converged(fashion_images):
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
-    settings = AttackSettings(iterations=40, lr=0.1, lr_min=0.1, tv_weight=1e-2, restarts=1, seed=0)
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=40, lr=0.1, lr_min=0.1, tv_weight=1e-2, restarts=1)
+    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
     first, before, last = rec.tail
     assert rec.converged is False and before - last > 0.01 * (first - last)
     assert rec.grad_loss == last
@@ -125,9 +125,9 @@ def test_attack_is_deterministic_for_a_seed(fashion_images):
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:2], labels[:2], "train")
-    settings = AttackSettings(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=2, seed=3)
-    a = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, progress=False)
-    b = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=2)
+    a = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, 3, progress=False)
+    b = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, 3, progress=False)
     assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss
     # the kept iterate is the one with the lowest gradient loss over the whole run
     assert a.grad_loss <= min(loss for _, loss in a.curve)
@@ -137,8 +137,8 @@ def test_reconstruction_stays_in_the_pixel_box(fashion_images):
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).eval()
     target = {n: g for n, g in batch_gradient(model, images[:1], labels[:1], "eval").items()}
-    settings = AttackSettings(iterations=10, lr=0.5, lr_min=1e-3, tv_weight=0, restarts=1, seed=0)
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=10, lr=0.5, lr_min=1e-3, tv_weight=0, restarts=1)
+    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
     pixels = rec.images * std[0] + mean[0]
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
     assert F.cosine_similarity(rec.images.flatten(), images[:1].flatten(), dim=0) > -1  # a number, not NaN
@@ -148,8 +148,8 @@ def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
     """A batch fit exactly (softmax saturated in float32) uploads zeros: no direction, no reconstruction."""
     model = build_model("convnet", 1, 10, 32).eval()
     zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    settings = AttackSettings(iterations=50, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0)
-    rec = invert(model, zeros, torch.tensor([1]), (1, 32, 32), [0.3], [0.3], settings, progress=False)
+    settings = inversion_params(iterations=50, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1)
+    rec = invert(model, zeros, torch.tensor([1]), (1, 32, 32), [0.3], [0.3], settings, 0, progress=False)
     assert rec.note == "the upload is all zeros: nothing to invert"
     assert rec.grad_loss == 1.0 and torch.isfinite(rec.images).all()
 
@@ -242,8 +242,8 @@ def test_the_l2_objective_also_brings_an_image_back(fashion_images):
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
-    settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0, objective="l2")
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, objective="l2")
+    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
     got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:1], mean, std)
     assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0
 
@@ -268,8 +268,8 @@ def test_the_batchnorm_prior_is_small_for_images_like_the_running_statistics(fas
     # the attack with the prior on leaves the caller's model alone
     target = batch_gradient(model.eval(), images[:1], labels[:1], "eval")
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    settings = AttackSettings(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0, bn_prior=0.1)
-    rec = invert(model.train(), target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+    settings = inversion_params(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, bn_prior=0.1)
+    rec = invert(model.train(), target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
     assert torch.isfinite(rec.images).all()
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
@@ -280,9 +280,9 @@ def test_the_tv_target_stops_a_restart_once_its_best_iterate_is_smooth_enough(fa
     target = batch_gradient(model, images[:1], labels[:1], "train")
 
     def run(tv_target):
-        settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0,
+        settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1,
                                   tv_target=tv_target)
-        return invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False)
+        return invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
 
     assert run(100.0).iterations_run == 1  # boxed noise (TV about 1.8) is under 100 at once
     rec = run(0.3)  # a real image's TV is about 0.22
@@ -294,10 +294,10 @@ def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alo
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32, norm="group").train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
-    plain = AttackSettings(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, seed=0)
-    with_prior = AttackSettings(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, seed=0, bn_prior=0.1)
-    a = invert(model, target, labels[:1], (1, 32, 32), mean, std, plain, progress=False)
-    b = invert(model, target, labels[:1], (1, 32, 32), mean, std, with_prior, progress=False)
+    plain = inversion_params(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1)
+    with_prior = inversion_params(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, bn_prior=0.1)
+    a = invert(model, target, labels[:1], (1, 32, 32), mean, std, plain, 0, progress=False)
+    b = invert(model, target, labels[:1], (1, 32, 32), mean, std, with_prior, 0, progress=False)
     assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss < 1.0
 
 
@@ -345,9 +345,9 @@ def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images
     upload = simulate_client(model, images[:4], labels[:4], async_client(4, 2), seed=0)
 
     def psnr(bn_prior: float) -> float:
-        settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0,
+        settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1,
                                   bn_prior=bn_prior)
-        rec = invert(model, upload.gradients, labels[:4], (1, 32, 32), mean, std, settings, progress=False,
+        rec = invert(model, upload.gradients, labels[:4], (1, 32, 32), mean, std, settings, 0, progress=False,
                      shards=2, bn_statistics=upload.bn_statistics)
         got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:4], mean, std)
         return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
@@ -416,12 +416,12 @@ def test_a_restart_through_dropout_depends_on_the_seed_and_restart_alone(fashion
     images, labels, mean, std = fashion_images
     vgg = build_model("vgg11", 1, 10, 32).train()
     target = batch_gradient(vgg, images[:1], labels[:1], "train")
-    settings = AttackSettings(iterations=3, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=2, seed=0)
+    settings = inversion_params(iterations=3, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=2)
     runs = []
     for history in (1, 2):
         torch.manual_seed(history)
         before = torch.get_rng_state()
-        runs.append(invert(vgg, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False, restarts=[1]))
+        runs.append(invert(vgg, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False, restarts=[1]))
         assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(runs[0].images, runs[1].images) and runs[0].grad_loss == runs[1].grad_loss
 
@@ -474,11 +474,11 @@ def test_the_compiled_attack_brings_an_image_back_with_the_same_bytes_for_a_seed
     images, labels, mean, std = fashion_images
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
-    settings = AttackSettings(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, seed=0, compile=True)
-    runs = [invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, progress=False) for _ in range(2)]
+    settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, compile=True)
+    runs = [invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False) for _ in range(2)]
     assert torch.equal(runs[0].images, runs[1].images)  # the same seed, the same bytes
     got, truth = to_unit_range(runs[0].images, mean, std), to_unit_range(images[:1], mean, std)
     assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0  # measured 29.5-29.9 dB (eager: 31.6)
     with pytest.raises(ValueError, match="the compiled step takes neither the BatchNorm prior"):
         invert(model, target, labels[:1], (1, 32, 32), mean, std,
-               AttackSettings(**{**settings.__dict__, "bn_prior": 0.1}), progress=False)
+               settings.model_copy(update={"bn_prior": 0.1}), 0, progress=False)

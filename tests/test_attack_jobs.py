@@ -15,7 +15,7 @@ import torch
 from pipeline.attack.invert import best_of
 from pipeline.attack.jobs import Job, check_upload, load_result, run_job, run_jobs, target_of
 from pipeline.checkpoints import save_checkpoint
-from pipeline.client import ClientParams, batchnorm_momentum, simulate_client
+from pipeline.client import ClientParams, simulate_client, threat_model
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import load_meta, load_tensors, save_tensors
@@ -35,15 +35,12 @@ def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None,
     torch.manual_seed(0)
     model = build_model(**arch)
     checkpoint = folder / f"{name}.checkpoint.safetensors"
-    save_checkpoint(checkpoint, model, arch)
+    save_checkpoint(checkpoint, model, {**arch, "mean": MEAN, "std": STD, "scheme": "s", "epoch": 0})
     client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=local_steps, lr=lr,
                           mode=mode, dp=None, label_repetition=None, participants_as="simulated",
                           upload_buffers=upload_buffers)
     update = simulate_client(model, images, labels, client, seed=0)
-    threat = {**arch, "mean": MEAN, "std": STD, "checkpoint": str(checkpoint),
-              "checkpoint_sha256": load_meta(checkpoint)["sha256"], "epoch": 0, "trial": 0, "scheme": "s", "setting": "s",
-              **{k: v for k, v in client.model_dump().items() if k != "participants_as"}, "labels": labels.tolist(),
-              "bn_momentum": batchnorm_momentum(model) if upload_buffers else None}
+    threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "s", 0, labels)
     path = folder / f"{name}.safetensors"
     save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {},
                              update.bn_buffers))
@@ -125,10 +122,9 @@ def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashi
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
     tensors, meta = load_tensors(path)
-    save_tensors(path, tensors, {**meta, "lr": 0.0})
-    with pytest.raises(PipelineError, match="no positive step size"):
+    save_tensors(path, tensors, {k: v for k, v in meta.items() if k != "lr"})
+    with pytest.raises(PipelineError, match=r"^\S+epoch-000.safetensors: threat model: missing key 'lr'$"):
         check_upload(path, attack_params(), processes=1)
-    check_upload(path, attack_params(attack__client_model="plain"), processes=1)  # the classic one needs none
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2, name="epoch-001")
     with pytest.raises(PipelineError, match="unrolled local steps train on parts of the whole dummy batch"):
         check_upload(path, attack_params(attack__split="batch", attack__processes=2), processes=2)
@@ -185,7 +181,7 @@ def test_statistics_derived_from_the_uploaded_buffers_are_those_the_client_norma
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4], reveal_bn_statistics=True, upload_buffers=True)
     upload = load_upload(path)
-    assert upload.threat_model["bn_momentum"] == 0.1 and len(upload.bn_buffers) == len(upload.bn_statistics) > 0
+    assert upload.threat_model.bn_momentum == 0.1 and len(upload.bn_buffers) == len(upload.bn_statistics) > 0
     a = attack_params(attack__iterations=200, attack__restarts=1)
     from_buffers = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "from-buffers"})
     revealed = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "exact"})

@@ -3,9 +3,10 @@ import pickle
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.client import batch_gradient
+from pipeline.client import ClientParams, batch_gradient, threat_model
 from pipeline.errors import PipelineError
 from pipeline.files import load_meta, sha256, write_json
 from pipeline.nets import build_model
@@ -14,14 +15,16 @@ from pipeline.uploads import Upload, check_fits, load_truth, load_upload, save_t
 ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
 
 
+CLIENT = ClientParams(batch_size=2, participants=1, bn="sync", local_steps=1, lr=0.01, mode="train", dp=None,
+                      label_repetition=None, participants_as="simulated", upload_buffers=False)
+
+
 @pytest.fixture
 def upload_file(tmp_path):
     model = build_model(**ARCH)
-    save_checkpoint(tmp_path / "ckpt.safetensors", model, ARCH)
-    threat = {**ARCH, "mean": [0.3], "std": [0.3], "checkpoint": str(tmp_path / "ckpt.safetensors"),
-              "checkpoint_sha256": load_meta(tmp_path / "ckpt.safetensors")["sha256"], "epoch": 0, "trial": 0, "scheme": "pure",
-              "setting": "pure", "batch_size": 2, "participants": 1, "bn": "sync", "local_steps": 1, "lr": 0.01,
-              "mode": "train", "dp": None, "label_repetition": None, "labels": None}
+    checkpoint = tmp_path / "ckpt.safetensors"
+    save_checkpoint(checkpoint, model, {**ARCH, "mean": [0.3], "std": [0.3], "scheme": "pure", "epoch": 0})
+    threat = threat_model(model, checkpoint, load_meta(checkpoint), CLIENT, "pure", 0)
     grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")
     save_upload(tmp_path / "up.safetensors", Upload(grads, threat))
     return tmp_path / "up.safetensors"
@@ -29,9 +32,37 @@ def upload_file(tmp_path):
 
 def test_upload_round_trip_keeps_gradients_and_threat_model(upload_file):
     upload = load_upload(upload_file)
-    assert upload.threat_model["batch_size"] == 2 and upload.labels is None
+    assert upload.threat_model.batch_size == 2 and upload.labels is None
     assert set(upload.gradients) == {n for n, _ in build_model(**ARCH).named_parameters()}
     assert upload.bn_statistics == {}  # not revealed
+
+
+def test_the_threat_model_is_read_back_as_the_client_stated_it(upload_file, tmp_path):
+    upload = load_upload(upload_file)
+    assert upload.threat_model == threat_model(build_model(**ARCH), tmp_path / "ckpt.safetensors",
+                                               load_meta(tmp_path / "ckpt.safetensors"), CLIENT, "pure", 0)
+    assert upload.threat_model.image_shape == (1, 32, 32) and upload.threat_model.arch_meta == ARCH
+    with pytest.raises(ValidationError):  # frozen: what the server knows is not edited on the way
+        upload.threat_model.lr = 1.0
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bn": DROP}, "threat model: missing key 'bn'"),
+    ({"colour": "red"}, "threat model: unknown key 'colour'"),
+    ({"bn": "none"}, "threat model: bn: Input should be 'sync' or 'async' (got 'none')"),
+    ({"lr": -0.1}, "threat model: lr: Input should be greater than 0 (got -0.1)"),
+    ({"local_steps": "two"}, "threat model: local_steps: Input should be a valid integer"),
+])
+def test_a_threat_model_with_a_missing_unknown_or_bad_key_is_refused_in_one_line(upload_file, change, message):
+    meta = json.loads(upload_file.with_suffix(".json").read_text())
+    meta.update(change)
+    write_json(upload_file.with_suffix(".json"), {k: v for k, v in meta.items() if v is not DROP})
+    with pytest.raises(PipelineError, match=rf"^{upload_file}: ") as refused:
+        load_upload(upload_file)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_revealed_batchnorm_statistics_travel_beside_the_gradients(upload_file, tmp_path):
@@ -60,7 +91,7 @@ def test_threat_model_pointing_at_another_checkpoint_is_refused(upload_file, tmp
     meta_path.write_text(json.dumps(meta))
     upload = load_upload(upload_file)
     with pytest.raises(PipelineError, match="checkpoint has sha256="):
-        load_checkpoint(upload.threat_model["checkpoint"], expect={"sha256": upload.threat_model["checkpoint_sha256"]})
+        load_checkpoint(upload.threat_model.checkpoint, expect={"sha256": upload.threat_model.checkpoint_sha256})
 
 
 def test_truth_is_not_an_upload(tmp_path):

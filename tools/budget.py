@@ -29,7 +29,7 @@ def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None) -
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
     uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
-    uploads = [u for u in uploads if epochs is None or load_upload(u).threat_model["epoch"] in epochs]
+    uploads = [u for u in uploads if epochs is None or load_upload(u).threat_model.epoch in epochs]
     if not uploads:
         raise PipelineError(f"uploads/{setting}: no uploads to attack (run `dvc repro extract@{setting}` first)")
     evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
@@ -45,9 +45,9 @@ def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None) -
                 tm = load_upload(u).threat_model
                 rec = best_of([load_result(Job(u, r).result_path(Path(scratch))) for r in range(a.restarts)])
                 truth_u8, _, _ = load_truth(Path("truth", setting, u.name))
-                truth, images = truth_u8.float() / 255, to_unit_range(rec.images, tm["mean"], tm["std"])
+                truth, images = truth_u8.float() / 255, to_unit_range(rec.images, tm.mean, tm.std)
                 psnr = image_metrics(images[pair_by_hungarian(images, truth)], truth)["psnr"].tolist()
-                cell = by_epoch.setdefault(tm["epoch"], {"psnr": [], "unconverged": 0, "uploads": 0})
+                cell = by_epoch.setdefault(tm.epoch, {"psnr": [], "unconverged": 0, "uploads": 0})
                 cell["psnr"] += psnr
                 cell["unconverged"] += rec.converged is False
                 cell["uploads"] += 1

@@ -34,7 +34,7 @@ def label_rows(setting: str, methods: list[str]) -> list[dict]:
         for u in uploads:
             got = target_of(Job(u, 0), a).labels
             _, truth, _ = load_truth(Path("truth", setting, u.name))
-            cells.setdefault((method, load_upload(u).threat_model["epoch"]), []).append(label_accuracy(got, truth))
+            cells.setdefault((method, load_upload(u).threat_model.epoch), []).append(label_accuracy(got, truth))
     return [{"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
             for (m, e), v in cells.items()]
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import distributed as dist
@@ -24,24 +23,12 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes
 
 
-@dataclass(frozen=True)
-class AttackSettings:
-    iterations: int
-    lr: float
-    lr_min: float
-    tv_weight: float
-    restarts: int
-    seed: int
-    objective: Literal["cosine", "l2"] = "cosine"
-    layer_weights: Literal["equal", "linear"] = "equal"  # linear: layer l of L weighs (L - l) / L
-    bn_prior: float = 0.0  # weight of the BatchNorm-statistics prior
-    tv_target: float | None = None  # stop a restart once its kept iterate's TV is under this
-    log_every: int = 25  # how often the loss curve is sampled
-    compile: bool = False  # the step as one torch.compile'd function (see compiled_step)
+LOG_EVERY = 25  # how often (iterations) the loss curve is sampled
 
 
 @dataclass
@@ -79,7 +66,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
 
 
-def pixel_box(mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_box(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of the [0, 1] pixel range in normalised space, shaped [1, C, 1, 1]."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
@@ -375,9 +362,10 @@ def invert(
     target: dict[str, torch.Tensor],
     labels: torch.Tensor,
     image_shape: tuple[int, int, int],
-    mean: list[float],
-    std: list[float],
-    settings: AttackSettings,
+    mean: Sequence[float],
+    std: Sequence[float],
+    a: AttackParams,
+    seed: int,
     progress: bool = True,
     restarts: list[int] | None = None,
     shards: int = 1,
@@ -387,9 +375,11 @@ def invert(
 ) -> Reconstruction:
     """Reconstruct a batch of len(labels) images whose gradient at `model` matches `target`.
 
-    `model` must be in the client's mode (train or eval); it is copied, never modified.
+    `model` must be in the client's mode (train or eval); it is copied, never modified. `a`
+    gives the budget, step, objective and priors (the attack's parameters: labels, client model
+    and processes are the caller's), `seed` the starts.
     `target` maps parameter names to the uploaded gradient. `restarts` picks which of the
-    settings' restarts to run (all by default): each depends only on (seed, restart), so
+    attack's restarts to run (all by default): each depends only on (seed, restart), so
     restarts split over processes give what one process gives.
 
     With `split_batch`, every process of the default torch.distributed group calls this with
@@ -405,20 +395,20 @@ def invert(
     """
     model = copy.deepcopy(model)
     crops = crop_dead_taps(model, image_shape)  # ResNet-18 at 32 px: layer4 at 1 x 1, 3 x 3 kernels used at the centre
-    match = GradientMatch(model, target, settings.objective, settings.layer_weights, crops)
+    match = GradientMatch(model, target, a.objective, a.layer_weights, crops)
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
-    check_split(model, len(labels), shards, world, settings.bn_prior)
-    if settings.compile and (settings.bn_prior or world > 1 or local_steps is not None):
+    check_split(model, len(labels), shards, world, a.bn_prior)
+    if a.compile and (a.bn_prior or world > 1 or local_steps is not None):
         raise ValueError("the compiled step takes neither the BatchNorm prior, nor a dummy batch split over processes, "
                          "nor unrolled local steps")
     if local_steps is not None and world > 1:
         raise ValueError("unrolled local steps train on parts of the whole dummy batch: it cannot split over processes")
     low, high = pixel_box(mean, std)
     batch = (len(labels), *image_shape)
-    restarts = list(range(settings.restarts)) if restarts is None else restarts
+    restarts = list(range(a.restarts)) if restarts is None else restarts
 
     def start(restart: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(settings.seed * 1000 + restart)
+        generator = torch.Generator().manual_seed(seed * 1000 + restart)
         return torch.randn(batch, generator=generator).clamp_(low, high)
 
     if match.is_zero:
@@ -426,7 +416,7 @@ def invert(
         # it has no direction to match, so the attacker is left with its starting guess.
         return best_of([Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
                         for r in restarts])
-    prior = BatchNormPrior(model, shards, bn_statistics) if settings.bn_prior else None
+    prior = BatchNormPrior(model, shards, bn_statistics) if a.bn_prior else None
     if prior is not None and not len(prior):  # no BatchNorm layer (GroupNorm): the prior is a constant 0
         prior = None
     own = labels.chunk(world)[rank]  # this process's part of the batch (all of it without a split)
@@ -443,9 +433,9 @@ def invert(
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""
         grads = dummy_gradient(model, x, own, max(shards // world, 1)) if local_steps is None else \
             unrolled_update(model, x, own, local_steps)
-        extra = settings.tv_weight * total_variation(x) if settings.tv_weight else None
+        extra = a.tv_weight * total_variation(x) if a.tv_weight else None
         if prior is not None:
-            extra = settings.bn_prior * prior.take() + (0 if extra is None else extra)
+            extra = a.bn_prior * prior.take() + (0 if extra is None else extra)
         if world == 1:
             g_loss, directions = match(grads)
         else:
@@ -462,23 +452,23 @@ def invert(
         return grad, float(g_loss)
 
     image_gradient = eager_gradient
-    if settings.compile:
-        image_gradient = compiled_step(copy.deepcopy(model), match, own, shards, settings.tv_weight, eager_gradient)
+    if a.compile:
+        image_gradient = compiled_step(copy.deepcopy(model), match, own, shards, a.tv_weight, eager_gradient)
 
     def run(restart: int) -> Reconstruction:
         # the attacker's own dropout (a train-mode VGG) draws from (seed, restart) alone
-        torch.manual_seed(10**9 + settings.seed * 1000 + restart)
+        torch.manual_seed(10**9 + seed * 1000 + restart)
         x = start(restart).chunk(world)[rank].clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=settings.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.iterations, eta_min=settings.lr_min)
-        kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=settings.iterations)
-        tenth = settings.iterations // 10
+        opt = torch.optim.Adam([x], lr=a.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.iterations, eta_min=a.lr_min)
+        kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=a.iterations)
+        tenth = a.iterations // 10
         tail = [float("inf"), float("inf")]
-        for it in range(settings.iterations):
+        for it in range(a.iterations):
             x.grad, g_value = image_gradient(x)
             first = g_value if it == 0 else first
-            if tenth and it >= settings.iterations - 2 * tenth:
-                window = int(it >= settings.iterations - tenth)
+            if tenth and it >= a.iterations - 2 * tenth:
+                window = int(it >= a.iterations - tenth)
                 tail[window] = min(tail[window], g_value) if g_value == g_value else tail[window]
             # The loss is that of the current x, before this step moves it: keep x as it is now.
             if g_value < kept.grad_loss:  # (a NaN loss is never kept)
@@ -489,18 +479,18 @@ def invert(
             sched.step()
             with torch.no_grad():
                 x.clamp_(low, high)
-            if it % settings.log_every == 0 or it == settings.iterations - 1:
+            if it % LOG_EVERY == 0 or it == a.iterations - 1:
                 kept.curve.append((it, g_value))
                 bar.set_postfix(restart=restart, grad_loss=f"{g_value:.4f}", refresh=False)
             bar.update(1)
-            if settings.tv_target is not None and float(all_mean(total_variation(kept.images))) < settings.tv_target:
+            if a.tv_target is not None and float(all_mean(total_variation(kept.images))) < a.tv_target:
                 kept.iterations_run = it + 1
                 kept.curve.append((it, g_value))
-                bar.update(settings.iterations - it - 1)
+                bar.update(a.iterations - it - 1)
                 break
-        if kept.iterations_run < settings.iterations:
+        if kept.iterations_run < a.iterations:
             kept.converged = True  # it stopped at its own TV target
-        elif settings.iterations >= 20:
+        elif a.iterations >= 20:
             kept.tail = (first, tail[0], tail[1])
             kept.converged = not still_falling(*kept.tail)
         if world > 1:
@@ -509,7 +499,7 @@ def invert(
             kept.images = torch.cat(parts)
         return kept
 
-    bar = tqdm(total=settings.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
+    bar = tqdm(total=a.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         found = [run(restart) for restart in restarts]

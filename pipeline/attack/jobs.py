@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import (AttackSettings, LocalSteps, Reconstruction, check_split, invert, pixel_box,
+from pipeline.attack.invert import (LocalSteps, Reconstruction, check_split, invert, pixel_box,
                                     statistics_from_buffers)
 from pipeline.attack.labels import mean_prediction, recover_labels
-from pipeline.checkpoints import ARCH_KEYS, load_checkpoint
+from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
 from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import batchnorm_layers, classifier_weight_name
-from pipeline.uploads import check_fits, load_upload
+from pipeline.uploads import ThreatModel, Upload, check_fits, load_upload
 
 
 @dataclass  # not frozen: Fabric's launcher walks its arguments and refuses frozen dataclasses
@@ -44,12 +44,6 @@ class Job:
         return self.result_path(folder).with_suffix(".json").is_file()
 
 
-def settings_of(a: AttackParams, seed: int) -> AttackSettings:
-    return AttackSettings(iterations=a.iterations, lr=a.lr, lr_min=a.lr_min, tv_weight=a.tv_weight,
-                          restarts=a.restarts, seed=seed, objective=a.objective, layer_weights=a.layer_weights,
-                          bn_prior=a.bn_prior, tv_target=a.tv_target, compile=a.compile)
-
-
 @dataclass
 class Target:
     """What the attacker has for one upload: the client's model rebuilt, the gradient, labels."""
@@ -57,7 +51,7 @@ class Target:
     gradients: dict[str, torch.Tensor]
     labels: torch.Tensor
     shards: int
-    threat_model: dict
+    threat_model: ThreatModel
     bn_statistics: dict[str, torch.Tensor] | None  # the prior's reference when exact or from buffers; None: running
     local_steps: LocalSteps | None  # the client's E > 1 steps, unrolled by the exact client model
 
@@ -67,36 +61,26 @@ class Target:
         return self.shards > 1 or self.local_steps is not None
 
 
-def image_shape(tm: dict) -> tuple[int, int, int]:
-    """(C, H, W) of the client's images, from the upload's threat model."""
-    return tm["in_channels"], tm["image_size"], tm["image_size"]
-
-
 def target_of(job: Job, a: AttackParams) -> Target:
     """The client's exact architecture and mode rebuilt from the upload's threat model (maxpool
     kernel, GroupNorm, dropout and BatchNorm mode), the checkpoint's hash checked."""
     upload = load_upload(job.upload)
     tm = upload.threat_model
-    arch = {k: tm[k] for k in ARCH_KEYS}
-    model, _ = load_checkpoint(Path(tm["checkpoint"]), expect={"sha256": tm["checkpoint_sha256"], **arch})
+    model, _ = load_checkpoint(Path(tm.checkpoint), expect={"sha256": tm.checkpoint_sha256, **tm.arch_meta})
     check_fits(job.upload, upload, model)
-    model.train(tm["mode"] == "train")
-    labels = _labels(a, model, upload, tm)
+    model.train(tm.mode == "train")
+    labels = _labels(a, model, upload)
     # An attacker who knows the protocol normalises its dummy shards as the client's async BN did,
     # and takes the client's local steps on the same parts of its dummy batch.
     exact = a.client_model == "exact"
-    shards = tm["participants"] if exact and tm["bn"] == "async" and tm["mode"] == "train" else 1
+    shards = tm.participants if exact and tm.bn == "async" and tm.mode == "train" else 1
     local_steps = None
-    if exact and tm["local_steps"] > 1:
-        lr = tm["lr"]
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
-            raise PipelineError(f"{job.upload}: attack.client_model 'exact' unrolls {tm['local_steps']} local steps, "
-                                f"but the upload's threat model gives no positive step size (lr is {lr!r})")
+    if exact and tm.local_steps > 1:
         try:
-            parts = step_parts(tm["batch_size"], tm["participants"], tm["local_steps"])
+            parts = step_parts(tm.batch_size, tm.participants, tm.local_steps)
         except PipelineError as err:
             raise PipelineError(f"{job.upload}: the threat model's local steps: {err}") from None
-        local_steps = LocalSteps(parts, separate=shards > 1, lr=float(lr))
+        local_steps = LocalSteps(parts, separate=shards > 1, lr=tm.lr)
     statistics = None
     if a.bn_prior and a.bn_statistics == "exact":
         if batchnorm_layers(model) and not upload.bn_statistics:
@@ -104,29 +88,24 @@ def target_of(job: Job, a: AttackParams) -> Target:
                                 "statistics (extract it again with extract.reveal_bn_statistics: true)")
         statistics = upload.bn_statistics
     if a.bn_prior and a.bn_statistics == "from-buffers" and batchnorm_layers(model):
-        momentum = tm.get("bn_momentum")
-        if not upload.bn_buffers or not isinstance(momentum, float) or not 0 < momentum <= 1:
+        if not upload.bn_buffers or tm.bn_momentum is None:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm "
                                 "buffers and momentum (extract it again with client.upload_buffers: true)")
-        if tm["bn"] == "async" and tm["participants"] > 1 and tm["mode"] == "train":
-            raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': the buffers of {tm['participants']} "
-                                "asynchronous participants are not one client's")
-        step_images = tm["batch_size"] // tm["local_steps"]
         try:
-            statistics = statistics_from_buffers(model, upload.bn_buffers, momentum, tm["local_steps"], step_images,
-                                                 image_shape(tm))
+            statistics = statistics_from_buffers(model, upload.bn_buffers, tm.bn_momentum, tm.local_steps,
+                                                 tm.step_images, tm.image_shape)
         except ValueError as err:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': {err}") from None
     return Target(model, upload.gradients, labels, shards, tm, statistics, local_steps)
 
 
-def _labels(a: AttackParams, model: torch.nn.Module, upload, tm: dict) -> torch.Tensor:
-    weight = classifier_weight_name(model)
+def _labels(a: AttackParams, model: torch.nn.Module, upload: Upload) -> torch.Tensor:
+    tm, weight = upload.threat_model, classifier_weight_name(model)
     bias, mean_probs = None, None
     if a.labels == "counts":
         bias = upload.gradients.get(weight.removesuffix("weight") + "bias")
-        mean_probs = mean_prediction(model, image_shape(tm), *pixel_box(tm["mean"], tm["std"]))
-    return recover_labels(a.labels, upload.gradients[weight], tm["batch_size"], upload.labels, bias, mean_probs)
+        mean_probs = mean_prediction(model, tm.image_shape, *pixel_box(tm.mean, tm.std))
+    return recover_labels(a.labels, upload.gradients[weight], tm.batch_size, upload.labels, bias, mean_probs)
 
 
 def classic_of(a: AttackParams) -> AttackParams:
@@ -140,7 +119,7 @@ def check_upload(path: Path, a: AttackParams, processes: int) -> None:
     t = target_of(Job(path, 0), a)
     if t.local_steps is not None and a.compile:
         raise PipelineError(f"{path}: attack.compile: the compiled step does not unroll the client's "
-                            f"{t.threat_model['local_steps']} local steps (compile: false, or client_model: plain)")
+                            f"{t.threat_model.local_steps} local steps (compile: false, or client_model: plain)")
     if a.split != "batch":
         return
     try:
@@ -156,9 +135,8 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
     """One restart against one upload (with `split_batch`, this process's part of it)."""
     t = target_of(job, a)
     tm = t.threat_model
-    return invert(t.model, t.gradients, t.labels, image_shape(tm), tm["mean"], tm["std"],
-                  settings_of(a, seed), progress=progress, restarts=[job.restart], shards=t.shards,
-                  split_batch=split_batch, bn_statistics=t.bn_statistics, local_steps=t.local_steps)
+    return invert(t.model, t.gradients, t.labels, tm.image_shape, tm.mean, tm.std, a, seed, progress=progress,
+                  restarts=[job.restart], shards=t.shards, split_batch=split_batch, bn_statistics=t.bn_statistics, local_steps=t.local_steps)
 
 
 def save_result(path: Path, rec: Reconstruction) -> None:
