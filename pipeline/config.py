@@ -189,6 +189,9 @@ class AttackParams(_Section):
     # the attack step as one torch.compile'd function: faster per step on the ConvNet, a compile
     # of tens of seconds first (inductor's cache after); no BatchNorm prior, no batch split
     compile: bool
+    # the restarts of an upload made one reconstruction: best: the restart of lowest gradient loss;
+    # mlco: E2EGI's image-by-image combination of them (pipeline.attack.invert.min_loss_combination)
+    combine: Literal["best", "mlco"]
 
 
 class EvaluateParams(_Section):
@@ -276,6 +279,8 @@ class Params(_Section):
             raise ValueError(f"{where}.compile: the compiled step takes neither bn_prior nor split: batch")
         if a.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
             raise ValueError(f"{where}.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
+        if a.combine == "mlco" and a.restarts < 2:
+            raise ValueError(f"{where}.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has {a.restarts})")
 
     def _attack(self, name: str) -> AttackParams:
         overrides = self.settings[name].attack

@@ -15,11 +15,15 @@ import torch
 from pipeline.errors import PipelineError
 
 
-def pair_by_hungarian(reconstructions: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """order such that reconstructions[order[i]] is paired with truth[i] (minimal total MSE)."""
+def pair_by_hungarian(reconstructions: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """order such that reconstructions[order[i]] is paired with truth[i] (minimal total MSE);
+    with `labels` (one per position, the same for both batches), only positions of one label pair."""
     from scipy.optimize import linear_sum_assignment
 
     cost = ((truth[:, None] - reconstructions[None]) ** 2).flatten(2).mean(2)  # [truth, recon]
+    if labels is not None:
+        cost = cost.masked_fill(labels[:, None] != labels[None], float("inf"))
     rows, cols = linear_sum_assignment(cost.double().numpy())
     return torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
 

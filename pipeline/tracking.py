@@ -62,6 +62,8 @@ def _connect(uri: str, experiment: str) -> Any:
 
 GROUP_TAG = "pipeline.group"
 PID_TAG, HOST_TAG = "pipeline.pid", "pipeline.host"  # who opened a run: to tell a killed one
+# MLflow 3's UI opens an experiment by this tag; without it, on the GenAI (traces) view, empty here
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
@@ -124,6 +126,8 @@ def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, 
         local = not os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.create_experiment(name, artifact_location=(root.resolve() / "mlruns").as_uri() if local else None)
     experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(KIND_TAG) != KIND:  # also on an experiment made before the tag was set
+        mlflow.set_experiment_tag(KIND_TAG, KIND)
     for run_id in end_killed_runs(mlflow, experiment.experiment_id, run_name):
         print(f"MLflow: run {run_id} of an earlier {run_name} whose process was killed is marked KILLED")
     tags = {**tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}

@@ -6,6 +6,7 @@ project root (DVC_ROOT, which differs from the working folder in temporary exper
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import subprocess
@@ -34,13 +35,44 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
-def code_digest() -> str:
-    """A digest of the library's and the stages' source: resumed work must come from the same code."""
-    import pipeline
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages")  # the project's own: what a stage's code is made of
 
-    here = Path(__file__).parent
-    files = sorted([*Path(pipeline.__file__).parent.rglob("*.py"), *here.glob("*.py")])
-    return digest([(p.name, sha256(p)) for p in files])
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT.joinpath(*name.split("."))
+    found = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    return found if found.is_file() else None
+
+
+def source_files(module: str) -> list[Path]:
+    """The project's source files that running `module` (say "stages.attack") executes: the
+    module, every pipeline/ or stages/ module it imports (lazy imports inside functions too),
+    transitively, and the packages' __init__ files on the way; relative to the project root.
+    What a stage's dvc.yaml deps must list, and what its resume fingerprint digests."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            path = _module_file(".".join(parts[:depth]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    todo += [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    # `from pipeline.attack import invert` may name a module as well as an attribute
+                    todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        todo = [n for n in todo if n.split(".")[0] in PACKAGES]
+    return sorted(path.relative_to(ROOT) for path in seen)
+
+
+def code_digest(module: str) -> str:
+    """A digest of the source `module` runs (source_files): resumed work must come from the same code."""
+    return digest([(path.as_posix(), sha256(ROOT / path)) for path in source_files(module)])
 
 
 class _NoTracking:
@@ -138,6 +170,8 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
         torch.set_deterministic_debug_mode("error")
         stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
         logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))
+        if setting is not None and "client" in logged:  # the client this setting makes of it, not the plain one
+            logged["client"] = params.setting(setting)[1].model_dump()
         tags = {**stage._tags(), "params.digest": digest(logged)}  # equal digests: the same parameters
         tracked = open_run(stage.root, stage.run_name, logged, tags, stage.group()) if is_first_process() \
             else nullcontext(_NoTracking())

@@ -15,9 +15,8 @@ the parameters, the uploads and the code, and jobs finished before the kill are 
 import shutil
 from pathlib import Path
 
-from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import (Job, classic_of, launched_processes, load_result, process_count, run_jobs,
-                                  target_of)
+from pipeline.attack.jobs import (Job, classic_of, combined, launched_processes, load_result, process_count,
+                                  run_jobs, target_of)
 from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
@@ -58,7 +57,7 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
     for path in uploads:
         tm = load_upload(path).threat_model
         restarts = [load_result(Job(path, r).result_path(scratch)) for r in range(a.restarts)]
-        rec = best_of(restarts)
+        rec = combined(path, restarts, a, stage.params.seed)
         images = to_unit_range(rec.images, tm.mean, tm.std)
         meta = {
             "upload": path.name, "epoch": tm.epoch, "trial": tm.trial, "scheme": tm.scheme,
@@ -68,6 +67,7 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
             "iterations_run": rec.iterations_run, "converged": rec.converged,
             "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
             "note": rec.note,
+            **({} if rec.sources is None else {"sources": rec.sources}),  # the restart of each image, combined
         }
         save_grid((out / path.name).with_suffix(".png"), [images])
         save_tensors(out / path.name, {"images": images, "labels": rec.labels}, meta)
@@ -96,7 +96,7 @@ def main(stage: Stage) -> None:
             run_jobs([Job(path, r) for path in paths for r in range(params.restarts)], params, p.seed,
                      partial_path(out_folder) / sub / ".jobs")
         return
-    inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest())
+    inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest("stages.attack"))
     with atomic_dir(out_folder, fingerprint=inputs) as out:
         timings = {}
         for sub, params, paths in runs:  # one scratch folder per attacker, removed before the output is finished

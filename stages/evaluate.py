@@ -89,4 +89,4 @@ def main(stage: Stage) -> None:
 
 
 if __name__ == "__main__":
-    run("evaluate", main, reads=("extract", "attack", "evaluate"))
+    run("evaluate", main, reads=("evaluate",))

@@ -15,7 +15,6 @@ from pipeline.data import load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.rank_analysis import model_ra_index, rank_analysis
-from pipeline.tracking import flatten
 from pipeline.uploads import Upload, save_truth, save_upload, upload_name
 from stages._common import Stage, run
 
@@ -62,7 +61,6 @@ def main(stage: Stage) -> None:
                       + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
                       + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}")
     write_json(Path("reports/client") / f"{setting}.json", {"setting": setting, "scheme": scheme, "uploads": summary})
-    stage.mlflow.log_params(flatten({"client": c.model_dump()}))
     for epoch in p.extract.epochs:  # step = training epoch; the mean over the trials
         mine = [s for s in summary.values() if s["epoch"] == epoch]
         stage.mlflow.log_metrics({k: sum(s[k] for s in mine) / len(mine) for k in
@@ -72,4 +70,4 @@ def main(stage: Stage) -> None:
 
 
 if __name__ == "__main__":
-    run("extract", main, reads=("seed", "extract", "settings.{setting}"))
+    run("extract", main, reads=("seed", "extract", "client", "settings.{setting}"))

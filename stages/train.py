@@ -49,7 +49,7 @@ def main(stage: Stage) -> None:
         return
     logger = MLFlowLogger(tracking_uri=stage.tracking_uri, run_id=stage.mlflow.active_run().info.run_id)
     inputs = digest(p.seed, p.model.model_dump(), p.train.model_dump(), p.scheme(scheme).model_dump(),
-                    tree_digest(DATA), code_digest())
+                    tree_digest(DATA), code_digest("stages.train"))
     with atomic_dir(out, fingerprint=inputs) as tmp:
         written = train(train_split, test_split, meta, p, scheme, tmp, kernel, logger=logger)
         ranks = write_rank_analysis(tmp, written[0])

@@ -30,7 +30,7 @@ def make_params(**overrides) -> Params:
 # the attack's keys a test of the inversion itself does not vary
 INVERSION = {"labels": "known", "client_model": "exact", "classic": False, "objective": "cosine", "layer_weights": "equal",
              "bn_prior": 0.0, "bn_statistics": "running", "tv_target": None, "processes": 1, "split": "jobs", "threads": 1,
-             "compile": False}
+             "compile": False, "combine": "best"}
 
 
 def inversion_params(**values) -> AttackParams:

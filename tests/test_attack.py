@@ -8,8 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import invert, recover_labels
-from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, check_compiled, dummy_gradient, pixel_box,
-                                    pooled_statistics, total_variation, unrolled_update)
+from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, Reconstruction, best_of, check_compiled, dummy_gradient,
+                                    gradient_loss, min_loss_combination, pixel_box, pooled_statistics, total_variation,
+                                    unrolled_update)
 from pipeline.attack.labels import mean_prediction
 from pipeline.client import ClientParams, batch_gradient, simulate_client, step_parts
 from pipeline.data import to_unit_range
@@ -482,3 +483,57 @@ def test_the_compiled_attack_brings_an_image_back_with_the_same_bytes_for_a_seed
     with pytest.raises(ValueError, match="the compiled step takes neither the BatchNorm prior"):
         invert(model, target, labels[:1], (1, 32, 32), mean, std,
                settings.model_copy(update={"bn_prior": 0.1}), 0, progress=False)
+
+
+def test_mlco_puts_the_truth_together_from_restarts_that_each_hold_part_of_it(fashion_images):
+    """Three "restarts" of a B = 4 batch (labels 3, 3, 5, 8): the truth with noise on image 0; the
+    truth with noise on image 1 and its two label-3 images in swapped positions; pure noise.
+    Combined image by image they give the truth itself back (aligned within label 3), with a
+    gradient loss of zero to float precision: the target is the truth's gradient."""
+    images, _, mean, std = fashion_images
+    x, y = images[:4], torch.tensor([3, 3, 5, 8])
+    model = build_model("convnet", 1, 10, 32).train()
+    target = batch_gradient(model, x, y, "train")
+    a = inversion_params(iterations=1, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=3)
+    loss = lambda batch: gradient_loss(model, target, batch, y, a, 0)  # noqa: E731
+    noise = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    first, second = x.clone(), x.clone()
+    first[0] += 0.5 * noise[0]
+    second[1] += 0.5 * noise[1]
+    second = second[[1, 0, 2, 3]]
+    found = [Reconstruction(batch, y, loss(batch), r) for r, batch in enumerate([first, second, noise])]
+    combined = min_loss_combination(found, loss)
+    assert torch.equal(combined.images, x)
+    assert combined.grad_loss < 1e-5 < min(r.grad_loss for r in found)
+    assert sorted(set(combined.sources)) == [0, 1]  # nothing from the noise
+
+
+def test_mlco_of_real_restarts_is_never_worse_than_the_best_one(fashion_images):
+    """K = 4 restarts of 60 iterations on B = 4: the combined batch's gradient loss, recomputed, is
+    at most the best restart's, and the loss `gradient_loss` gives each kept iterate is the one
+    the attack recorded (two computations of one term)."""
+    images, labels, mean, std = fashion_images
+    x, y = images[:4], torch.tensor([3, 3, 5, 8])
+    model = build_model("convnet", 1, 10, 32).train()
+    target = batch_gradient(model, x, y, "train")
+    a = inversion_params(iterations=60, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=4)
+    found = [invert(model, target, y, (1, 32, 32), mean, std, a, 0, progress=False, restarts=[r]) for r in range(4)]
+    loss = lambda batch: gradient_loss(model, target, batch, y, a, 0)  # noqa: E731
+    for rec in found:
+        assert loss(rec.images) == pytest.approx(rec.grad_loss, rel=1e-4)
+    combined = min_loss_combination(found, loss)
+    assert combined.grad_loss == pytest.approx(loss(combined.images), rel=1e-6)
+    assert combined.grad_loss <= loss(best_of(found).images)
+    assert torch.equal(combined.labels, y) and len(combined.sources) == 4
+
+
+def test_restarts_align_only_within_a_label():
+    """The image nearest to the reference's first one carries another label: it is not paired there."""
+    reference = torch.zeros(3, 1, 2, 2)
+    reference[1] += 1
+    other = torch.stack([reference[1], reference[0], reference[2] + 0.1])  # the near copies swapped
+    labels = torch.tensor([0, 0, 1])
+    assert pair_by_hungarian(other, reference).tolist() == [1, 0, 2]  # unconstrained: by distance
+    assert pair_by_hungarian(other, reference, labels).tolist() == [1, 0, 2]  # same labels: still
+    labels = torch.tensor([0, 1, 2])  # now every position is its own label
+    assert pair_by_hungarian(other, reference, labels).tolist() == [0, 1, 2]

@@ -41,6 +41,7 @@ def test_project_params_validate():
         ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
         ("attack.bn_statistics", "exact", "params.yaml: attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true"),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
+        ("attack.combine", "mlco", "params.yaml: attack.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has 1)"),
         ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
         ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),
         ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from pipeline.tracking import EXPERIMENT, HOST_TAG, PID_TAG, open_run
+from pipeline.tracking import EXPERIMENT, HOST_TAG, KIND, KIND_TAG, PID_TAG, open_run
 from tests.conftest import REPO
 
 
@@ -32,3 +32,5 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp
         current = tracked.active_run().info.run_id
     status = {r.info.run_id: r.info.status for r in mlflow.search_runs([experiment], output_format="list")}
     assert status == {before.info.run_id: "KILLED", alive.info.run_id: "RUNNING", current: "FINISHED"}
+    # the UI opens the experiment on its training runs
+    assert mlflow.get_experiment(experiment).tags[KIND_TAG] == KIND

@@ -1,10 +1,14 @@
 """How a cell's PSNR moves with the attack's budget: the setting's uploads attacked again at each
-number of iterations (the rest of params.yaml's attack as it is), then scored against the truth.
+number of iterations (and restarts; the rest of params.yaml's attack as it is), the restarts
+combined by each rule asked for, then scored against the truth.
 
     python -m tools.budget <setting> --iterations 500,1500,3000 [--epochs 0,3]
+                           [--restarts 4] [--combine best,mlco]
 
 Run after `dvc repro` (it reads uploads/<setting> and truth/<setting>, writes nothing but a
 scratch folder it removes). The truth is read here only to score, as the evaluate stage does.
+With several combination rules, each after the first is paired image by image with the first
+(the same restarts, the same truth): the mean difference, its interval and Wilcoxon's p.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, load_result, run_jobs
+from pipeline.attack.jobs import Job, combined, load_result, run_jobs
 from pipeline.config import load_params
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, pair_by_hungarian
-from pipeline.results import Evidence, mean_interval
+from pipeline.results import Evidence, mean_interval, wilcoxon_p
 from pipeline.uploads import load_truth, load_upload
 
+COMBINE_RULES = ("best", "mlco")
 
-def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None) -> list[dict]:
+
+def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None, restarts: int | None = None,
+                combines: tuple[str, ...] = ("best",)) -> list[dict]:
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
     uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
@@ -35,27 +41,35 @@ def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None) -
     evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
     rows = []
     for budget in iterations:
-        a = p.attack_for(setting).model_copy(update={"iterations": budget})
+        a = p.attack_for(setting).model_copy(update={"iterations": budget, "restarts": restarts or p.attack.restarts})
+        cells: dict[tuple[int, str], dict] = {}
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
             run_jobs([Job(u, r) for u in uploads for r in range(a.restarts)], a, p.seed, Path(scratch))
             seconds = time.perf_counter() - started
-            by_epoch: dict[int, dict] = {}
             for u in uploads:
                 tm = load_upload(u).threat_model
-                rec = best_of([load_result(Job(u, r).result_path(Path(scratch))) for r in range(a.restarts)])
+                found = [load_result(Job(u, r).result_path(Path(scratch))) for r in range(a.restarts)]
                 truth_u8, _, _ = load_truth(Path("truth", setting, u.name))
-                truth, images = truth_u8.float() / 255, to_unit_range(rec.images, tm.mean, tm.std)
-                psnr = image_metrics(images[pair_by_hungarian(images, truth)], truth)["psnr"].tolist()
-                cell = by_epoch.setdefault(tm.epoch, {"psnr": [], "unconverged": 0, "uploads": 0})
-                cell["psnr"] += psnr
-                cell["unconverged"] += rec.converged is False
-                cell["uploads"] += 1
-        for epoch, cell in sorted(by_epoch.items()):
+                truth = truth_u8.float() / 255
+                for rule in combines:
+                    rec = combined(u, found, a.model_copy(update={"combine": rule}), p.seed)
+                    images = to_unit_range(rec.images, tm.mean, tm.std)
+                    psnr = image_metrics(images[pair_by_hungarian(images, truth)], truth)["psnr"].tolist()
+                    cell = cells.setdefault((tm.epoch, rule), {"psnr": [], "unconverged": 0, "uploads": 0})
+                    cell["psnr"] += psnr
+                    cell["unconverged"] += rec.converged is False
+                    cell["uploads"] += 1
+        for (epoch, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
             low, high = mean_interval(cell["psnr"], evidence)
-            rows.append({"iterations": budget, "epoch": epoch, "n": len(cell["psnr"]),
-                         "psnr": sum(cell["psnr"]) / len(cell["psnr"]), "psnr_low": low, "psnr_high": high,
-                         "unconverged": f"{cell['unconverged']}/{cell['uploads']}", "seconds": round(seconds, 1)})
+            row = {"iterations": budget, "restarts": a.restarts, "combine": rule, "epoch": epoch, "n": len(cell["psnr"]),
+                   "psnr": sum(cell["psnr"]) / len(cell["psnr"]), "psnr_low": low, "psnr_high": high,
+                   "unconverged": f"{cell['unconverged']}/{cell['uploads']}", "seconds": round(seconds, 1)}
+            if rule != combines[0]:
+                d = [x - y for x, y in zip(cell["psnr"], cells[(epoch, combines[0])]["psnr"])]
+                d_low, d_high = mean_interval(d, evidence)
+                row.update(diff=sum(d) / len(d), diff_low=d_low, diff_high=d_high, p_value=wilcoxon_p(d))
+            rows.append(row)
     return rows
 
 
@@ -64,28 +78,40 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _numbers(text: str | None) -> list[int] | None:
+    return None if text is None else [int(x) for x in text.split(",")]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.budget", description=__doc__.split("\n\n")[0])
     parser.add_argument("setting")
     parser.add_argument("--iterations", default="500,1500,3000", help="comma-separated budgets")
     parser.add_argument("--epochs", help="comma-separated checkpoint epochs (default: every attacked one)")
+    parser.add_argument("--restarts", help="restarts per upload (default: params.yaml's attack.restarts)")
+    parser.add_argument("--combine", default="best", help=f"comma-separated rules, of {', '.join(COMBINE_RULES)}")
     args = parser.parse_args(argv)
     try:
-        iterations = [int(x) for x in args.iterations.split(",")]
-        epochs = None if args.epochs is None else [int(x) for x in args.epochs.split(",")]
-        if min(iterations) < 1:
+        iterations, epochs, restarts = _numbers(args.iterations), _numbers(args.epochs), _numbers(args.restarts)
+        if min(iterations) < 1 or (restarts and (len(restarts) > 1 or restarts[0] < 1)):
             raise ValueError
     except ValueError:
-        _fail("--iterations and --epochs take comma-separated positive whole numbers")
+        _fail("--iterations and --epochs take comma-separated positive whole numbers, --restarts one")
+    combines = tuple(args.combine.split(","))
+    if not set(combines) <= set(COMBINE_RULES) or len(set(combines)) < len(combines):
+        _fail(f"--combine takes distinct rules of {', '.join(COMBINE_RULES)} (got {args.combine!r})")
     try:
-        rows = budget_rows(args.setting, iterations, epochs)
+        rows = budget_rows(args.setting, iterations, epochs, restarts and restarts[0], combines)
     except PipelineError as err:
         _fail(str(err))
-    print(f"{args.setting}: PSNR (dB) by attack budget, mean [interval] over n images")
-    print("| iterations | epoch | n | PSNR | unconverged | seconds |\n|---|---|---|---|---|---|")
+    print(f"{args.setting}: PSNR (dB) by attack budget, mean [interval] over n images"
+          + (f"; the difference to {combines[0]}, paired by image, and Wilcoxon's p" if len(combines) > 1 else ""))
+    print("| iterations | restarts | combine | epoch | n | PSNR | difference | p | unconverged | seconds |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['iterations']} | {r['epoch']} | {r['n']} | {r['psnr']:.1f} [{r['psnr_low']:.1f}, "
-              f"{r['psnr_high']:.1f}] | {r['unconverged']} | {r['seconds']} |")
+        diff = f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}] | {r['p_value']:.2g}" if "diff" in r \
+            else "– | –"
+        print(f"| {r['iterations']} | {r['restarts']} | {r['combine']} | {r['epoch']} | {r['n']} | {r['psnr']:.1f} "
+              f"[{r['psnr_low']:.1f}, {r['psnr_high']:.1f}] | {diff} | {r['unconverged']} | {r['seconds']} |")
 
 
 if __name__ == "__main__":

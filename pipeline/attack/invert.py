@@ -12,6 +12,7 @@ group, the dummy gradients all-reduced, as the original did for large batches.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
+from pipeline.metrics import pair_by_hungarian
 from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes
 
 
@@ -45,6 +47,7 @@ class Reconstruction:
     # last 10 %, and its lowest in the last 10 %
     tail: tuple[float, float, float] | None = None
     converged: bool | None = None  # see still_falling; None: too few iterations to tell, or not run
+    sources: list[int] | None = None  # combined restarts (min_loss_combination): the restart of each image
 
 
 # A restart that made more than this share of its whole decrease of the loss in its last tenth
@@ -505,6 +508,46 @@ def invert(
         found = [run(restart) for restart in restarts]
     bar.close()
     return best_of(found)
+
+
+def gradient_loss(model: nn.Module, target: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                  a: AttackParams, seed: int, shards: int = 1, local_steps: LocalSteps | None = None) -> float:
+    """The attack's gradient term (no TV, no prior) of the dummy batch `images`, as `invert`
+    computes it for the same model, upload and client model; the attacker's own dropout drawn
+    from `seed` alone, so that every batch compared with it sees the same masks."""
+    model = copy.deepcopy(model)
+    crops = crop_dead_taps(model, tuple(images.shape[1:]))
+    match = GradientMatch(model, target, a.objective, a.layer_weights, crops)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10**9 + seed * 1000 + 999)
+        x = images.detach().clone().requires_grad_(True)
+        grads = dummy_gradient(model, x, labels, shards) if local_steps is None else unrolled_update(model, x, labels,
+                                                                                                    local_steps)
+        return float(match(grads)[0])
+
+
+def min_loss_combination(found: list[Reconstruction], batch_loss: Callable[[torch.Tensor], float]) -> Reconstruction:
+    """The restarts of one upload combined image by image: E2EGI's combining step of MLCO (see
+    ../shared/reference/original-system.md, 4.7), without its group-regularised rounds.
+
+    Start from the restart with the lowest gradient loss. Align every other restart's images to
+    it one-to-one, only between positions of the same label (Hungarian on MSE: within a label
+    the dummy positions are interchangeable). Then, position by position and restart by
+    restart, put that restart's image in and keep the swap when `batch_loss` of the whole batch
+    falls. The result's loss is never above the best restart's (as `batch_loss` measures it)."""
+    best = best_of(found)
+    images, loss = best.images.clone(), batch_loss(best.images)
+    sources = [best.restart] * len(images)
+    others = sorted((r for r in found if r is not best and r.note is None), key=lambda r: r.restart)
+    aligned = [(r.restart, r.images[pair_by_hungarian(r.images, best.images, best.labels)]) for r in others]
+    for i in range(len(images)):
+        for restart, candidates in aligned:
+            trial = images.clone()
+            trial[i] = candidates[i]
+            value = batch_loss(trial)
+            if value < loss:
+                images, loss, sources[i] = trial, value, restart
+    return dataclasses.replace(best, images=images, grad_loss=loss, sources=sources)
 
 
 def check_split(model: nn.Module, batch: int, shards: int, world: int, bn_prior: float) -> None:

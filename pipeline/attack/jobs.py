@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import (LocalSteps, Reconstruction, check_split, invert, pixel_box,
-                                    statistics_from_buffers)
+from pipeline.attack.invert import (LocalSteps, Reconstruction, best_of, check_split, gradient_loss, invert,
+                                    min_loss_combination, pixel_box, statistics_from_buffers)
 from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
@@ -106,6 +106,16 @@ def _labels(a: AttackParams, model: torch.nn.Module, upload: Upload) -> torch.Te
         bias = upload.gradients.get(weight.removesuffix("weight") + "bias")
         mean_probs = mean_prediction(model, tm.image_shape, *pixel_box(tm.mean, tm.std))
     return recover_labels(a.labels, upload.gradients[weight], tm.batch_size, upload.labels, bias, mean_probs)
+
+
+def combined(upload: Path, found: list[Reconstruction], a: AttackParams, seed: int) -> Reconstruction:
+    """One upload's restarts made its reconstruction: the one of lowest gradient loss (`a.combine`
+    best), or their image-by-image combination (mlco), its loss that of the attacker `a`."""
+    if a.combine == "best" or len(found) < 2:
+        return best_of(found)
+    t = target_of(Job(upload, 0), a)
+    return min_loss_combination(found, lambda images: gradient_loss(t.model, t.gradients, images, t.labels, a, seed,
+                                                                    t.shards, t.local_steps))
 
 
 def classic_of(a: AttackParams) -> AttackParams:
