@@ -3,6 +3,7 @@
 #   ./run.sh          set up (venv + dataset) and run the default pipeline (dvc repro)
 #   ./run.sh test     set up and run what CI runs: every test, the slow end-to-end ones and the gate among them
 #   ./run.sh gate     the reproducibility gate alone (tools/repro_gate.py)
+#   ./run.sh lint     ruff's checks and formatting, as CI runs them first
 #   ./run.sh setup    only create .venv and install the default dataset
 #   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
 set -euo pipefail
@@ -48,9 +49,16 @@ case "${1:-repro}" in
     setup_env; setup_data
     dvc repro
     echo "run.sh: done. Results: reports/results.md, reports/reconstructions.png; runs: ./run.sh ui" ;;
+  lint)
+    setup_env
+    ruff check .
+    ruff format --check . ;;
   test)
     setup_env; setup_data
-    # every test, fast and slow (the reproducibility gate is tests/test_pipeline.py), on two processes
+    # lint first (seconds), then every test, fast and slow (the reproducibility gate is
+    # tests/test_pipeline.py), on two processes
+    ruff check .  # two commands, not an && list: set -e stops at either
+    ruff format --check .
     python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile --durations=8 ;;
   gate)
     setup_env; setup_data
@@ -60,5 +68,5 @@ case "${1:-repro}" in
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     exec mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
       --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;
-  *) echo "usage: ./run.sh [repro|test|gate|setup|ui]" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh [repro|test|lint|gate|setup|ui]" >&2; exit 2 ;;
 esac

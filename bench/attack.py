@@ -63,7 +63,14 @@ def plain_attack(model, target: dict[str, torch.Tensor], labels, shape, restarts
 
 
 def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, torch.nn.Module, dict, torch.Tensor]:
-    meta = {"arch": arch, "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
+    meta = {
+        "arch": arch,
+        "in_channels": 1,
+        "num_classes": 10,
+        "image_size": 32,
+        "norm": "batch",
+        "maxpool_kernel": None,
+    }
     torch.manual_seed(0)
     model = build_model(**meta)
     checkpoint = folder / "model.safetensors"
@@ -71,8 +78,18 @@ def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, 
     gen = torch.Generator().manual_seed(1)
     images, labels = torch.randn(batch, 1, 32, 32, generator=gen), torch.arange(batch) % 10
     grads = batch_gradient(model, images, labels, mode)
-    client = ClientParams(batch_size=batch, participants=1, bn="sync", local_steps=1, lr=0.01, mode=mode, dp=None,
-                          label_repetition=None, participants_as="simulated", upload_buffers=False)
+    client = ClientParams(
+        batch_size=batch,
+        participants=1,
+        bn="sync",
+        local_steps=1,
+        lr=0.01,
+        mode=mode,
+        dp=None,
+        label_repetition=None,
+        participants_as="simulated",
+        upload_buffers=False,
+    )
     threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "bench", 0, labels)
     save_upload(folder / "upload.safetensors", Upload(grads, threat))
     return folder / "upload.safetensors", model.train(mode == "train"), grads, labels
@@ -90,10 +107,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ours with attack.compile (the compile is timed too)")
     args = parser.parse_args()
     cores = torch.get_num_threads()
-    print(f"torch {torch.__version__}; reference: 1 process x {cores} threads; "
-          f"ours: {args.processes} processes x {args.threads} thread(s), split {args.split}"
-          f"{', compiled' if args.compile else ''}; K = {args.restarts} restarts")
-    print(f"{'model':<9}{'B':>3}{'mode':>6}{'iters':>6}  {'reference it/s':>14}{'ours it/s':>10}{'ratio':>7}   (range over pairs)")
+    print(
+        f"torch {torch.__version__}; reference: 1 process x {cores} threads; "
+        f"ours: {args.processes} processes x {args.threads} thread(s), split {args.split}"
+        f"{', compiled' if args.compile else ''}; K = {args.restarts} restarts"
+    )
+    print(
+        f"{'model':<9}{'B':>3}{'mode':>6}{'iters':>6}  {'reference it/s':>14}{'ours it/s':>10}{'ratio':>7}"
+        "   (range over pairs)"
+    )
     for arch in args.archs:
         for b in args.batches:
             mode = "eval" if arch == "resnet18" and b == 1 else "train"
@@ -102,11 +124,25 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = Path(tmp)
                 path, model, grads, labels = write_upload(folder, arch, b, mode)
-                params = AttackParams(labels="known", iterations=iterations, restarts=args.restarts, lr=0.1,
-                                      lr_min=1e-3, tv_weight=1e-2, client_model="exact", classic=False, objective="cosine",
-                                      layer_weights="equal", bn_prior=0.0, bn_statistics="running", tv_target=None,
-                                      processes=args.processes, split=args.split, threads=args.threads,
-                                      compile=args.compile)
+                params = AttackParams(
+                    labels="known",
+                    iterations=iterations,
+                    restarts=args.restarts,
+                    lr=0.1,
+                    lr_min=1e-3,
+                    tv_weight=1e-2,
+                    client_model="exact",
+                    classic=False,
+                    objective="cosine",
+                    layer_weights="equal",
+                    bn_prior=0.0,
+                    bn_statistics="running",
+                    tv_target=None,
+                    processes=args.processes,
+                    split=args.split,
+                    threads=args.threads,
+                    compile=args.compile,
+                )
                 for repeat in range(args.repeats):  # interleaved pairs: this machine's speed drifts
                     start = time.perf_counter()
                     plain_attack(model, grads, labels, (1, 32, 32), args.restarts, iterations)
@@ -119,9 +155,12 @@ def main() -> None:
                     torch.set_num_threads(cores)  # run_jobs set this process's threads when it ran in it
                     ratios.append(refs[-1] / ours[-1])
             work = iterations * args.restarts
-            print(f"{arch:<9}{b:>3}{mode:>6}{iterations:>6}  {work / statistics.median(refs):>14.1f}"
-                  f"{work / statistics.median(ours):>10.1f}{statistics.median(ratios):>7.2f}"
-                  f"   ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+            print(
+                f"{arch:<9}{b:>3}{mode:>6}{iterations:>6}  {work / statistics.median(refs):>14.1f}"
+                f"{work / statistics.median(ours):>10.1f}{statistics.median(ratios):>7.2f}"
+                f"   ({min(ratios):.2f}-{max(ratios):.2f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

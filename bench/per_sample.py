@@ -69,8 +69,10 @@ def main() -> None:
             hooks = f"{best_of(opacus_hooks(model, images, labels), args.repeats) * 1e3:.0f} ms"
         except RuntimeError as err:
             hooks = f"fails ({str(err).split('.')[0]})"
-        print(f"{arch:9s} batch gradient {plain * 1e3:6.0f} ms | per-sample: vmap {vmap * 1e3:6.0f} ms, "
-              f"loop {loop * 1e3:6.0f} ms, loop/vmap = {loop / vmap:.2f} | Opacus hooks {hooks}")
+        print(
+            f"{arch:9s} batch gradient {plain * 1e3:6.0f} ms | per-sample: vmap {vmap * 1e3:6.0f} ms, "
+            f"loop {loop * 1e3:6.0f} ms, loop/vmap = {loop / vmap:.2f} | Opacus hooks {hooks}"
+        )
 
 
 if __name__ == "__main__":

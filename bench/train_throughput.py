@@ -62,9 +62,20 @@ def lightning_fit(arch: str, data: TensorDataset, test: TensorDataset, batch: in
     torch.manual_seed(0)
     module = Classifier(build_model(arch, 1, 10, 32), data, test, 10, params, params.scheme("pure"))
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, deterministic=True, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        deterministic=True,
+        callbacks=[timer],
+    )
     trainer.fit(module)
     return timer.seconds
 
@@ -78,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     params = params_for(args.arch, args.batch)
     gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(args.images, 1, 32, 32, generator=gen), torch.randint(0, 10, (args.images,), generator=gen))
+    data = TensorDataset(
+        torch.randn(args.images, 1, 32, 32, generator=gen), torch.randint(0, 10, (args.images,), generator=gen)
+    )
     test = TensorDataset(torch.randn(256, 1, 32, 32), torch.randint(0, 10, (256,)))
     bare_loop(args.arch, data, args.batch, params)  # warm-up
     bare, lit = [], []
@@ -86,10 +99,12 @@ def main() -> None:
         bare.append(bare_loop(args.arch, data, args.batch, params))
         lit.append(lightning_fit(args.arch, data, test, args.batch, params))
     paired = sorted(b / a for a, b in zip(bare, lit))
-    print(f"{args.arch}, {args.images} images, batch {args.batch}, {torch.get_num_threads()} threads: "
-          f"bare loop {args.images / min(bare):.0f} img/s, Lightning {args.images / min(lit):.0f} img/s (best of "
-          f"{args.repeats}); ratio Lightning time / bare time: {paired[len(paired) // 2]:.3f} (median of the "
-          f"interleaved pairs; range {paired[0]:.3f}-{paired[-1]:.3f})")
+    print(
+        f"{args.arch}, {args.images} images, batch {args.batch}, {torch.get_num_threads()} threads: "
+        f"bare loop {args.images / min(bare):.0f} img/s, Lightning {args.images / min(lit):.0f} img/s (best of "
+        f"{args.repeats}); ratio Lightning time / bare time: {paired[len(paired) // 2]:.3f} (median of the "
+        f"interleaved pairs; range {paired[0]:.3f}-{paired[-1]:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
-
 # torch 2.14 marks this differentiable all-reduce deprecated in favour of a private module;
 # it is still the public, autograd-aware one.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")

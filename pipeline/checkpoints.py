@@ -53,6 +53,8 @@ def load_checkpoint(path: Path, expect: dict[str, Any] | None = None) -> tuple[n
         raise PipelineError(f"{path}: weights do not fit a {meta['arch']} ({odd!r} missing or unexpected)")
     for name, ref in model.state_dict().items():
         if state[name].shape != ref.shape:
-            raise PipelineError(f"{path}: {name} has shape {tuple(state[name].shape)}, the architecture needs {tuple(ref.shape)}")
+            raise PipelineError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, the architecture needs {tuple(ref.shape)}"
+            )
     model.load_state_dict(state)
     return model, meta

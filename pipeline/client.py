@@ -1,4 +1,4 @@
-"""The federated client: which images it holds and the update it uploads (DESIGN 2.3).
+"""The federated client: which images it holds and the update it uploads (docs/schemes-and-settings.md).
 
 A client holds B images, split into W contiguous participant shards (data-parallel
 workers). It takes E local SGD steps, step e on the e-th 1/E of every shard; each step's
@@ -40,8 +40,9 @@ from pipeline.nets import batchnorm_layers, smallest_batchnorm_input
 from pipeline.uploads import ThreatModel, joined, split
 
 
-def choose_batches(pool_labels: torch.Tensor, batch_size: int, trials: int, seed: int,
-                   label_repetition: int | None = None) -> list[torch.Tensor]:
+def choose_batches(
+    pool_labels: torch.Tensor, batch_size: int, trials: int, seed: int, label_repetition: int | None = None
+) -> list[torch.Tensor]:
     """Positions in the victim pool of the client's batch in each trial, the same at every
     checkpoint. The trials' batches are disjoint, drawn from one seeded order of the pool, so
     trial t holds the same images in every setting of the same batch size without repetition.
@@ -51,9 +52,11 @@ def choose_batches(pool_labels: torch.Tensor, batch_size: int, trials: int, seed
     order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
     if label_repetition is None:
         if trials * batch_size > pool:
-            raise PipelineError(f"extract.trials {trials} x batch_size {batch_size} needs {trials * batch_size} distinct "
-                                f"victims, but the pool holds {pool} (raise data.victims_per_class)")
-        return [order[t * batch_size:(t + 1) * batch_size] for t in range(trials)]
+            raise PipelineError(
+                f"extract.trials {trials} x batch_size {batch_size} needs {trials * batch_size} distinct "
+                f"victims, but the pool holds {pool} (raise data.victims_per_class)"
+            )
+        return [order[t * batch_size : (t + 1) * batch_size] for t in range(trials)]
     present = torch.unique(pool_labels)
     k, per_class = label_repetition, batch_size // label_repetition
     if k > len(present):
@@ -64,9 +67,11 @@ def choose_batches(pool_labels: torch.Tensor, batch_size: int, trials: int, seed
     for t in range(trials):
         eligible = [c for c in unused if len(unused[c]) >= per_class]
         if len(eligible) < k:
-            raise PipelineError(f"extract.trials {trials} with label_repetition {k}: trial {t} finds only "
-                                f"{len(eligible)} classes with {per_class} unused victims left, {k} needed "
-                                "(raise data.victims_per_class)")
+            raise PipelineError(
+                f"extract.trials {trials} with label_repetition {k}: trial {t} finds only "
+                f"{len(eligible)} classes with {per_class} unused victims left, {k} needed "
+                "(raise data.victims_per_class)"
+            )
         chosen = [eligible[i] for i in torch.randperm(len(eligible), generator=gen)[:k].tolist()]
         batches.append(torch.tensor([unused[c].pop(0) for c in chosen for _ in range(per_class)]))
     return batches
@@ -83,8 +88,10 @@ def step_parts(batch_size: int, participants: int, local_steps: int) -> list[lis
     chunk = shard // local_steps
     if participants * shard != batch_size or local_steps * chunk != shard:
         raise PipelineError(f"batch of {batch_size} does not split into {participants} shards x {local_steps} steps")
-    return [[torch.arange(w * shard + e * chunk, w * shard + (e + 1) * chunk) for w in range(participants)]
-            for e in range(local_steps)]
+    return [
+        [torch.arange(w * shard + e * chunk, w * shard + (e + 1) * chunk) for w in range(participants)]
+        for e in range(local_steps)
+    ]
 
 
 def check_batchnorm_batch(model: nn.Module, c: ClientParams, in_channels: int, image_size: int) -> None:
@@ -122,10 +129,13 @@ class SeededDropout(nn.Module):
             return x
         if self.positions is None or len(self.positions) != len(x):
             raise RuntimeError("SeededDropout needs the batch positions of its input")
-        keep = torch.stack([
-            torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(_mix(*self.key, int(i), self.layer)))
-            >= self.p for i in self.positions
-        ])
+        keep = torch.stack(
+            [
+                torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(_mix(*self.key, int(i), self.layer)))
+                >= self.p
+                for i in self.positions
+            ]
+        )
         return x * keep / (1 - self.p)
 
 
@@ -195,6 +205,7 @@ class NormalisationStatistics:
             if name not in self.sums:
                 self.sums[name] = torch.zeros(*self.shape, 3, channels, dtype=torch.float64)
             self.sums[name][self.at] += sums
+
         return add
 
     def finish(self, reduce: Callable[[Grads], Grads]) -> dict[str, torch.Tensor]:
@@ -215,9 +226,15 @@ def normalisation_groups(c: ClientParams) -> int:
     return 1 if c.bn == "sync" or c.mode == "eval" else c.participants
 
 
-def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
-                my_groups: Callable[[list[torch.Tensor]], list[tuple[int, torch.Tensor]]],
-                reduce: Callable[[Grads], Grads]) -> tuple[Grads, dict[str, torch.Tensor]]:
+def _run_client(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    c: ClientParams,
+    seed: int,
+    my_groups: Callable[[list[torch.Tensor]], list[tuple[int, torch.Tensor]]],
+    reduce: Callable[[Grads], Grads],
+) -> tuple[Grads, dict[str, torch.Tensor]]:
     """The E local steps of the client, seen from one process: (upload, BatchNorm statistics).
 
     `my_groups` maps a step's participant parts to the (group, positions) this process
@@ -239,7 +256,7 @@ def _run_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c:
                 statistics.at = (e, g)
                 for i in group.tolist():
                     with _feeding(model, torch.tensor([i]), key):
-                        loss = F.cross_entropy(model(images[i:i + 1]), labels[i:i + 1])
+                        loss = F.cross_entropy(model(images[i : i + 1]), labels[i : i + 1])
                     rows.append(torch.autograd.grad(loss, params))
             per_sample = {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
             summed = reduce(clip_and_sum(per_sample, c.dp.clip)[0])
@@ -273,7 +290,9 @@ def _client_epsilon(c: ClientParams) -> float | None:
     return epsilon(c.dp.sigma, 1.0, 1, c.dp.delta) if c.dp.sigma > 0 else float("inf")
 
 
-def simulate_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
+def simulate_client(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int
+) -> ClientUpdate:
     """The client's upload with all W participants simulated in this process."""
     model = client_model(model, c.mode)
 
@@ -288,32 +307,51 @@ def running_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each BatchNorm layer's running statistics as they stand: after the client's steps, what a
     FedAvg client sends beside its weights. (Its train-mode forwards updated them by PyTorch's
     rule: r <- (1 - m) r + m s, s the batch mean and unbiased variance of the step.)"""
-    return {f"{name}.{kind}": getattr(m, kind).detach().clone() for name, m in batchnorm_layers(model)
-            if m.running_mean is not None for kind in ("running_mean", "running_var")}
+    return {
+        f"{name}.{kind}": getattr(m, kind).detach().clone()
+        for name, m in batchnorm_layers(model)
+        if m.running_mean is not None
+        for kind in ("running_mean", "running_var")
+    }
 
 
 def batchnorm_momentum(model: nn.Module) -> float | None:
     """The momentum all of the model's BatchNorm layers share (None without BatchNorm)."""
     momenta = {m.momentum for _, m in batchnorm_layers(model) if m.running_mean is not None}
     if len(momenta) > 1 or None in momenta:
-        raise PipelineError(f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
-                            "uploaded buffers need one momentum")
+        raise PipelineError(
+            f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
+            "uploaded buffers need one momentum"
+        )
     return momenta.pop() if momenta else None
 
 
-def threat_model(model: nn.Module, checkpoint: Path, ckpt: dict[str, Any], c: ClientParams, setting: str, trial: int,
-                 revealed_labels: torch.Tensor | None = None) -> ThreatModel:
+def threat_model(
+    model: nn.Module,
+    checkpoint: Path,
+    ckpt: dict[str, Any],
+    c: ClientParams,
+    setting: str,
+    trial: int,
+    revealed_labels: torch.Tensor | None = None,
+) -> ThreatModel:
     """What the server knows of the upload of client `c` starting from `model`, the checkpoint
     at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
-    return ThreatModel(**{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
-                       setting=setting, trial=trial, checkpoint=checkpoint.as_posix(), checkpoint_sha256=ckpt["sha256"],
-                       **c.model_dump(exclude={"participants_as"}),
-                       bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
-                       labels=None if revealed_labels is None else revealed_labels.tolist())
+    return ThreatModel(
+        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
+        setting=setting,
+        trial=trial,
+        checkpoint=checkpoint.as_posix(),
+        checkpoint_sha256=ckpt["sha256"],
+        **c.model_dump(exclude={"participants_as"}),
+        bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
+        labels=None if revealed_labels is None else revealed_labels.tolist(),
+    )
 
 
-def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int,
-                 out: str) -> None:
+def _participant(
+    fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int, out: str
+) -> None:
     """One participant process: its own parts, BatchNorm synced across processes when `sync`."""
     from pipeline.bn import CrossProcessSyncBatchNorm
 
@@ -336,7 +374,9 @@ def _participant(fabric, model: nn.Module, images: torch.Tensor, labels: torch.T
         save_file(joined({n: g.contiguous() for n, g in grads.items()}, statistics), out)
 
 
-def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int) -> ClientUpdate:
+def client_upload(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int
+) -> ClientUpdate:
     """The client's upload, its participants simulated or run as real processes as `c` says."""
     if c.participants_as == "simulated" or c.participants == 1:
         return simulate_client(model, images, labels, c, seed)
@@ -352,11 +392,21 @@ def client_upload(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def plain(c: ClientParams) -> ClientParams:
     """The setting an attacker models: one participant, one step, synchronous BN, no DP."""
-    return c.model_copy(update={"participants": 1, "bn": "sync", "local_steps": 1, "dp": None,
-                                "participants_as": "simulated", "upload_buffers": False})
+    return c.model_copy(
+        update={
+            "participants": 1,
+            "bn": "sync",
+            "local_steps": 1,
+            "dp": None,
+            "participants_as": "simulated",
+            "upload_buffers": False,
+        }
+    )
 
 
-def information_ratio(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
+def information_ratio(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int
+) -> torch.Tensor:
     """GIR (%) of each of the client's samples at the checkpoint, in the client's mode, with the
     dropout masks of its first step; computed on a copy, so running statistics stay as they were."""
     from pipeline.metrics import gradient_information_ratio
@@ -368,6 +418,16 @@ def information_ratio(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int = 0) -> Grads:
     """The plain client's upload: the gradient of the batch's mean loss at the model's weights."""
-    c = ClientParams(batch_size=len(labels), participants=1, bn="sync", local_steps=1, lr=1.0, mode=mode, dp=None,
-                     label_repetition=None, participants_as="simulated", upload_buffers=False)
+    c = ClientParams(
+        batch_size=len(labels),
+        participants=1,
+        bn="sync",
+        local_steps=1,
+        lr=1.0,
+        mode=mode,
+        dp=None,
+        label_repetition=None,
+        participants_as="simulated",
+        upload_buffers=False,
+    )
     return simulate_client(model, images, labels, c, seed).gradients

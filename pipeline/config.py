@@ -66,7 +66,7 @@ class DPParams(_Section):
     per_sample: Literal["auto", "loop", "vmap"] | None
 
     @model_validator(mode="after")
-    def _kind(self) -> "DPParams":
+    def _kind(self) -> DPParams:
         if self.kind == "per-sample" and (self.delta is None or self.per_sample is None):
             raise ValueError("per-sample DP needs delta and per_sample (auto, loop or vmap)")
         if self.kind == "batch" and (self.delta is not None or self.per_sample is not None):
@@ -85,7 +85,7 @@ class SchemeParams(_Section):
     dp: DPParams | None
 
     @model_validator(mode="after")
-    def _dp_needs_group_norm(self) -> "SchemeParams":
+    def _dp_needs_group_norm(self) -> SchemeParams:
         if self.dp is not None and self.dp.kind == "per-sample" and self.norm != "group":
             raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
         return self
@@ -113,14 +113,14 @@ class ClientDPParams(_Section):
     delta: float | None = Field(gt=0, lt=1)  # per-sample only
 
     @model_validator(mode="after")
-    def _kind(self) -> "ClientDPParams":
+    def _kind(self) -> ClientDPParams:
         if (self.kind == "per-sample") != (self.delta is not None):
             raise ValueError("delta is needed by per-sample DP and meaningless for batch clipping (no guarantee)")
         return self
 
 
 class ClientParams(_Section):
-    """What one federated client does with its batch before uploading (DESIGN 2.3)."""
+    """What one federated client does with its batch before uploading (docs/schemes-and-settings.md)."""
 
     batch_size: int = Field(ge=1)
     participants: int = Field(ge=1)  # W: the batch is split into W contiguous shards
@@ -135,7 +135,7 @@ class ClientParams(_Section):
     upload_buffers: bool
 
     @model_validator(mode="after")
-    def _splits(self) -> "ClientParams":
+    def _splits(self) -> ClientParams:
         b, w, e = self.batch_size, self.participants, self.local_steps
         if b % w:
             raise ValueError(f"batch_size {b} does not split into {w} equal participant shards")
@@ -144,9 +144,11 @@ class ClientParams(_Section):
         if self.label_repetition is not None and b % self.label_repetition:
             raise ValueError(f"batch_size {b} does not split into {self.label_repetition} classes of equal size")
         if self.upload_buffers and w > 1 and (self.bn == "async" or self.participants_as == "processes"):
-            raise ValueError("upload_buffers: the buffers of one client model are uploaded; W participants with "
-                             "bn: async, or run as processes, each hold their own (use participants: 1 or bn: sync, "
-                             "simulated)")
+            raise ValueError(
+                "upload_buffers: the buffers of one client model are uploaded; W participants with "
+                "bn: async, or run as processes, each hold their own (use participants: 1 or bn: sync, "
+                "simulated)"
+            )
         return self
 
 
@@ -222,7 +224,7 @@ class Params(_Section):
     report: ReportParams
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Params":
+    def _consistent(self) -> Params:
         for epoch in self.extract.epochs:
             if epoch > self.train.epochs:
                 raise ValueError(
@@ -231,8 +233,10 @@ class Params(_Section):
                 )
         for name, scheme in self.schemes.items():
             if scheme.maxpool_kernel is not None and self.model.arch not in ("resnet18", "convnet"):
-                raise ValueError(f"schemes.{name}.maxpool_kernel: {self.model.arch} has no stem maxpool to enlarge "
-                                 "(resnet18 and convnet have)")
+                raise ValueError(
+                    f"schemes.{name}.maxpool_kernel: {self.model.arch} has no stem maxpool to enlarge "
+                    "(resnet18 and convnet have)"
+                )
             processes = self.train.devices * self.train.num_nodes
             if (self.train.batch_size * scheme.batch_multiplier) % processes:
                 raise ValueError(
@@ -244,28 +248,42 @@ class Params(_Section):
         for name, setting in self.settings.items():
             _check_name("settings", name)
             if setting.scheme not in self.schemes:
-                raise ValueError(f"settings.{name}.scheme: {setting.scheme!r} is not a scheme; "
-                                 f"params.yaml defines {', '.join(self.schemes)}")
+                raise ValueError(
+                    f"settings.{name}.scheme: {setting.scheme!r} is not a scheme; "
+                    f"params.yaml defines {', '.join(self.schemes)}"
+                )
             client = self._resolve(name)
-            if client.dp is not None and client.dp.kind == "per-sample" and client.mode == "train" \
-                    and self.schemes[setting.scheme].norm != "group":
-                raise ValueError(f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
-                                 "ties the samples together (use mode: eval or a scheme with norm: group)")
+            if (
+                client.dp is not None
+                and client.dp.kind == "per-sample"
+                and client.mode == "train"
+                and self.schemes[setting.scheme].norm != "group"
+            ):
+                raise ValueError(
+                    f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
+                    "ties the samples together (use mode: eval or a scheme with norm: group)"
+                )
             attack, where = self._attack(name), f"settings.{name}.attack" if setting.attack else "attack"
             if attack.labels == "idlg" and client.batch_size != 1:
                 raise ValueError(f"{where}.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
             if setting.attack:
                 self._check_attack(attack, where)
             if attack.bn_statistics == "from-buffers" and not client.upload_buffers:
-                raise ValueError(f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "
-                                 f"(settings.{name} has upload_buffers: false)")
+                raise ValueError(
+                    f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "
+                    f"(settings.{name} has upload_buffers: false)"
+                )
         baseline = self.report.baseline
         if baseline is not None:
             if baseline not in self.settings:
-                raise ValueError(f"report.baseline: {baseline!r} is not a setting, so nothing can be paired with it; "
-                                 f"params.yaml defines {', '.join(self.settings)} (null: a table without paired columns)")
+                raise ValueError(
+                    f"report.baseline: {baseline!r} is not a setting, so nothing can be paired with it; "
+                    f"params.yaml defines {', '.join(self.settings)} (null: a table without paired columns)"
+                )
             if self._resolve(baseline).label_repetition is not None:
-                raise ValueError(f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's")
+                raise ValueError(
+                    f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's"
+                )
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
         return self
@@ -280,7 +298,9 @@ class Params(_Section):
         if a.bn_statistics == "exact" and not self.extract.reveal_bn_statistics:
             raise ValueError(f"{where}.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true")
         if a.combine == "mlco" and a.restarts < 2:
-            raise ValueError(f"{where}.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has {a.restarts})")
+            raise ValueError(
+                f"{where}.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has {a.restarts})"
+            )
 
     def _attack(self, name: str) -> AttackParams:
         overrides = self.settings[name].attack
@@ -295,8 +315,12 @@ class Params(_Section):
         return self._attack(name)
 
     def _resolve(self, name: str) -> ClientParams:
-        return _changed(self.client, dict(self.settings[name].model_extra or {}), f"settings.{name}",
-                        "a setting changes keys of client, and of attack under attack:")
+        return _changed(
+            self.client,
+            dict(self.settings[name].model_extra or {}),
+            f"settings.{name}",
+            "a setting changes keys of client, and of attack under attack:",
+        )
 
     def setting(self, name: str) -> tuple[str, ClientParams]:
         """The scheme a named setting uploads from and its complete client parameters."""
@@ -322,8 +346,9 @@ def _changed(section: _Section, overrides: dict[str, Any], where: str, about: st
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         got = "" if first["type"] == "value_error" else f" (got {first['input']!r})"
-        raise ValueError(f"{where}" + (f".{key}" if key else "")
-                         + f": {first['msg'].removeprefix('Value error, ')}{got}") from None
+        raise ValueError(
+            f"{where}" + (f".{key}" if key else "") + f": {first['msg'].removeprefix('Value error, ')}{got}"
+        ) from None
 
 
 def _check_name(section: str, name: str) -> None:

@@ -20,8 +20,16 @@ from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -206,8 +214,12 @@ def save_prepared(folder: Path, data: PreparedData, source: str) -> None:
     """Write the three splits as tensor files; `meta.json` inside each names classes and normalisation."""
     channels, size = data.train.images.shape[1], data.train.images.shape[-1]
     meta = {
-        "source": source, "classes": data.classes, "mean": data.mean, "std": data.std,
-        "channels": channels, "image_size": size,
+        "source": source,
+        "classes": data.classes,
+        "mean": data.mean,
+        "std": data.std,
+        "channels": channels,
+        "image_size": size,
     }
     for name, split in (("train", data.train), ("test", data.test), ("victims", data.victims)):
         tensors = {"images": split.images, "labels": split.labels}

@@ -31,7 +31,9 @@ def per_sample_method(choice: str, arch: str) -> str:
     return "vmap" if arch == "convnet" else "loop"
 
 
-def per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, method: str = "loop") -> dict[str, torch.Tensor]:
+def per_sample_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, method: str = "loop"
+) -> dict[str, torch.Tensor]:
     """Gradient of each sample's loss, stacked on a leading batch axis, by parameter name.
 
     The model must not couple samples (no train-mode BatchNorm). `vmap` (torch.func) is the

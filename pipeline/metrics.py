@@ -15,8 +15,9 @@ import torch
 from pipeline.errors import PipelineError
 
 
-def pair_by_hungarian(reconstructions: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+def pair_by_hungarian(
+    reconstructions: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """order such that reconstructions[order[i]] is paired with truth[i] (minimal total MSE);
     with `labels` (one per position, the same for both batches), only positions of one label pair."""
     from scipy.optimize import linear_sum_assignment
@@ -69,8 +70,7 @@ def gradient_information_ratio(model: torch.nn.Module, images: torch.Tensor, lab
 
     params = [p for p in model.parameters() if p.requires_grad]
     losses = F.cross_entropy(model(images), labels, reduction="none")
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
-            for loss in losses]
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses]
     per_sample = torch.stack(rows).double()
     info = per_sample @ per_sample.mean(0)
     shift = max(0.0, -float(info.min()))
@@ -94,8 +94,10 @@ class Lpips:
             raise PipelineError(f"evaluate.lpips_backbone: {backbone} is not a file")
         source = Path(backbone) if backbone is not None else cached
         if not source.is_file():
-            self.reason = (f"LPIPS n/a: the AlexNet ImageNet weights are not on this machine ({cached}); "
-                           f"put {file_name} there or set evaluate.lpips_backbone")
+            self.reason = (
+                f"LPIPS n/a: the AlexNet ImageNet weights are not on this machine ({cached}); "
+                f"put {file_name} there or set evaluate.lpips_backbone"
+            )
             return
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 

@@ -37,8 +37,9 @@ class ConvNet(nn.Module):
     variant, as ResNet-18's stem maxpool).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 32,
-                 maxpool_kernel: int | None = None):
+    def __init__(
+        self, in_channels: int, num_classes: int, image_size: int, width: int = 32, maxpool_kernel: int | None = None
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
         side = image_size
@@ -46,8 +47,12 @@ class ConvNet(nn.Module):
             layers.append(nn.MaxPool2d(maxpool_kernel, stride=2, padding=1))
             side = (side + 2 - maxpool_kernel) // 2 + 1
         layers += [
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
         ]
         if side < 1:
             raise PipelineError(f"maxpool kernel {maxpool_kernel} leaves nothing of a {image_size} px image")
@@ -131,6 +136,7 @@ def input_shapes(model: nn.Module, kind: type[nn.Module], image_shape: tuple[int
     def record(name: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             shapes.setdefault(name, inputs[0].shape[1:])
+
         return hook
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, kind)]

@@ -33,6 +33,7 @@ class UnitRank:
 
 def _units(model: nn.Module, arch: str) -> list[tuple[str, nn.Module, int]]:
     """(name, module, counted weights) in forward order, as the original counted them."""
+
     def count(*params: torch.Tensor) -> int:
         return sum(p.numel() for p in params)
 
@@ -63,6 +64,7 @@ def rank_analysis(model: nn.Module, arch: str, in_channels: int, image_size: int
     def record(name: str):
         def hook(_module, inputs, output) -> None:
             sizes[name] = (inputs[0].numel(), output.numel())
+
         return hook
 
     hooks = [module.register_forward_hook(record(name)) for name, module, _ in units]

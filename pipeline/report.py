@@ -31,7 +31,7 @@ def overview_figure(path: Path, panels: list[tuple[str, torch.Tensor, torch.Tens
     width = max(len(t) for _, t, _ in panels)
     lines = -(-len(panels) // columns)
     plt, fig, axes = _figure(lines, columns, (columns * max(3, 1.2 * width), 2.6 * lines))
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (title, truth, recon) in zip(axes.flat, panels):
         grid = make_grid(torch.cat([truth, recon]), nrow=len(truth), padding=2, pad_value=1.0)
@@ -73,8 +73,9 @@ def line_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: s
     _save(plt, fig, path)
 
 
-def band_plot(path: Path, frame: pd.DataFrame, x: str, y: str, low: str, high: str, by: str, title: str,
-              ylabel: str) -> None:
+def band_plot(
+    path: Path, frame: pd.DataFrame, x: str, y: str, low: str, high: str, by: str, title: str, ylabel: str
+) -> None:
     """`line_plot` with each line's interval [low, high] shaded behind it."""
     plt, fig, axes = _figure(size=(7, 4.5))
     ax = axes[0, 0]
@@ -89,8 +90,9 @@ def band_plot(path: Path, frame: pd.DataFrame, x: str, y: str, low: str, high: s
     _save(plt, fig, path)
 
 
-def scatter_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, xlabel: str,
-                 ylabel: str) -> None:
+def scatter_plot(
+    path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, xlabel: str, ylabel: str
+) -> None:
     """`y` against `x`, one marker colour per value of `by`; points without an `x` are left out."""
     plt, fig, axes = _figure()
     ax = axes[0, 0]

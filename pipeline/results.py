@@ -31,13 +31,27 @@ from pipeline.uploads import CLASSIC
 
 SCORES = ("psnr", "ssim", "mse", "lpips")
 # The columns both tables have: the one built from the DVC outputs and the one rebuilt from MLflow.
-SHARED = ["setting", "scheme", "epoch", "test_accuracy", "epsilon", "gh", "label_accuracy", "psnr", "ssim", "mse",
-          "lpips", "iterations_run", "unconverged"]
+SHARED = [
+    "setting",
+    "scheme",
+    "epoch",
+    "test_accuracy",
+    "epsilon",
+    "gh",
+    "label_accuracy",
+    "psnr",
+    "ssim",
+    "mse",
+    "lpips",
+    "iterations_run",
+    "unconverged",
+]
 
 
 @dataclass(frozen=True)
 class Evidence:
     """How the statistics are computed (params.yaml: report)."""
+
     confidence: float = 0.95
     resamples: int = 10000
     alpha: float = 0.05
@@ -53,8 +67,14 @@ def mean_interval(values, evidence: Evidence) -> tuple[float, float]:
         return math.nan, math.nan
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    found = stats.bootstrap((x,), np.mean, confidence_level=evidence.confidence, n_resamples=evidence.resamples,
-                            method="BCa", rng=np.random.default_rng(evidence.seed))
+    found = stats.bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=evidence.confidence,
+        n_resamples=evidence.resamples,
+        method="BCa",
+        rng=np.random.default_rng(evidence.seed),
+    )
     return float(found.confidence_interval.low), float(found.confidence_interval.high)
 
 
@@ -74,19 +94,26 @@ def paired(per_image: pd.DataFrame, setting: str, baseline: str, epoch: int) -> 
     theirs = per_image[(per_image.setting == baseline) & (per_image.epoch == epoch)].set_index(keys)
     both = mine.join(theirs[["victim", *SCORES]], rsuffix="_baseline", how="inner")
     if len(both) != len(mine) or len(both) != len(theirs):
-        raise PipelineError(f"{setting} and {baseline} at epoch {epoch}: {len(mine)} and {len(theirs)} images, "
-                            f"{len(both)} in the same trial positions (extract both with the same extract.trials)")
+        raise PipelineError(
+            f"{setting} and {baseline} at epoch {epoch}: {len(mine)} and {len(theirs)} images, "
+            f"{len(both)} in the same trial positions (extract both with the same extract.trials)"
+        )
     if not (both.victim == both.victim_baseline).all():
-        raise PipelineError(f"{setting} and {baseline} at epoch {epoch}: a trial holds other victims in the two "
-                            "settings, so they cannot be paired")
+        raise PipelineError(
+            f"{setting} and {baseline} at epoch {epoch}: a trial holds other victims in the two "
+            "settings, so they cannot be paired"
+        )
     return both.reset_index()
 
 
 def pairs_with(client, baseline_client) -> bool:
     """Whether a setting's trials draw the baseline's images: same batch size, no label repetition
     (a repeated-label batch is chosen class by class, other images by construction)."""
-    return (client.batch_size == baseline_client.batch_size and client.label_repetition is None
-            and baseline_client.label_repetition is None)
+    return (
+        client.batch_size == baseline_client.batch_size
+        and client.label_repetition is None
+        and baseline_client.label_repetition is None
+    )
 
 
 def cell_statistics(cell: pd.DataFrame, evidence: Evidence) -> dict:
@@ -107,14 +134,21 @@ def cell_statistics(cell: pd.DataFrame, evidence: Evidence) -> dict:
 def difference_statistics(both: pd.DataFrame, evidence: Evidence) -> dict:
     d = (both.psnr - both.psnr_baseline).to_numpy()
     low, high = mean_interval(d, evidence)
-    return {"paired_n": len(d), "psnr_diff": float(d.mean()), "psnr_diff_low": low, "psnr_diff_high": high,
-            "p_value": wilcoxon_p(d)}
+    return {
+        "paired_n": len(d),
+        "psnr_diff": float(d.mean()),
+        "psnr_diff_low": low,
+        "psnr_diff_high": high,
+        "p_value": wilcoxon_p(d),
+    }
 
 
 def verdict_at(row, alpha: float) -> str:
     """One epoch's reading of the paired difference to the baseline."""
-    shown = (f"{row.psnr_diff:+.1f} dB [{row.psnr_diff_low:+.1f}, {row.psnr_diff_high:+.1f}], "
-             f"p = {row.p_value:.2g}, n = {int(row.paired_n)}")
+    shown = (
+        f"{row.psnr_diff:+.1f} dB [{row.psnr_diff_low:+.1f}, {row.psnr_diff_high:+.1f}], "
+        f"p = {row.p_value:.2g}, n = {int(row.paired_n)}"
+    )
     if row.p_value < alpha and row.psnr_diff_high < 0:
         return f"protects: {shown}"
     if row.p_value < alpha and row.psnr_diff_low > 0:
@@ -149,19 +183,32 @@ def training_table(models: Path, schemes: list[str]) -> pd.DataFrame:
     for scheme in schemes:
         for path in sorted((models / scheme).glob("epoch-*.json")):
             c = read_json(path)
-            rows.append({"scheme": scheme, "epoch": c["epoch"], "test_accuracy": c["test_accuracy"],
-                         "epsilon": c.get("epsilon"), "privacy": privacy_of(c), "bn": c["bn"],
-                         "global_batch": c["global_batch"], "maxpool_kernel": c["maxpool_kernel"]})
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "epoch": c["epoch"],
+                    "test_accuracy": c["test_accuracy"],
+                    "epsilon": c.get("epsilon"),
+                    "privacy": privacy_of(c),
+                    "bn": c["bn"],
+                    "global_batch": c["global_batch"],
+                    "maxpool_kernel": c["maxpool_kernel"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def client_summary(c) -> str:
     """The client setting in a few words, for the table."""
-    parts = [f"B={c.batch_size}", f"W={c.participants} {c.bn} BN" if c.participants > 1 else "",
-             f"E={c.local_steps}" if c.local_steps > 1 else "", c.mode,
-             f"k={c.label_repetition} classes" if c.label_repetition else "",
-             f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else "",
-             "BN buffers uploaded" if c.upload_buffers else ""]
+    parts = [
+        f"B={c.batch_size}",
+        f"W={c.participants} {c.bn} BN" if c.participants > 1 else "",
+        f"E={c.local_steps}" if c.local_steps > 1 else "",
+        c.mode,
+        f"k={c.label_repetition} classes" if c.label_repetition else "",
+        f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else "",
+        "BN buffers uploaded" if c.upload_buffers else "",
+    ]
     return ", ".join(x for x in parts if x)
 
 
@@ -173,17 +220,29 @@ def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
         setting, name = key.split("/")
         measured = read_json(client / f"{setting}.json")["uploads"][name]
         _, rec = load_tensors(attacks / setting / f"{name}.safetensors", expected={"images", "labels"})
-        rows.append({"setting": setting, "upload": name, "epoch": m["epoch"], "trial": m["trial"],
-                     "label_accuracy": m["label_accuracy"], **{k: measured[k] for k in (
-                         "gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")},
-                     "labels": rec["labels_method"], "iterations": rec["iterations"],
-                     "iterations_run": rec["iterations_run"], "converged": rec["converged"],
-                     "grad_loss": rec["grad_loss"]})
+        rows.append(
+            {
+                "setting": setting,
+                "upload": name,
+                "epoch": m["epoch"],
+                "trial": m["trial"],
+                "label_accuracy": m["label_accuracy"],
+                **{
+                    k: measured[k] for k in ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
+                },
+                "labels": rec["labels_method"],
+                "iterations": rec["iterations"],
+                "iterations_run": rec["iterations_run"],
+                "converged": rec["converged"],
+                "grad_loss": rec["grad_loss"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def results_table(per_image: pd.DataFrame, uploads: pd.DataFrame, describe, evidence: Evidence,
-                  order: list[str]) -> pd.DataFrame:
+def results_table(
+    per_image: pd.DataFrame, uploads: pd.DataFrame, describe, evidence: Evidence, order: list[str]
+) -> pd.DataFrame:
     """One row per (setting, epoch), settings in `order`. `describe(setting, epoch, uploads)`
     gives the columns that are not statistics (scheme, test accuracy, client, privacy, ...)."""
     rows = []
@@ -191,18 +250,24 @@ def results_table(per_image: pd.DataFrame, uploads: pd.DataFrame, describe, evid
         for epoch in sorted(uploads[uploads.setting == setting].epoch.unique()):
             mine = uploads[(uploads.setting == setting) & (uploads.epoch == epoch)]
             cell = per_image[(per_image.setting == setting) & (per_image.epoch == epoch)]
-            row = {"setting": setting, "epoch": int(epoch), **describe(setting, int(epoch), mine),
-                   **cell_statistics(cell, evidence),
-                   "gh": None if mine.gh.isna().any() else float(mine.gh.mean()),
-                   "label_accuracy": float(mine.label_accuracy.mean()),
-                   "iterations": int(mine.iterations.iloc[0]), "iterations_run": float(mine.iterations_run.mean()),
-                   "unconverged": int((mine.converged == False).sum())}  # noqa: E712 (None is not False)
+            row = {
+                "setting": setting,
+                "epoch": int(epoch),
+                **describe(setting, int(epoch), mine),
+                **cell_statistics(cell, evidence),
+                "gh": None if mine.gh.isna().any() else float(mine.gh.mean()),
+                "label_accuracy": float(mine.label_accuracy.mean()),
+                "iterations": int(mine.iterations.iloc[0]),
+                "iterations_run": float(mine.iterations_run.mean()),
+                "unconverged": int((mine.converged == False).sum()),  # noqa: E712 (None is not False)
+            }
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def add_differences(table: pd.DataFrame, per_image: pd.DataFrame, baseline: str | None, pairs, evidence: Evidence
-                    ) -> pd.DataFrame:
+def add_differences(
+    table: pd.DataFrame, per_image: pd.DataFrame, baseline: str | None, pairs, evidence: Evidence
+) -> pd.DataFrame:
     """The paired columns against the baseline (empty where a setting does not pair with it)."""
     columns = ["paired_n", "psnr_diff", "psnr_diff_low", "psnr_diff_high", "p_value", "baseline_unconverged"]
     extra: list[dict] = []
@@ -214,7 +279,8 @@ def add_differences(table: pd.DataFrame, per_image: pd.DataFrame, baseline: str 
         base = table[(table.setting == baseline) & (table.epoch == row.epoch)]
         extra.append({**difference_statistics(both, evidence), "baseline_unconverged": int(base.unconverged.iloc[0])})
     extra_frame = pd.DataFrame(extra, columns=columns, index=table.index).astype(
-        {"paired_n": "Int64", "baseline_unconverged": "Int64"})
+        {"paired_n": "Int64", "baseline_unconverged": "Int64"}
+    )
     return pd.concat([table, extra_frame], axis=1)
 
 
@@ -227,11 +293,23 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
         cell = classic[(classic.setting == row.setting) & (classic.epoch == row.epoch)]
         if len(cell):
             low, high = mean_interval(cell.psnr.astype(float), evidence)
-            rows.append({"classic_separate": True, "classic_psnr": float(cell.psnr.mean()),
-                         "classic_psnr_low": low, "classic_psnr_high": high})
+            rows.append(
+                {
+                    "classic_separate": True,
+                    "classic_psnr": float(cell.psnr.mean()),
+                    "classic_psnr_low": low,
+                    "classic_psnr_high": high,
+                }
+            )
         else:
-            rows.append({"classic_separate": False, "classic_psnr": row.psnr, "classic_psnr_low": row.psnr_low,
-                         "classic_psnr_high": row.psnr_high})
+            rows.append(
+                {
+                    "classic_separate": False,
+                    "classic_psnr": row.psnr,
+                    "classic_psnr_low": row.psnr_low,
+                    "classic_psnr_high": row.psnr_high,
+                }
+            )
     return pd.concat([table, pd.DataFrame(rows, index=table.index)], axis=1)
 
 
@@ -253,12 +331,17 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
             for r in part.itertuples():
                 row[f"classic_psnr_epoch_{r.epoch}"] = r.classic_psnr
                 row[f"classic_psnr_epoch_{r.epoch}_ci"] = [r.classic_psnr_low, r.classic_psnr_high]
-        row.update({
-            "test_accuracy": final.get(scheme),
-            "accuracy_cost": (final[base_scheme] - final[scheme]) if base_scheme in final and scheme in final else None,
-            "gh_last": part.gh.iloc[-1], "unconverged": int(part.unconverged.sum()),
-            "verdict": verdict(part, evidence.alpha, baseline),
-        })
+        row.update(
+            {
+                "test_accuracy": final.get(scheme),
+                "accuracy_cost": (final[base_scheme] - final[scheme])
+                if base_scheme in final and scheme in final
+                else None,
+                "gh_last": part.gh.iloc[-1],
+                "unconverged": int(part.unconverged.sum()),
+                "verdict": verdict(part, evidence.alpha, baseline),
+            }
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -276,12 +359,15 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     out = table[["setting", "epoch", "test_accuracy", "client", "trials", "n"]].copy()
     out["PSNR dB"] = [_interval(r.psnr, r.psnr_low, r.psnr_high) for r in table.itertuples()]
     if "classic_psnr" in table:
-        out["classic attacker"] = [_interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high)
-                                   if r.classic_separate else "same attack" for r in table.itertuples()]
+        out["classic attacker"] = [
+            _interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high) if r.classic_separate else "same attack"
+            for r in table.itertuples()
+        ]
     out["median"] = table.psnr_median.round(1)
     out["SSIM"] = [_interval(r.ssim, r.ssim_low, r.ssim_high, 2) for r in table.itertuples()]
-    out["LPIPS"] = [_interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None else "n/a"
-                    for r in table.itertuples()]
+    out["LPIPS"] = [
+        _interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None else "n/a" for r in table.itertuples()
+    ]
     out["labels"] = table.label_accuracy.round(2)
     out["GH"] = table.gh.round(4)
     if "psnr_diff" in table:
@@ -298,13 +384,15 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     out = summary[["setting", "scheme", "n"]].copy()
     for column in epochs:
         out[f"PSNR epoch {column.removeprefix('psnr_epoch_')}"] = [
-            _interval(m, *ci) for m, ci in zip(summary[column], summary[f"{column}_ci"])]
+            _interval(m, *ci) for m, ci in zip(summary[column], summary[f"{column}_ci"])
+        ]
     if "classic_separate" in summary:
         for column in epochs:
             classic = f"classic_{column}"
             out[f"classic epoch {column.removeprefix('psnr_epoch_')}"] = [
                 _interval(m, *ci) if separate else "same attack"
-                for m, ci, separate in zip(summary[classic], summary[f"{classic}_ci"], summary.classic_separate)]
+                for m, ci, separate in zip(summary[classic], summary[f"{classic}_ci"], summary.classic_separate)
+            ]
     out["test accuracy"] = summary.test_accuracy
     out["cost vs baseline"] = summary.accuracy_cost
     out["verdict"] = summary.verdict
@@ -313,17 +401,24 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 def table_differences(ours: pd.DataFrame, theirs: pd.DataFrame) -> list[str]:
     """Where two results tables disagree on the shared columns (rows matched by setting and epoch)."""
-    a, b = (t[SHARED].astype({"epoch": int}).sort_values(["setting", "epoch"]).reset_index(drop=True)
-            for t in (ours, theirs))
+    a, b = (
+        t[SHARED].astype({"epoch": int}).sort_values(["setting", "epoch"]).reset_index(drop=True)
+        for t in (ours, theirs)
+    )
     if a[["setting", "epoch"]].values.tolist() != b[["setting", "epoch"]].values.tolist():
-        return [f"rows differ: {sorted(map(tuple, a[['setting', 'epoch']].values))} vs "
-                f"{sorted(map(tuple, b[['setting', 'epoch']].values))}"]
+        return [
+            f"rows differ: {sorted(map(tuple, a[['setting', 'epoch']].values))} vs "
+            f"{sorted(map(tuple, b[['setting', 'epoch']].values))}"
+        ]
     problems = []
     for column in SHARED[1:]:
         for i in range(len(a)):
             x, y = a.at[i, column], b.at[i, column]
-            same = (pd.isna(x) and pd.isna(y)) or (not pd.isna(x) and not pd.isna(y) and
-                                                  (x == y if isinstance(x, str) else abs(float(x) - float(y)) <= 1e-9))
+            same = (pd.isna(x) and pd.isna(y)) or (
+                not pd.isna(x)
+                and not pd.isna(y)
+                and (x == y if isinstance(x, str) else abs(float(x) - float(y)) <= 1e-9)
+            )
             if not same:
                 problems.append(f"{a.at[i, 'setting']} epoch {a.at[i, 'epoch']}: {column} {x} vs {y}")
     return problems

@@ -69,8 +69,12 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
     """The id of the parent run of `group` (the stage runs of one code + parameters version),
     created (and ended: it holds no work of its own) by the first stage that needs it."""
-    found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and "
-                               "tags.`pipeline.role` = 'group'", max_results=1, output_format="list")
+    found = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`pipeline.role` = 'group'",
+        max_results=1,
+        output_format="list",
+    )
     if found:
         return found[0].info.run_id
     client = mlflow.MlflowClient()
@@ -95,8 +99,11 @@ def _gone(pid: str | None, host: str | None) -> bool:
 def end_killed_runs(mlflow: Any, experiment_id: str, run_name: str) -> list[str]:
     """Mark KILLED the runs named `run_name` still RUNNING whose process died on this machine
     (a SIGKILL or the OOM killer gives MLflow no chance to end them); their ids."""
-    running = mlflow.search_runs([experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}' and "
-                                 "attributes.status = 'RUNNING'", output_format="list")
+    running = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{run_name}' and attributes.status = 'RUNNING'",
+        output_format="list",
+    )
     ended = []
     for run in running:
         if _gone(run.data.tags.get(PID_TAG), run.data.tags.get(HOST_TAG)):
@@ -106,8 +113,9 @@ def end_killed_runs(mlflow: Any, experiment_id: str, run_name: str) -> list[str]
 
 
 @contextmanager
-def open_run(root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str],
-             group: tuple[str, str] | None = None) -> Iterator[Any]:
+def open_run(
+    root: Path, run_name: str, params: dict[str, Any], tags: dict[str, str], group: tuple[str, str] | None = None
+) -> Iterator[Any]:
     """Open one MLflow run; yields the `mlflow` module with the run active.
 
     With `group` (an id and a display name), the run is a child of that group's parent run,
@@ -152,7 +160,9 @@ def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str |
 
     mlflow.set_tracking_uri(uri)
     query = "attributes.status = 'FINISHED'" + (f" and tags.`{GROUP_TAG}` = '{group}'" if group else "")
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query, order_by=["attributes.start_time DESC"])
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=query, order_by=["attributes.start_time DESC"]
+    )
     if runs.empty or "tags.dvc.stage" not in runs:
         raise PipelineError(f"{uri}: no finished stage runs in experiment {experiment!r}")
     latest = runs[runs["tags.dvc.stage"].notna()].drop_duplicates("tags.dvc.stage").set_index("tags.dvc.stage")
@@ -165,15 +175,27 @@ def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str |
         setting, scheme = extract["tags.setting"], extract["tags.scheme"]
         train, attack = run_id.get(f"train@{scheme}"), run_id.get(f"attack@{setting}")
         h = {
-            "test_accuracy": _history(client, train, "epoch.test_accuracy"), "train_epsilon": _history(client, train, "epoch.epsilon"),
-            "client_epsilon": _history(client, extract.run_id, "epsilon"), "gh": _history(client, extract.run_id, "gh"),
-            "iterations_run": _history(client, attack, "iterations_run"), "unconverged": _history(client, attack, "unconverged"),
+            "test_accuracy": _history(client, train, "epoch.test_accuracy"),
+            "train_epsilon": _history(client, train, "epoch.epsilon"),
+            "client_epsilon": _history(client, extract.run_id, "epsilon"),
+            "gh": _history(client, extract.run_id, "gh"),
+            "iterations_run": _history(client, attack, "iterations_run"),
+            "unconverged": _history(client, attack, "unconverged"),
             "attack_seconds": _history(client, attack, "attack_seconds"),
-            **{k: _history(client, run_id["evaluate"], f"{k}.{setting}") for k in ("label_accuracy", "psnr", "ssim", "mse", "lpips")},
+            **{
+                k: _history(client, run_id["evaluate"], f"{k}.{setting}")
+                for k in ("label_accuracy", "psnr", "ssim", "mse", "lpips")
+            },
         }
         for epoch in sorted(h["psnr"]):
-            rows.append({"setting": setting, "scheme": scheme, "epoch": epoch,
-                         "epsilon": h["train_epsilon"].get(epoch, h["client_epsilon"].get(epoch)),
-                         **{k: h[k].get(epoch) for k in shared[3:] if k != "epsilon"},
-                         "attack_seconds": h["attack_seconds"].get(epoch)})
+            rows.append(
+                {
+                    "setting": setting,
+                    "scheme": scheme,
+                    "epoch": epoch,
+                    "epsilon": h["train_epsilon"].get(epoch, h["client_epsilon"].get(epoch)),
+                    **{k: h[k].get(epoch) for k in shared[3:] if k != "epsilon"},
+                    "attack_seconds": h["attack_seconds"].get(epoch),
+                }
+            )
     return pd.DataFrame(rows)

@@ -46,7 +46,9 @@ def _generator(*parts: int) -> torch.Generator:
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, train: Split, test: Split, num_classes: int, params: Params, scheme: SchemeParams):
+    def __init__(
+        self, model: torch.nn.Module, train: Split, test: Split, num_classes: int, params: Params, scheme: SchemeParams
+    ):
         super().__init__()
         self.model = model
         self.hp, self.scheme, self.seed = params.train, scheme, params.seed
@@ -91,8 +93,17 @@ class Classifier(L.LightningModule):
             return loss
         dp, world = self.scheme.dp, self.trainer.world_size
         noise = _generator(self.seed, self.global_step, self.trainer.global_rank)
-        grads = dp_gradient(self.model, images, labels, dp.clip, dp.sigma, self.global_batch / world, noise,
-                            self.per_sample, noise_share=1 / world)
+        grads = dp_gradient(
+            self.model,
+            images,
+            labels,
+            dp.clip,
+            dp.sigma,
+            self.global_batch / world,
+            noise,
+            self.per_sample,
+            noise_share=1 / world,
+        )
         if len(labels):
             with torch.no_grad():
                 self._count_loss(F.cross_entropy(self.model(images), labels), len(labels))
@@ -115,8 +126,9 @@ class Classifier(L.LightningModule):
         # The original's clip-noise, after the gradient is averaged over processes, with the same
         # noise on every process (the original drew it per process, and its replicas drifted apart).
         named = {n: p for n, p in self.model.named_parameters() if p.grad is not None}
-        noisy = batch_clip_noise_gradient({n: p.grad for n, p in named.items()}, dp.clip, dp.sigma,
-                                          _generator(self.seed, self.global_step))
+        noisy = batch_clip_noise_gradient(
+            {n: p.grad for n, p in named.items()}, dp.clip, dp.sigma, _generator(self.seed, self.global_step)
+        )
         for name, p in named.items():
             p.grad.copy_(noisy[name])
 
@@ -141,8 +153,13 @@ class Classifier(L.LightningModule):
             return {"guarantee": "none (batch clipping, not DP-SGD)", "clip": dp.clip, "sigma": dp.sigma}
         steps = epochs * max(1, round(1 / self.sample_rate))
         return {
-            "guarantee": "(epsilon, delta)-DP, RDP accountant", "epsilon": round(epsilon(dp.sigma, self.sample_rate, steps, dp.delta), 6),
-            "delta": dp.delta, "sigma": dp.sigma, "clip": dp.clip, "sample_rate": round(self.sample_rate, 8), "steps": steps,
+            "guarantee": "(epsilon, delta)-DP, RDP accountant",
+            "epsilon": round(epsilon(dp.sigma, self.sample_rate, steps, dp.delta), 6),
+            "delta": dp.delta,
+            "sigma": dp.sigma,
+            "clip": dp.clip,
+            "sample_rate": round(self.sample_rate, 8),
+            "steps": steps,
         }
 
     def configure_optimizers(self):
@@ -171,8 +188,12 @@ class EpochCheckpoints(Callback):
         fitting = trainer.state.fn == "fit"
         epoch = trainer.current_epoch + 1 if fitting else 0
         if trainer.is_global_zero:
-            meta = {**self.meta, "epoch": epoch, "test_accuracy": round(module.last_test_accuracy, 6),
-                    **module.privacy(epoch)}
+            meta = {
+                **self.meta,
+                "epoch": epoch,
+                "test_accuracy": round(module.last_test_accuracy, 6),
+                **module.privacy(epoch),
+            }
             save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
         if fitting:  # every process takes part in saving the training state; the first one writes it
             partial = self.folder / f".{RESUME}.partial"
@@ -184,7 +205,9 @@ class EpochCheckpoints(Callback):
 def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]:
     """Trainer arguments for the scheme's BatchNorm across processes."""
     options: dict[str, Any] = {
-        "accelerator": train.accelerator, "devices": train.devices, "num_nodes": train.num_nodes,
+        "accelerator": train.accelerator,
+        "devices": train.devices,
+        "num_nodes": train.num_nodes,
         "precision": train.precision,
     }
     if train.devices * train.num_nodes == 1:
@@ -200,11 +223,16 @@ def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]
     return options
 
 
-def architecture(params: Params, scheme: SchemeParams, data_meta: dict[str, Any], maxpool_kernel: int | None) -> dict[str, Any]:
+def architecture(
+    params: Params, scheme: SchemeParams, data_meta: dict[str, Any], maxpool_kernel: int | None
+) -> dict[str, Any]:
     """The arguments of `build_model` for this scheme, as checkpoints record them."""
     return {
-        "arch": params.model.arch, "in_channels": data_meta["channels"], "num_classes": len(data_meta["classes"]),
-        "image_size": data_meta["image_size"], "norm": "group" if scheme.norm == "group" else "batch",
+        "arch": params.model.arch,
+        "in_channels": data_meta["channels"],
+        "num_classes": len(data_meta["classes"]),
+        "image_size": data_meta["image_size"],
+        "norm": "group" if scheme.norm == "group" else "batch",
         "maxpool_kernel": maxpool_kernel,
     }
 
@@ -229,8 +257,12 @@ def train(
     model = build_model(**arch)
     processes = params.train.devices * params.train.num_nodes
     meta = {
-        **arch, "scheme": scheme_name, "mean": data_meta["mean"], "std": data_meta["std"],
-        "bn": {"batch-sync": "sync", "batch-async": "async", "group": "none"}[scheme.norm], "processes": processes,
+        **arch,
+        "scheme": scheme_name,
+        "mean": data_meta["mean"],
+        "std": data_meta["std"],
+        "bn": {"batch-sync": "sync", "batch-async": "async", "group": "none"}[scheme.norm],
+        "processes": processes,
         "global_batch": params.train.batch_size * scheme.batch_multiplier,
         **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
     }
@@ -261,4 +293,3 @@ def train(
     if trainer.is_global_zero:
         resume.unlink(missing_ok=True)
     return [read_json(p) for p in sorted(out_dir.glob("epoch-*.json"))]
-

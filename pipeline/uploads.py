@@ -22,6 +22,7 @@ from pipeline.config import ClientDPParams, one_line
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 
+
 class ThreatModel(BaseModel):
     """What the server knows of one upload: the client's exact model (architecture, checkpoint,
     normalisation) and its protocol, as the client states it; written beside the upload's tensors
@@ -104,15 +105,22 @@ class Upload:
         return None if revealed is None else torch.tensor(revealed, dtype=torch.long)
 
 
-def joined(gradients: dict[str, torch.Tensor], statistics: dict[str, torch.Tensor],
-           buffers: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def joined(
+    gradients: dict[str, torch.Tensor],
+    statistics: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Gradients, BatchNorm statistics and buffers as one flat mapping of tensors (for one file)."""
-    return {**gradients, **{STATISTICS + n: s for n, s in statistics.items()},
-            **{BUFFERS + n: b for n, b in (buffers or {}).items()}}
+    return {
+        **gradients,
+        **{STATISTICS + n: s for n, s in statistics.items()},
+        **{BUFFERS + n: b for n, b in (buffers or {}).items()},
+    }
 
 
 def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
     """The inverse of `joined`: (gradients, BatchNorm statistics, BatchNorm buffers)."""
+
     def under(prefix: str) -> dict[str, torch.Tensor]:
         return {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
 
@@ -121,8 +129,11 @@ def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ..
 
 
 def save_upload(path: Path, upload: Upload) -> None:
-    save_tensors(path, joined(upload.gradients, upload.bn_statistics, upload.bn_buffers),
-                 {"kind": "upload", **upload.threat_model.model_dump()})
+    save_tensors(
+        path,
+        joined(upload.gradients, upload.bn_statistics, upload.bn_buffers),
+        {"kind": "upload", **upload.threat_model.model_dump()},
+    )
 
 
 def load_upload(path: Path) -> Upload:
@@ -149,8 +160,10 @@ def check_fits(path: Path, upload: Upload, model: nn.Module) -> None:
         raise PipelineError(f"{path}: gradient {odd[0]!r} missing or not a parameter of the {upload.threat_model.arch}")
     for name, shape in shapes.items():
         if tuple(upload.gradients[name].shape) != shape:
-            raise PipelineError(f"{path}: gradient {name!r} has shape {tuple(upload.gradients[name].shape)}, "
-                                f"the architecture needs {shape}")
+            raise PipelineError(
+                f"{path}: gradient {name!r} has shape {tuple(upload.gradients[name].shape)}, "
+                f"the architecture needs {shape}"
+            )
 
 
 def save_truth(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]) -> None:

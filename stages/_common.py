@@ -108,7 +108,11 @@ class Stage:
             **({"setting": self.setting} if self.setting else {}),
             "git.commit": self.code_version[0],
             "git.dirty": str(self.code_version[1]).lower(),
-            **{f"dvc.{k[4:].lower()}": v for k, v in os.environ.items() if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")},
+            **{
+                f"dvc.{k[4:].lower()}": v
+                for k, v in os.environ.items()
+                if k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+            },
         }
 
     @cached_property
@@ -116,7 +120,9 @@ class Stage:
         """The commit, and whether the library or stages differ from it (outputs and dvc.lock,
         which `dvc repro` itself rewrites, do not count)."""
         commit = _git(self.root, "rev-parse", "HEAD") or "unknown"
-        return commit, bool(_git(self.root, "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages"))
+        return commit, bool(
+            _git(self.root, "status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages")
+        )
 
     def group(self) -> tuple[str, str]:
         """The pipeline version this run belongs to: the code and every parameter. Its stage runs
@@ -147,8 +153,8 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
     """Run a stage body inside its MLflow run (first process only), logging the `reads` parameters.
 
     `reads` names parameter sections or dotted keys; "{scheme}" (or "{setting}") in one stands
-    for the scheme (or client setting) given on the command line. A PipelineError, or a write the disk refuses, becomes one line
-    on stderr and exit status 2.
+    for the scheme (or client setting) given on the command line. A PipelineError, or a write
+    the disk refuses, becomes one line on stderr and exit status 2.
     """
     try:
         params = load_params(Path("params.yaml"))
@@ -173,8 +179,11 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
         if setting is not None and "client" in logged:  # the client this setting makes of it, not the plain one
             logged["client"] = params.setting(setting)[1].model_dump()
         tags = {**stage._tags(), "params.digest": digest(logged)}  # equal digests: the same parameters
-        tracked = open_run(stage.root, stage.run_name, logged, tags, stage.group()) if is_first_process() \
+        tracked = (
+            open_run(stage.root, stage.run_name, logged, tags, stage.group())
+            if is_first_process()
             else nullcontext(_NoTracking())
+        )
         with tracked as stage.mlflow:
             body(stage)
     except PipelineError as err:
@@ -183,8 +192,10 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
     except OSError as err:
         if err.errno not in _DISK_ERRORS:
             raise
-        print(f"{name}: error: cannot write {err.filename or 'an output'}: {err.strerror}; "
-              "no output was finished", file=sys.stderr)
+        print(
+            f"{name}: error: cannot write {err.filename or 'an output'}: {err.strerror}; no output was finished",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{name}: interrupted; no output was finished", file=sys.stderr)

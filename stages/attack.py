@@ -15,8 +15,16 @@ the parameters, the uploads and the code, and jobs finished before the kill are 
 import shutil
 from pathlib import Path
 
-from pipeline.attack.jobs import (Job, classic_of, combined, launched_processes, load_result, process_count,
-                                  run_jobs, target_of)
+from pipeline.attack.jobs import (
+    Job,
+    classic_of,
+    combined,
+    launched_processes,
+    load_result,
+    process_count,
+    run_jobs,
+    target_of,
+)
 from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
@@ -48,9 +56,11 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
         print(f"attack@{setting}: {len(jobs) - len(todo)} of {len(jobs)} jobs kept from the interrupted run")
     processes = max(process_count(jobs, a, scratch), 1)
     how = f"each split over {processes} process(es)" if a.split == "batch" else f"on {processes} process(es)"
-    print(f"attack@{setting}: {'the classic attacker: ' if prefix else ''}{len(todo)} jobs (upload x restart) {how}"
-          f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
-          f"{a.objective} objective, {a.iterations} iterations")
+    print(
+        f"attack@{setting}: {'the classic attacker: ' if prefix else ''}{len(todo)} jobs (upload x restart) {how}"
+        f"{' started by torchrun' if launched_processes() else ''}, {a.labels} labels, "
+        f"{a.objective} objective, {a.iterations} iterations"
+    )
     run_jobs(jobs, a, stage.params.seed, scratch)
     out.mkdir(exist_ok=True)
     by_epoch: dict[int, list] = {}
@@ -60,11 +70,18 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
         rec = combined(path, restarts, a, stage.params.seed)
         images = to_unit_range(rec.images, tm.mean, tm.std)
         meta = {
-            "upload": path.name, "epoch": tm.epoch, "trial": tm.trial, "scheme": tm.scheme,
+            "upload": path.name,
+            "epoch": tm.epoch,
+            "trial": tm.trial,
+            "scheme": tm.scheme,
             "setting": tm.setting,
-            "labels_method": a.labels, "client_model": a.client_model,
-            "grad_loss": round(rec.grad_loss, 6), "restart": rec.restart, "iterations": a.iterations,
-            "iterations_run": rec.iterations_run, "converged": rec.converged,
+            "labels_method": a.labels,
+            "client_model": a.client_model,
+            "grad_loss": round(rec.grad_loss, 6),
+            "restart": rec.restart,
+            "iterations": a.iterations,
+            "iterations_run": rec.iterations_run,
+            "converged": rec.converged,
             "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
             "note": rec.note,
             **({} if rec.sources is None else {"sources": rec.sources}),  # the restart of each image, combined
@@ -74,11 +91,16 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
         for iteration, loss in rec.curve:
             stage.mlflow.log_metric(f"{prefix}grad_loss.epoch_{tm.epoch}.trial_{tm.trial}", loss, step=iteration)
         by_epoch.setdefault(tm.epoch, []).append((rec, sum(r.seconds or 0 for r in restarts)))
-        stopped = "" if rec.note or rec.iterations_run == a.iterations else \
-            f", stopped at the TV target after {rec.iterations_run} iterations"
+        stopped = (
+            ""
+            if rec.note or rec.iterations_run == a.iterations
+            else f", stopped at the TV target after {rec.iterations_run} iterations"
+        )
         stopped += ", still falling at the end: not converged" if rec.converged is False else ""
-        print(f"attack@{setting}: {prefix.replace('.', ': ')}{path.name}: labels {rec.labels.tolist()}: "
-              + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})"))
+        print(
+            f"attack@{setting}: {prefix.replace('.', ': ')}{path.name}: labels {rec.labels.tolist()}: "
+            + (rec.note or f"lowest gradient loss {rec.grad_loss:.4f} (restart {rec.restart}{stopped})")
+        )
     shutil.rmtree(scratch)
     return by_epoch
 
@@ -93,8 +115,12 @@ def main(stage: Stage) -> None:
     runs = attackers(a, uploads)
     if not is_first_process():  # one of torchrun's other processes: its share, into the first one's folder
         for sub, params, paths in runs:
-            run_jobs([Job(path, r) for path in paths for r in range(params.restarts)], params, p.seed,
-                     partial_path(out_folder) / sub / ".jobs")
+            run_jobs(
+                [Job(path, r) for path in paths for r in range(params.restarts)],
+                params,
+                p.seed,
+                partial_path(out_folder) / sub / ".jobs",
+            )
         return
     inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest("stages.attack"))
     with atomic_dir(out_folder, fingerprint=inputs) as out:
@@ -105,9 +131,14 @@ def main(stage: Stage) -> None:
         # to MLflow only (in an output it would break byte-identity)
         prefix = f"{sub}." if sub else ""
         for epoch, done in by_epoch.items():
-            stage.mlflow.log_metrics({f"{prefix}iterations_run": sum(r.iterations_run or 0 for r, _ in done) / len(done),
-                                      f"{prefix}unconverged": sum(r.converged is False for r, _ in done),
-                                      f"{prefix}attack_seconds": sum(s for _, s in done)}, step=epoch)
+            stage.mlflow.log_metrics(
+                {
+                    f"{prefix}iterations_run": sum(r.iterations_run or 0 for r, _ in done) / len(done),
+                    f"{prefix}unconverged": sum(r.converged is False for r, _ in done),
+                    f"{prefix}attack_seconds": sum(s for _, s in done),
+                },
+                step=epoch,
+            )
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
 

@@ -36,17 +36,33 @@ def evaluate_upload(path: Path, lpips: Lpips, attacker: str = ADAPTIVE) -> tuple
     scores = image_metrics(paired, truth)
     scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
     rows = [
-        {"setting": setting, "attacker": attacker, "scheme": meta["scheme"], "upload": path.stem, "epoch": meta["epoch"],
-         "trial": meta["trial"], "image": i, "victim": truth_meta["victim_positions"][i],
-         "true_label": int(truth_labels[i]), "gir": truth_meta["gir"][i], "reconstruction": int(order[i]),
-         "converged": meta["converged"],
-         **{k: round(float(v[i]), 6) for k, v in scores.items()}}
+        {
+            "setting": setting,
+            "attacker": attacker,
+            "scheme": meta["scheme"],
+            "upload": path.stem,
+            "epoch": meta["epoch"],
+            "trial": meta["trial"],
+            "image": i,
+            "victim": truth_meta["victim_positions"][i],
+            "true_label": int(truth_labels[i]),
+            "gir": truth_meta["gir"][i],
+            "reconstruction": int(order[i]),
+            "converged": meta["converged"],
+            **{k: round(float(v[i]), 6) for k, v in scores.items()},
+        }
         for i in range(len(truth))
     ]
     frame = pd.DataFrame(rows)
-    summary = {"setting": setting, "scheme": meta["scheme"], "epoch": meta["epoch"], "trial": meta["trial"],
-               "converged": meta["converged"], "label_accuracy": label_accuracy(rec["labels"], truth_labels),
-               **{k: _stats(frame[k]) for k in SCORES}}
+    summary = {
+        "setting": setting,
+        "scheme": meta["scheme"],
+        "epoch": meta["epoch"],
+        "trial": meta["trial"],
+        "converged": meta["converged"],
+        "label_accuracy": label_accuracy(rec["labels"], truth_labels),
+        **{k: _stats(frame[k]) for k in SCORES},
+    }
     return rows, summary
 
 
@@ -66,8 +82,11 @@ def main(stage: Stage) -> None:
         key = f"{upload['setting']}/{path.stem}"
         (summary if attacker == ADAPTIVE else classic)[key] = upload
         shown = "n/a" if upload["lpips"] is None else f"{upload['lpips']['mean']:.3f}"
-        print(f"evaluate: {key}{'' if attacker == ADAPTIVE else ' (classic attacker)'}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
-              f"LPIPS {shown}, labels {upload['label_accuracy']:.2f}")
+        who = "" if attacker == ADAPTIVE else " (classic attacker)"
+        print(
+            f"evaluate: {key}{who}: PSNR {upload['psnr']['mean']:.2f} dB, SSIM {upload['ssim']['mean']:.3f}, "
+            f"LPIPS {shown}, labels {upload['label_accuracy']:.2f}"
+        )
     per_image = pd.DataFrame(rows)
     adaptive = per_image[per_image.attacker == ADAPTIVE]
     metrics = {"uploads": summary, "classic": classic, "all": {k: _stats(adaptive[k]) for k in SCORES}}
@@ -76,11 +95,13 @@ def main(stage: Stage) -> None:
     write_json(METRICS, metrics)
     # step = training epoch: the UI plots each metric through training, the mean over a cell's images
     for (setting, epoch), cell in adaptive.groupby(["setting", "epoch"], sort=False):
-        stage.mlflow.log_metrics({f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()},
-                                 step=int(epoch))
+        stage.mlflow.log_metrics(
+            {f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()}, step=int(epoch)
+        )
         uploads = [s for s in summary.values() if s["setting"] == setting and s["epoch"] == epoch]
-        stage.mlflow.log_metric(f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads),
-                                step=int(epoch))
+        stage.mlflow.log_metric(
+            f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads), step=int(epoch)
+        )
     for (setting, epoch), cell in per_image[per_image.attacker == CLASSIC].groupby(["setting", "epoch"], sort=False):
         stage.mlflow.log_metric(f"classic.psnr.{setting}", float(cell.psnr.mean()), step=int(epoch))
     stage.mlflow.log_metrics({k: v["mean"] for k, v in metrics["all"].items() if v})

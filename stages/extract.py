@@ -9,8 +9,16 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 from pathlib import Path
 
 from pipeline.checkpoints import checkpoint_name, load_checkpoint
-from pipeline.client import (check_batchnorm_batch, choose_batches, client_upload, information_ratio, plain,
-                             repetition_rate, simulate_client, threat_model)
+from pipeline.client import (
+    check_batchnorm_batch,
+    choose_batches,
+    client_upload,
+    information_ratio,
+    plain,
+    repetition_rate,
+    simulate_client,
+    threat_model,
+)
 from pipeline.data import load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
@@ -44,28 +52,50 @@ def main(stage: Stage) -> None:
                 name = upload_name(epoch, trial)
                 revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
                 save_upload(uploads / name, Upload(update.gradients, threat, revealed, update.bn_buffers))
-                save_truth(truth / name, images, labels, {
-                    "epoch": epoch, "trial": trial, "setting": setting, "victim_positions": chosen.tolist(),
-                    "participant": [w for w in range(c.participants) for _ in range(c.batch_size // c.participants)],
-                    "gir": [round(float(v), 6) for v in gir],
-                })
+                save_truth(
+                    truth / name,
+                    images,
+                    labels,
+                    {
+                        "epoch": epoch,
+                        "trial": trial,
+                        "setting": setting,
+                        "victim_positions": chosen.tolist(),
+                        "participant": [
+                            w for w in range(c.participants) for _ in range(c.batch_size // c.participants)
+                        ],
+                        "gir": [round(float(v), 6) for v in gir],
+                    },
+                )
                 norm = float(sum(g.pow(2).sum() for g in update.gradients.values()) ** 0.5)
                 gh = gradient_heterogeneity(update.gradients, modelled)
                 summary[Path(name).stem] = {
-                    "epoch": epoch, "trial": trial, "gh": None if gh is None else round(gh, 6),
-                    "gradient_norm": round(norm, 6), "gir_max": round(float(gir.max()), 4), "leaker": int(gir.argmax()),
-                    "repetition_rate": round(repetition_rate(labels), 4), "ra_index": model_ra_index(units),
+                    "epoch": epoch,
+                    "trial": trial,
+                    "gh": None if gh is None else round(gh, 6),
+                    "gradient_norm": round(norm, 6),
+                    "gir_max": round(float(gir.max()), 4),
+                    "leaker": int(gir.argmax()),
+                    "repetition_rate": round(repetition_rate(labels), 4),
+                    "ra_index": model_ra_index(units),
                     "epsilon": None if update.epsilon is None else round(update.epsilon, 4),
                 }
-                print(f"extract@{setting}: epoch {epoch} trial {trial}: {len(labels)} images from {scheme}, GH "
-                      + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
-                      + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}")
+                print(
+                    f"extract@{setting}: epoch {epoch} trial {trial}: {len(labels)} images from {scheme}, GH "
+                    + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
+                    + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}"
+                )
     write_json(Path("reports/client") / f"{setting}.json", {"setting": setting, "scheme": scheme, "uploads": summary})
     for epoch in p.extract.epochs:  # step = training epoch; the mean over the trials
         mine = [s for s in summary.values() if s["epoch"] == epoch]
-        stage.mlflow.log_metrics({k: sum(s[k] for s in mine) / len(mine) for k in
-                                  ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
-                                  if all(s[k] is not None for s in mine)}, step=epoch)
+        stage.mlflow.log_metrics(
+            {
+                k: sum(s[k] for s in mine) / len(mine)
+                for k in ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
+                if all(s[k] is not None for s in mine)
+            },
+            step=epoch,
+        )
     stage.mlflow.log_artifacts(str(Path("uploads") / setting), "uploads")
 
 

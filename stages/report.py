@@ -18,9 +18,22 @@ from pipeline.checkpoints import checkpoint_name
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, load_tensors, read_json, write_json
 from pipeline.report import band_plot, line_plot, markdown_table, overview_figure, save_grid, scatter_plot
-from pipeline.results import (SHARED, Evidence, add_classic, add_differences, client_summary, load_outputs,
-                              pairs_with, privacy_of, results_table, shown_summary, shown_table, summary_of,
-                              table_differences, training_table)
+from pipeline.results import (
+    SHARED,
+    Evidence,
+    add_classic,
+    add_differences,
+    client_summary,
+    load_outputs,
+    pairs_with,
+    privacy_of,
+    results_table,
+    shown_summary,
+    shown_table,
+    summary_of,
+    table_differences,
+    training_table,
+)
 from pipeline.uploads import ADAPTIVE, load_truth
 from stages._common import Stage, run
 
@@ -36,38 +49,55 @@ def describe(p, setting: str, epoch: int, uploads: pd.DataFrame) -> dict:
     scheme, client = p.setting(setting)
     checkpoint = read_json(MODELS / scheme / Path(checkpoint_name(epoch)).with_suffix(".json"))
     client_epsilon = None if uploads.epsilon.isna().any() else float(uploads.epsilon.mean())
-    client_privacy = "" if client.dp is None else (
-        f"client ({client_epsilon:.3g}, {client.dp.delta:g})-DP" if client.dp.kind == "per-sample"
-        else "client clip+noise: no privacy guarantee")
-    return {"scheme": scheme, "arch": checkpoint["arch"], "test_accuracy": checkpoint["test_accuracy"],
-            "client": client_summary(client), "labels": uploads.labels.iloc[0],
-            "privacy": "; ".join(x for x in (privacy_of(checkpoint), client_privacy) if x),
-            "epsilon": checkpoint.get("epsilon", client_epsilon),
-            "repetition_rate": float(uploads.repetition_rate.mean()), "ra_index": uploads.ra_index.iloc[0]}
+    client_privacy = (
+        ""
+        if client.dp is None
+        else (
+            f"client ({client_epsilon:.3g}, {client.dp.delta:g})-DP"
+            if client.dp.kind == "per-sample"
+            else "client clip+noise: no privacy guarantee"
+        )
+    )
+    return {
+        "scheme": scheme,
+        "arch": checkpoint["arch"],
+        "test_accuracy": checkpoint["test_accuracy"],
+        "client": client_summary(client),
+        "labels": uploads.labels.iloc[0],
+        "privacy": "; ".join(x for x in (privacy_of(checkpoint), client_privacy) if x),
+        "epsilon": checkpoint.get("epsilon", client_epsilon),
+        "repetition_rate": float(uploads.repetition_rate.mean()),
+        "ra_index": uploads.ra_index.iloc[0],
+    }
 
 
 def intro(p, table: pd.DataFrame, baseline: str | None) -> str:
     r = p.report
     lpips = "" if table.lpips.notna().any() else " LPIPS n/a: no AlexNet weights on this machine (see README)."
-    paired = ("no baseline is set (report.baseline: null), so there are no paired columns: compare the intervals."
-              if baseline is None else
-              f"Every setting is paired with `{baseline}` image by image (same epoch, trial and batch position, "
-              "the same victims); a setting whose batches are chosen otherwise (label repetition, another batch size) "
-              "is not paired. 'vs baseline' is the mean paired PSNR difference with its interval; p the Wilcoxon "
-              f"signed-rank test of the differences (scipy.stats.wilcoxon). Verdict, per attacked epoch: **protects** "
-              f"when the difference's interval lies below 0 and p < {r.alpha:g}; **leaks more** when it lies above 0 "
-              "and p < alpha; else **no detectable protection**.")
-    return (f"Each cell: {p.extract.trials} client batches (trials) of the setting's batch size, disjoint, drawn "
-            f"from the victim pool; n = images. Intervals: {r.confidence:.0%} bootstrap (BCa, {r.resamples} "
-            f"resamples, seeded) of the mean over the images. {paired} An attack counts as unconverged when its "
-            "best gradient loss over the last 10 % of iterations is more than 1 % under the best of the 10 % before "
-            f"(pipeline.attack.invert.still_falling); a verdict resting on any says so.{lpips}\n")
+    paired = (
+        "no baseline is set (report.baseline: null), so there are no paired columns: compare the intervals."
+        if baseline is None
+        else f"Every setting is paired with `{baseline}` image by image (same epoch, trial and batch position, "
+        "the same victims); a setting whose batches are chosen otherwise (label repetition, another batch size) "
+        "is not paired. 'vs baseline' is the mean paired PSNR difference with its interval; p the Wilcoxon "
+        f"signed-rank test of the differences (scipy.stats.wilcoxon). Verdict, per attacked epoch: **protects** "
+        f"when the difference's interval lies below 0 and p < {r.alpha:g}; **leaks more** when it lies above 0 "
+        "and p < alpha; else **no detectable protection**."
+    )
+    return (
+        f"Each cell: {p.extract.trials} client batches (trials) of the setting's batch size, disjoint, drawn "
+        f"from the victim pool; n = images. Intervals: {r.confidence:.0%} bootstrap (BCa, {r.resamples} "
+        f"resamples, seeded) of the mean over the images. {paired} An attack counts as unconverged when its "
+        "best gradient loss over the last 10 % of iterations is more than 1 % under the best of the 10 % before "
+        f"(pipeline.attack.invert.still_falling); a verdict resting on any says so.{lpips}\n"
+    )
 
 
 def write_markdown(p, table: pd.DataFrame, summary: pd.DataFrame, training: pd.DataFrame, baseline) -> None:
     with atomic_file(RESULTS_MD) as tmp:
         tmp.write_text(
-            "# Results\n\n" + intro(p, table, baseline)
+            "# Results\n\n"
+            + intro(p, table, baseline)
             + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked epoch as mean [interval], against the "
             "adaptive attacker (it models the client's asynchronous-BatchNorm shards and unrolls its local steps, as "
             "the threat model states them) and, where that differs, the classic attacker (one full-batch gradient; "
@@ -80,14 +110,19 @@ def write_markdown(p, table: pd.DataFrame, summary: pd.DataFrame, training: pd.D
             "or the DP client's. Every number and per-image score: `reports/results.csv`, `reports/per_image.csv`.\n\n"
             + markdown_table(shown_table(table))
             + "\n## Training\n\nTest accuracy per scheme and epoch; epsilon where the scheme is DP-SGD.\n\n"
-            + markdown_table(training.pivot(index="epoch", columns="scheme", values="test_accuracy")[list(p.schemes)]
-                             .reset_index().astype({"epoch": str}))
-            + "\n" + markdown_table(training[training.epsilon.notna()][["scheme", "epoch", "epsilon", "privacy"]])
+            + markdown_table(
+                training.pivot(index="epoch", columns="scheme", values="test_accuracy")[list(p.schemes)]
+                .reset_index()
+                .astype({"epoch": str})
+            )
+            + "\n"
+            + markdown_table(training[training.epsilon.notna()][["scheme", "epoch", "epsilon", "privacy"]])
         )
 
 
-def write_figures(p, table: pd.DataFrame, training: pd.DataFrame, per_image: pd.DataFrame,
-                  uploads: pd.DataFrame) -> None:
+def write_figures(
+    p, table: pd.DataFrame, training: pd.DataFrame, per_image: pd.DataFrame, uploads: pd.DataFrame
+) -> None:
     panels: dict[str, list] = {}
     for u in uploads.itertuples():
         rec, _ = load_tensors(ATTACKS / u.setting / f"{u.upload}.safetensors", expected={"images", "labels"})
@@ -98,31 +133,66 @@ def write_figures(p, table: pd.DataFrame, training: pd.DataFrame, per_image: pd.
         if u.trial == 0:  # the overviews show the first trial of each cell
             gh = "n/a" if pd.isna(u.gh) else f"{u.gh:.3f}"
             panels.setdefault(u.setting, []).append(
-                (f"{u.setting} epoch {u.epoch} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB", truth, paired))
+                (f"{u.setting} epoch {u.epoch} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB", truth, paired)
+            )
     for setting, mine in panels.items():  # one figure per setting across epochs
         overview_figure(FIGURES / f"{setting}.png", mine, columns=len(mine))
     overview_figure(FIGURE, [panel for mine in panels.values() for panel in mine], columns=len(p.extract.epochs))
-    band_plot(PLOTS / "psnr_by_epoch.png", table, "epoch", "psnr", "psnr_low", "psnr_high", "setting",
-              f"Attack PSNR through training, mean and {p.report.confidence:.0%} interval over "
-              f"{int(table.n.max())} images", "PSNR (dB), Hungarian-paired")
-    line_plot(PLOTS / "accuracy_by_epoch.png", training, "epoch", "test_accuracy", "scheme",
-              "Test accuracy per defense scheme", "test accuracy")
+    band_plot(
+        PLOTS / "psnr_by_epoch.png",
+        table,
+        "epoch",
+        "psnr",
+        "psnr_low",
+        "psnr_high",
+        "setting",
+        f"Attack PSNR through training, mean and {p.report.confidence:.0%} interval over {int(table.n.max())} images",
+        "PSNR (dB), Hungarian-paired",
+    )
+    line_plot(
+        PLOTS / "accuracy_by_epoch.png",
+        training,
+        "epoch",
+        "test_accuracy",
+        "scheme",
+        "Test accuracy per defense scheme",
+        "test accuracy",
+    )
     scored = uploads.merge(per_image.groupby(["setting", "upload"]).psnr.mean().reset_index(), on=["setting", "upload"])
-    scatter_plot(PLOTS / "gh_vs_psnr.png", scored, "gh", "psnr", "setting",
-                 "Gradient heterogeneity against attack PSNR, one point per upload",
-                 "GH = 1 - cos(upload, modelled gradient)", "mean PSNR of the upload (dB)")
-    scatter_plot(PLOTS / "gir_vs_psnr.png", per_image, "gir", "psnr", "setting",
-                 "Gradient information ratio against PSNR, one point per image", "GIR (%)", "PSNR (dB)")
+    scatter_plot(
+        PLOTS / "gh_vs_psnr.png",
+        scored,
+        "gh",
+        "psnr",
+        "setting",
+        "Gradient heterogeneity against attack PSNR, one point per upload",
+        "GH = 1 - cos(upload, modelled gradient)",
+        "mean PSNR of the upload (dB)",
+    )
+    scatter_plot(
+        PLOTS / "gir_vs_psnr.png",
+        per_image,
+        "gir",
+        "psnr",
+        "setting",
+        "Gradient information ratio against PSNR, one point per image",
+        "GIR (%)",
+        "PSNR (dB)",
+    )
 
 
 def log_setting_runs(stage: Stage, table: pd.DataFrame) -> None:
     """One child run per setting with the same metric names (step = epoch): the UI's compare view
     then lines the settings up side by side."""
-    numbers = [c for c in table.columns if c not in ("setting", "scheme", "arch", "epoch", "client", "labels",
-                                                      "privacy")]
+    numbers = [
+        c for c in table.columns if c not in ("setting", "scheme", "arch", "epoch", "client", "labels", "privacy")
+    ]
     for setting, part in table.groupby("setting", sort=False):
-        with stage.mlflow.start_run(run_name=f"results@{setting}", nested=True,
-                                    tags={"setting": setting, "scheme": part.scheme.iloc[0], "pipeline.role": "results"}):
+        with stage.mlflow.start_run(
+            run_name=f"results@{setting}",
+            nested=True,
+            tags={"setting": setting, "scheme": part.scheme.iloc[0], "pipeline.role": "results"},
+        ):
             stage.mlflow.log_params({"scheme": part.scheme.iloc[0], "client": part.client.iloc[0]})
             for _, row in part.iterrows():
                 stage.mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.epoch))

@@ -48,8 +48,14 @@ def main(stage: Stage) -> None:
         train(train_split, test_split, meta, p, scheme, partial_path(out), kernel)
         return
     logger = MLFlowLogger(tracking_uri=stage.tracking_uri, run_id=stage.mlflow.active_run().info.run_id)
-    inputs = digest(p.seed, p.model.model_dump(), p.train.model_dump(), p.scheme(scheme).model_dump(),
-                    tree_digest(DATA), code_digest("stages.train"))
+    inputs = digest(
+        p.seed,
+        p.model.model_dump(),
+        p.train.model_dump(),
+        p.scheme(scheme).model_dump(),
+        tree_digest(DATA),
+        code_digest("stages.train"),
+    )
     with atomic_dir(out, fingerprint=inputs) as tmp:
         written = train(train_split, test_split, meta, p, scheme, tmp, kernel, logger=logger)
         ranks = write_rank_analysis(tmp, written[0])
@@ -57,8 +63,9 @@ def main(stage: Stage) -> None:
         extra = f", epsilon {ckpt['epsilon']:.3f}" if "epsilon" in ckpt else ""
         print(f"train@{scheme}: epoch {ckpt['epoch']}: test accuracy {ckpt['test_accuracy']:.4f}{extra}")
         # step = training epoch (Lightning's own test_accuracy is stepped by optimizer steps)
-        stage.mlflow.log_metrics({f"epoch.{k}": ckpt[k] for k in ("test_accuracy", "epsilon") if k in ckpt},
-                                 step=ckpt["epoch"])
+        stage.mlflow.log_metrics(
+            {f"epoch.{k}": ckpt[k] for k in ("test_accuracy", "epsilon") if k in ckpt}, step=ckpt["epoch"]
+        )
     stage.mlflow.log_metric("ra_index", ranks["ra_index"])
     stage.mlflow.log_artifacts(str(out), "checkpoints")
 

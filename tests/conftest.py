@@ -28,9 +28,21 @@ def make_params(**overrides) -> Params:
 
 
 # the attack's keys a test of the inversion itself does not vary
-INVERSION = {"labels": "known", "client_model": "exact", "classic": False, "objective": "cosine", "layer_weights": "equal",
-             "bn_prior": 0.0, "bn_statistics": "running", "tv_target": None, "processes": 1, "split": "jobs", "threads": 1,
-             "compile": False, "combine": "best"}
+INVERSION = {
+    "labels": "known",
+    "client_model": "exact",
+    "classic": False,
+    "objective": "cosine",
+    "layer_weights": "equal",
+    "bn_prior": 0.0,
+    "bn_statistics": "running",
+    "tv_target": None,
+    "processes": 1,
+    "split": "jobs",
+    "threads": 1,
+    "compile": False,
+    "combine": "best",
+}
 
 
 def inversion_params(**values) -> AttackParams:
@@ -60,7 +72,6 @@ def fashion_images(fashion_root):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
 
 
 # The end-to-end file (two clean clones running the whole tiny chain side by side) takes the

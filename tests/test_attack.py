@@ -8,9 +8,21 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import invert, recover_labels
-from pipeline.attack.invert import (BatchNormPrior, GradientMatch, LocalSteps, Reconstruction, best_of, check_compiled, dummy_gradient,
-                                    gradient_loss, min_loss_combination, pixel_box, pooled_statistics, total_variation,
-                                    unrolled_update)
+from pipeline.attack.invert import (
+    BatchNormPrior,
+    GradientMatch,
+    LocalSteps,
+    Reconstruction,
+    best_of,
+    check_compiled,
+    dummy_gradient,
+    gradient_loss,
+    min_loss_combination,
+    pixel_box,
+    pooled_statistics,
+    total_variation,
+    unrolled_update,
+)
 from pipeline.attack.labels import mean_prediction
 from pipeline.client import ClientParams, batch_gradient, simulate_client, step_parts
 from pipeline.data import to_unit_range
@@ -158,8 +170,10 @@ def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
 def _by_hand(names, grads, target, objective, weights):
     """The objective computed the long way: a loop over the parameters, layer by layer."""
     layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
-    w = {n: (len(layers) - layers.index(n.rpartition(".")[0])) / len(layers) if weights == "linear" else 1.0
-         for n in names}
+    w = {
+        n: (len(layers) - layers.index(n.rpartition(".")[0])) / len(layers) if weights == "linear" else 1.0
+        for n in names
+    }
     if objective == "l2":
         return sum(w[n] * ((g - target[n]) ** 2).sum() for n, g in zip(names, grads))
     dot = sum(w[n] * (g * target[n]).sum() for n, g in zip(names, grads))
@@ -182,8 +196,12 @@ def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(o
     cut = copy.deepcopy(full)
     crops = crop_dead_taps(cut, (1, 32, 32))
     # layer4 sees 1 x 1 maps at 32 px (2 x 2 into its first, strided, convolution)
-    assert sorted(crops) == ["layer4.0.conv1.weight", "layer4.0.conv2.weight", "layer4.1.conv1.weight",
-                             "layer4.1.conv2.weight"]
+    assert sorted(crops) == [
+        "layer4.0.conv1.weight",
+        "layer4.0.conv2.weight",
+        "layer4.1.conv1.weight",
+        "layer4.1.conv2.weight",
+    ]
     count = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in cut.parameters())
     assert count == 3 * 512 * 512 * 8 + 512 * 256 * 5
     images, labels = torch.randn(8, 1, 32, 32), torch.arange(8)
@@ -198,8 +216,13 @@ def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(o
     want = _image_gradient(full, GradientMatch(full, noisy, objective, "linear"), x, labels)
     got = _image_gradient(cut, GradientMatch(cut, noisy, objective, "linear", crops), x, labels)
     names = [n for n, _ in full.named_parameters()]
-    exact = _by_hand(names, [g.detach().double() for g in dummy_gradient(full, x, labels)],
-                     {n: t.double() for n, t in noisy.items()}, objective, "linear")
+    exact = _by_hand(
+        names,
+        [g.detach().double() for g in dummy_gradient(full, x, labels)],
+        {n: t.double() for n, t in noisy.items()},
+        objective,
+        "linear",
+    )
     assert got[0] == pytest.approx(float(exact), rel=1e-5)  # float32 sums over 11 M entries: want[0] is 2e-5 off
     assert want[0] == pytest.approx(float(exact), rel=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * float(want[1].abs().max()))
@@ -208,8 +231,12 @@ def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(o
     assert crop_dead_taps(build_model("resnet18", 1, 10, 64), (1, 64, 64)) == {}
     # dilated and rectangular kernels on a 1 x 1 map: cut where the cut is exact, same outputs
     nn = torch.nn
-    odd = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(1, 4, 3, padding=2, dilation=2),
-                        nn.Conv2d(4, 4, (3, 1), padding=(1, 0)), nn.Conv2d(4, 4, 2, padding=1, dilation=2))
+    odd = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Conv2d(1, 4, 3, padding=2, dilation=2),
+        nn.Conv2d(4, 4, (3, 1), padding=(1, 0)),
+        nn.Conv2d(4, 4, 2, padding=1, dilation=2),
+    )
     cut = copy.deepcopy(odd)
     assert [tuple(p.shape) for p in cut.parameters() if p.dim() == 4] == [(4, 1, 3, 3), (4, 4, 3, 1), (4, 4, 2, 2)]
     assert sorted(crop_dead_taps(cut, (1, 8, 8))) == ["1.weight", "2.weight"]  # the last reads no pixel: kept
@@ -218,10 +245,12 @@ def test_the_model_cut_to_its_live_kernel_taps_gives_the_full_models_objective(o
     torch.testing.assert_close(cut(x), odd(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"),
-                                                ("l2", "linear")])
-def test_each_objective_and_its_gradient_equal_their_definition_and_vanish_at_the_truth(objective, weights,
-                                                                                        fashion_images):
+@pytest.mark.parametrize(
+    "objective, weights", [("cosine", "equal"), ("cosine", "linear"), ("l2", "equal"), ("l2", "linear")]
+)
+def test_each_objective_and_its_gradient_equal_their_definition_and_vanish_at_the_truth(
+    objective, weights, fashion_images
+):
     images, labels, _, _ = fashion_images
     model = build_model("convnet", 1, 10, 32).eval()
     names = [n for n, _ in model.named_parameters()]
@@ -281,8 +310,9 @@ def test_the_tv_target_stops_a_restart_once_its_best_iterate_is_smooth_enough(fa
     target = batch_gradient(model, images[:1], labels[:1], "train")
 
     def run(tv_target):
-        settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1,
-                                  tv_target=tv_target)
+        settings = inversion_params(
+            iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, tv_target=tv_target
+        )
         return invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
 
     assert run(100.0).iterations_run == 1  # boxed noise (TV about 1.8) is under 100 at once
@@ -303,9 +333,18 @@ def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alo
 
 
 def async_client(batch_size: int, participants: int) -> ClientParams:
-    return ClientParams(batch_size=batch_size, participants=participants, bn="async" if participants > 1 else "sync",
-                        local_steps=1, lr=0.01, mode="train", dp=None, label_repetition=None,
-                        participants_as="simulated", upload_buffers=False)
+    return ClientParams(
+        batch_size=batch_size,
+        participants=participants,
+        bn="async" if participants > 1 else "sync",
+        local_steps=1,
+        lr=0.01,
+        mode="train",
+        dp=None,
+        label_repetition=None,
+        participants_as="simulated",
+        upload_buffers=False,
+    )
 
 
 def test_pooled_statistics_are_those_of_the_pooled_activations():
@@ -314,7 +353,7 @@ def test_pooled_statistics_are_those_of_the_pooled_activations():
     stats = {"bn.mean": x.mean(2), "bn.var": x.var(2, unbiased=False)}
     mean, var = pooled_statistics(stats, "bn", 5, shards=2)  # shard s: groups 2s and 2s+1 of both steps
     for shard in range(2):
-        pooled = x[:, 2 * shard:2 * shard + 2].reshape(-1, 5)
+        pooled = x[:, 2 * shard : 2 * shard + 2].reshape(-1, 5)
         torch.testing.assert_close(mean[shard], pooled.mean(0))
         torch.testing.assert_close(var[shard], pooled.var(0, unbiased=False))
     with pytest.raises(ValueError, match="no statistics for BatchNorm layer 'other'"):
@@ -346,10 +385,20 @@ def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images
     upload = simulate_client(model, images[:4], labels[:4], async_client(4, 2), seed=0)
 
     def psnr(bn_prior: float) -> float:
-        settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1,
-                                  bn_prior=bn_prior)
-        rec = invert(model, upload.gradients, labels[:4], (1, 32, 32), mean, std, settings, 0, progress=False,
-                     shards=2, bn_statistics=upload.bn_statistics)
+        settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, bn_prior=bn_prior)
+        rec = invert(
+            model,
+            upload.gradients,
+            labels[:4],
+            (1, 32, 32),
+            mean,
+            std,
+            settings,
+            0,
+            progress=False,
+            shards=2,
+            bn_statistics=upload.bn_statistics,
+        )
         got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:4], mean, std)
         return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
 
@@ -377,8 +426,18 @@ def test_the_unrolled_client_model_at_the_truth_gives_the_clients_upload(fashion
     images, labels, _, _ = fashion_images
     batch = 12  # 2 participants x 3 steps x 2 images
     model = build_model("convnet", 1, 10, 32).train()
-    client = ClientParams(batch_size=batch, participants=participants, bn=bn, local_steps=local_steps, lr=0.05,
-                          mode="train", dp=None, label_repetition=None, participants_as="simulated", upload_buffers=False)
+    client = ClientParams(
+        batch_size=batch,
+        participants=participants,
+        bn=bn,
+        local_steps=local_steps,
+        lr=0.05,
+        mode="train",
+        dp=None,
+        label_repetition=None,
+        participants_as="simulated",
+        upload_buffers=False,
+    )
     upload = simulate_client(model, images[:batch], labels[:batch], client, seed=0).gradients
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     steps = LocalSteps(step_parts(batch, participants, local_steps), separate=bn == "async", lr=0.05)
@@ -455,8 +514,9 @@ def test_the_compiled_gradient_is_the_eager_one_whichever_instruction_set_compil
     for isa in ("avx2", None):
         env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
         env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), **({"ATEN_CPU_CAPABILITY": isa} if isa else {}))
-        done = subprocess.run([sys.executable, "-c", COMPILED_GRADIENT], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILED_GRADIENT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, (isa, done.returncode, done.stderr[-2000:])
         assert float(done.stdout.split()[-1]) < 1e-4, (isa, done.stdout)
 
@@ -465,8 +525,11 @@ def test_a_compiled_gradient_unlike_the_eager_one_is_refused():
     eager = torch.tensor([1.0, -2.0, 0.5])
     check_compiled(eager + 1e-5, eager)  # float noise passes
     for wrong in (torch.tensor([1.0, float("nan"), 0.5]), torch.tensor([1.0, -2.0, 0.6])):
-        with pytest.raises(PipelineError, match=r"^attack.compile: the compiled step's image gradient is not the "
-                                                r"eager one \(largest difference (inf|0.1), scale 2\)"):
+        with pytest.raises(
+            PipelineError,
+            match=r"^attack.compile: the compiled step's image gradient is not the "
+            r"eager one \(largest difference (inf|0.1), scale 2\)",
+        ):
             check_compiled(wrong, eager)
 
 
@@ -481,8 +544,17 @@ def test_the_compiled_attack_brings_an_image_back_with_the_same_bytes_for_a_seed
     got, truth = to_unit_range(runs[0].images, mean, std), to_unit_range(images[:1], mean, std)
     assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0  # measured 29.5-29.9 dB (eager: 31.6)
     with pytest.raises(ValueError, match="the compiled step takes neither the BatchNorm prior"):
-        invert(model, target, labels[:1], (1, 32, 32), mean, std,
-               settings.model_copy(update={"bn_prior": 0.1}), 0, progress=False)
+        invert(
+            model,
+            target,
+            labels[:1],
+            (1, 32, 32),
+            mean,
+            std,
+            settings.model_copy(update={"bn_prior": 0.1}),
+            0,
+            progress=False,
+        )
 
 
 def test_mlco_puts_the_truth_together_from_restarts_that_each_hold_part_of_it(fashion_images):

@@ -27,29 +27,58 @@ from tests.conftest import REPO, make_params
 MEAN, STD = [0.286], [0.353]
 
 
-def make_upload(folder: Path, images, labels, norm="batch", maxpool_kernel=None, participants=1, bn="sync",
-                name="epoch-000", mode="train", reveal_bn_statistics=False, local_steps=1, lr=0.01,
-                upload_buffers=False) -> Path:
-    arch = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": norm,
-            "maxpool_kernel": maxpool_kernel}
+def make_upload(
+    folder: Path,
+    images,
+    labels,
+    norm="batch",
+    maxpool_kernel=None,
+    participants=1,
+    bn="sync",
+    name="epoch-000",
+    mode="train",
+    reveal_bn_statistics=False,
+    local_steps=1,
+    lr=0.01,
+    upload_buffers=False,
+) -> Path:
+    arch = {
+        "arch": "convnet",
+        "in_channels": 1,
+        "num_classes": 10,
+        "image_size": 32,
+        "norm": norm,
+        "maxpool_kernel": maxpool_kernel,
+    }
     torch.manual_seed(0)
     model = build_model(**arch)
     checkpoint = folder / f"{name}.checkpoint.safetensors"
     save_checkpoint(checkpoint, model, {**arch, "mean": MEAN, "std": STD, "scheme": "s", "epoch": 0})
-    client = ClientParams(batch_size=len(labels), participants=participants, bn=bn, local_steps=local_steps, lr=lr,
-                          mode=mode, dp=None, label_repetition=None, participants_as="simulated",
-                          upload_buffers=upload_buffers)
+    client = ClientParams(
+        batch_size=len(labels),
+        participants=participants,
+        bn=bn,
+        local_steps=local_steps,
+        lr=lr,
+        mode=mode,
+        dp=None,
+        label_repetition=None,
+        participants_as="simulated",
+        upload_buffers=upload_buffers,
+    )
     update = simulate_client(model, images, labels, client, seed=0)
     threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "s", 0, labels)
     path = folder / f"{name}.safetensors"
-    save_upload(path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {},
-                             update.bn_buffers))
+    save_upload(
+        path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {}, update.bn_buffers)
+    )
     return path
 
 
 def attack_params(**changes):
-    return make_params(**{"attack__iterations": 60, "attack__restarts": 2, "attack__processes": 1,
-                          "attack__threads": 1, **changes}).attack
+    return make_params(
+        **{"attack__iterations": 60, "attack__restarts": 2, "attack__processes": 1, "attack__threads": 1, **changes}
+    ).attack
 
 
 def psnr(rec, images) -> float:
@@ -59,8 +88,10 @@ def psnr(rec, images) -> float:
 
 def test_two_fabric_processes_give_the_reconstructions_of_one(tmp_path, fashion_images):
     images, labels, _, _ = fashion_images
-    uploads = [make_upload(tmp_path, images[:2], labels[:2], name="epoch-000"),
-               make_upload(tmp_path, images[2:4], labels[2:4], name="epoch-001")]
+    uploads = [
+        make_upload(tmp_path, images[:2], labels[:2], name="epoch-000"),
+        make_upload(tmp_path, images[2:4], labels[2:4], name="epoch-001"),
+    ]
     jobs = [Job(u, r) for u in uploads for r in range(2)]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
@@ -154,20 +185,25 @@ def test_a_dummy_batch_split_over_two_processes_gives_the_one_process_reconstruc
 def test_a_batch_that_batchnorm_normalises_together_is_not_split(tmp_path, fashion_images):
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4])  # train mode, one participant: common statistics
-    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.split batch: train-mode BatchNorm "
-                                            "normalises 1 shard"):
+    with pytest.raises(
+        PipelineError, match="epoch-000.safetensors: attack.split batch: train-mode BatchNorm normalises 1 shard"
+    ):
         run_jobs([Job(path, 0)], attack_params(attack__processes=2, attack__split="batch"), 0, tmp_path)
 
 
 def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(tmp_path, fashion_images):
     images, labels, _, _ = fashion_images
     hidden = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async", name="epoch-000")
-    revealed = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async", name="epoch-001",
-                           reveal_bn_statistics=True)
-    a = attack_params(attack__iterations=20, attack__bn_prior=0.01, attack__bn_statistics="exact",
-                      extract__reveal_bn_statistics=True)
-    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.bn_statistics 'exact', but the upload "
-                                            "reveals no BatchNorm statistics"):
+    revealed = make_upload(
+        tmp_path, images[:4], labels[:4], participants=2, bn="async", name="epoch-001", reveal_bn_statistics=True
+    )
+    a = attack_params(
+        attack__iterations=20, attack__bn_prior=0.01, attack__bn_statistics="exact", extract__reveal_bn_statistics=True
+    )
+    with pytest.raises(
+        PipelineError,
+        match="epoch-000.safetensors: attack.bn_statistics 'exact', but the upload reveals no BatchNorm statistics",
+    ):
         run_jobs([Job(revealed, 0), Job(hidden, 0)], a, 0, tmp_path)
     assert not list(tmp_path.glob("*.restart-*"))  # refused before any job ran
     exact = run_job(Job(revealed, 0), a, 0, False)
@@ -200,8 +236,10 @@ def test_a_prior_from_buffers_needs_an_upload_that_carries_them(tmp_path, fashio
     images, labels, _, _ = fashion_images
     bare = make_upload(tmp_path, images[:4], labels[:4])
     a = attack_params(attack__iterations=20).model_copy(update={"bn_prior": 0.01, "bn_statistics": "from-buffers"})
-    with pytest.raises(PipelineError, match="epoch-000.safetensors: attack.bn_statistics 'from-buffers', but the upload "
-                                            "carries no BatchNorm buffers"):
+    with pytest.raises(
+        PipelineError,
+        match="epoch-000.safetensors: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm buffers",
+    ):
         run_jobs([Job(bare, 0)], a, 0, tmp_path)
     assert not list(tmp_path.glob("*.restart-*"))
 
@@ -249,8 +287,9 @@ def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_pat
         "a = make_params(attack__iterations=10**6, attack__restarts=2, attack__processes=2, attack__threads=1).attack\n"
         f"run_jobs([Job(Path({str(path)!r}), r) for r in range(2)], a, 0, Path({str(tmp_path)!r}))\n"
     )
-    stage = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    stage = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while len(_children(stage.pid)) < 2 and stage.poll() is None and time.time() < deadline:
@@ -291,8 +330,9 @@ print(before, kept, faults_per_cycle())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_attack_processes_keep_freed_memory_instead_of_faulting_it_in_again():
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CYCLE], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_CYCLE], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     before, kept, after = float(out[0]), out[1] == "True", float(out[2])
     assert kept  # glibc took both settings
     # Without them glibc hands the 20 MiB back and faults it in again: 5 089 pages a cycle here,

@@ -76,8 +76,8 @@ def test_async_batchnorm_differs_and_equals_each_shard_on_its_own(tmp_path):
     assert (got["logits"] - whole_logits.detach()).abs().max() > 1e-2  # not the global batch's statistics
 
     shards = _model().train()
-    per_shard = [shards(images[i * 4:(i + 1) * 4]) for i in range(WORLD)]
-    losses = [F.cross_entropy(out, labels[i * 4:(i + 1) * 4]) for i, out in enumerate(per_shard)]
+    per_shard = [shards(images[i * 4 : (i + 1) * 4]) for i in range(WORLD)]
+    losses = [F.cross_entropy(out, labels[i * 4 : (i + 1) * 4]) for i, out in enumerate(per_shard)]
     (sum(losses) / WORLD).backward()  # what DDP's gradient averaging computes
     torch.testing.assert_close(got["logits"], torch.cat(per_shard).detach(), rtol=1e-5, atol=1e-5)
     for name, grad in _grads(shards).items():

@@ -7,17 +7,36 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.client import (ClientParams, batch_gradient, check_batchnorm_batch, choose_batches,
-                             client_upload, information_ratio, plain, repetition_rate,
-                             simulate_client, step_parts)
+from pipeline.client import (
+    ClientParams,
+    batch_gradient,
+    check_batchnorm_batch,
+    choose_batches,
+    client_upload,
+    information_ratio,
+    plain,
+    repetition_rate,
+    simulate_client,
+    step_parts,
+)
 from pipeline.dp import epsilon
 from pipeline.errors import PipelineError
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.nets import build_model
 from tests.conftest import make_params
 
-PLAIN = dict(batch_size=8, participants=1, bn="sync", local_steps=1, lr=0.05, mode="train", dp=None,
-             label_repetition=None, participants_as="simulated", upload_buffers=False)
+PLAIN = dict(
+    batch_size=8,
+    participants=1,
+    bn="sync",
+    local_steps=1,
+    lr=0.05,
+    mode="train",
+    dp=None,
+    label_repetition=None,
+    participants_as="simulated",
+    upload_buffers=False,
+)
 
 
 def client(**changes) -> ClientParams:
@@ -37,8 +56,12 @@ def convnet(size=16):
 def by_hand(model, images, labels):
     """torch.autograd.grad of the batch's mean cross-entropy, in the model's current mode."""
     params = list(model.parameters())
-    return dict(zip([n for n, _ in model.named_parameters()],
-                    torch.autograd.grad(F.cross_entropy(model(images), labels), params)))
+    return dict(
+        zip(
+            [n for n, _ in model.named_parameters()],
+            torch.autograd.grad(F.cross_entropy(model(images), labels), params),
+        )
+    )
 
 
 def assert_same(got, want, rtol=1e-5, atol=1e-7):
@@ -61,7 +84,7 @@ def test_three_local_steps_upload_the_average_of_the_step_gradients():
     # by hand: three plain SGD steps, each on the next two images
     work, steps = convnet().train(), []
     for e in range(3):
-        g = by_hand(work, images[2 * e:2 * e + 2], labels[2 * e:2 * e + 2])
+        g = by_hand(work, images[2 * e : 2 * e + 2], labels[2 * e : 2 * e + 2])
         steps.append(g)
         with torch.no_grad():
             for n, p in work.named_parameters():
@@ -94,7 +117,9 @@ def test_two_fabric_processes_upload_what_the_simulation_does(bn):
     statistics = simulate_client(model, images, labels, c, seed=3).bn_statistics
     assert statistics["features.1.mean"].shape == (2, 2 if bn == "async" else 1, 32)
     assert_same(processes.bn_statistics, statistics, rtol=1e-4, atol=1e-6)
-    other = simulate_client(model, images, labels, c.model_copy(update={"bn": "sync" if bn == "async" else "async"}), seed=3)
+    other = simulate_client(
+        model, images, labels, c.model_copy(update={"bn": "sync" if bn == "async" else "async"}), seed=3
+    )
     difference = max(float((other.gradients[n] - simulated[n]).abs().max()) for n in simulated)
     assert difference > 1e-3  # async and sync BN give different uploads
 
@@ -110,8 +135,10 @@ def running_update_statistics(model, images):
     out = {}
     for n, m in layers.items():
         (mean0, var0), momentum = before[n], m.momentum
-        out[n] = ((m.running_mean - (1 - momentum) * mean0) / momentum,
-                  (m.running_var - (1 - momentum) * var0) / momentum)
+        out[n] = (
+            (m.running_mean - (1 - momentum) * mean0) / momentum,
+            (m.running_var - (1 - momentum) * var0) / momentum,
+        )
     return out
 
 
@@ -125,8 +152,9 @@ def test_the_recorded_batchnorm_statistics_are_those_torch_normalised_with(bn):
         for layer, (mean, unbiased_var) in by_torch.items():
             pixels = len(group) * {"features.1": 16 * 16, "features.4": 8 * 8, "features.7": 4 * 4}[layer]
             torch.testing.assert_close(statistics[f"{layer}.mean"][0, g], mean, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(statistics[f"{layer}.var"][0, g], unbiased_var * (pixels - 1) / pixels,
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                statistics[f"{layer}.var"][0, g], unbiased_var * (pixels - 1) / pixels, rtol=1e-4, atol=1e-5
+            )
     # eval mode normalises with the running statistics, and those are what it records
     with torch.no_grad():
         model.train()(3 + 2 * images)  # running statistics other than the initial 0 and 1
@@ -158,7 +186,7 @@ def test_per_sample_dp_clips_each_sample_and_reports_epsilon():
     m = convnet().eval()
     expected = None
     for i in range(4):
-        g = by_hand(m, images[i:i + 1], labels[i:i + 1])
+        g = by_hand(m, images[i : i + 1], labels[i : i + 1])
         norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
         scaled = {n: t * min(1.0, 0.5 / (norm + 1e-6)) / 4 for n, t in g.items()}
         expected = scaled if expected is None else {n: expected[n] + scaled[n] for n in scaled}
@@ -173,8 +201,13 @@ def test_per_sample_dp_clips_each_sample_and_reports_epsilon():
 def test_per_sample_dp_through_train_mode_batchnorm_is_refused():
     model, (images, labels) = convnet(), batch(n=4)
     with pytest.raises(PipelineError, match="per-sample DP cannot run through train-mode BatchNorm"):
-        simulate_client(model, images, labels,
-                        client(batch_size=4, dp={"kind": "per-sample", "clip": 1, "sigma": 1, "delta": 1e-5}), seed=0)
+        simulate_client(
+            model,
+            images,
+            labels,
+            client(batch_size=4, dp={"kind": "per-sample", "clip": 1, "sigma": 1, "delta": 1e-5}),
+            seed=0,
+        )
 
 
 def test_original_batch_clipping_clips_each_step_then_adds_noise_once():
@@ -196,12 +229,17 @@ def test_gh_is_zero_for_the_plain_client_and_grows_with_each_defense():
     modelled = simulate_client(model, images, labels, plain(c), seed=0).gradients
 
     def gh(**changes):
-        return gradient_heterogeneity(simulate_client(model, images, labels, client(**changes), seed=0).gradients, modelled)
+        return gradient_heterogeneity(
+            simulate_client(model, images, labels, client(**changes), seed=0).gradients, modelled
+        )
 
     assert gh() == pytest.approx(0, abs=1e-12)
     assert gh(participants=2, bn="sync") == pytest.approx(0, abs=1e-6)
-    for changes in ({"participants": 2, "bn": "async"}, {"local_steps": 2, "lr": 0.5},
-                    {"dp": {"kind": "batch", "clip": 1.0, "sigma": 0.05, "delta": None}}):
+    for changes in (
+        {"participants": 2, "bn": "async"},
+        {"local_steps": 2, "lr": 0.5},
+        {"dp": {"kind": "batch", "clip": 1.0, "sigma": 0.05, "delta": None}},
+    ):
         assert gh(**changes) > 1e-3, changes
     assert gh(participants=4, bn="async") > gh(participants=2, bn="async")  # smaller shards, further apart
 
@@ -232,7 +270,9 @@ def test_label_repetition_trials_hold_k_classes_of_true_images_and_never_share_o
         assert sorted(counts[counts > 0].tolist()) == [4, 4]  # exactly two classes of four true images
         assert repetition_rate(chosen) == pytest.approx(1 - 2 / 8)
     assert len(set(torch.cat(batches).tolist())) == 24  # three disjoint batches
-    assert all(torch.equal(a, b) for a, b in zip(batches, choose_batches(pool_labels, 8, 3, seed=4, label_repetition=2)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(batches, choose_batches(pool_labels, 8, 3, seed=4, label_repetition=2))
+    )
     with pytest.raises(PipelineError, match="finds only .* classes with 40 unused victims left"):
         choose_batches(pool_labels, 80, 1, seed=4, label_repetition=2)
 
@@ -245,9 +285,13 @@ def test_step_parts_cover_the_batch_once_in_contiguous_shards():
 
 def test_a_batch_of_79_works_alone_and_is_refused_over_two_participants():
     model, (images, labels) = convnet(), batch(n=79)
-    assert_same(simulate_client(model, images, labels, client(batch_size=79), seed=0).gradients,
-                by_hand(convnet().train(), images, labels))
-    with pytest.raises(PipelineError, match="settings.gh: batch_size 79 does not split into 2 equal participant shards"):
+    assert_same(
+        simulate_client(model, images, labels, client(batch_size=79), seed=0).gradients,
+        by_hand(convnet().train(), images, labels),
+    )
+    with pytest.raises(
+        PipelineError, match="settings.gh: batch_size 79 does not split into 2 equal participant shards"
+    ):
         make_params(client__batch_size=79)
     with pytest.raises(ValueError, match="a shard of 3 images does not split into 2 equal local steps"):
         client(batch_size=6, participants=2, local_steps=2)
@@ -275,6 +319,7 @@ def test_trials_are_disjoint_seeded_batches_and_the_pool_bounds_them():
     assert len(set(torch.cat(batches).tolist())) == 40  # five disjoint batches use the whole pool
     assert all(torch.equal(a, b) for a, b in zip(batches, choose_batches(labels, 8, 5, seed=3)))
     assert torch.equal(batches[1], choose_batches(labels, 8, 2, seed=3)[1])  # more trials keep the first ones
-    with pytest.raises(PipelineError, match="extract.trials 6 x batch_size 8 needs 48 distinct victims, but the pool "
-                                            "holds 40"):
+    with pytest.raises(
+        PipelineError, match="extract.trials 6 x batch_size 8 needs 48 distinct victims, but the pool holds 40"
+    ):
         choose_batches(labels, 8, 6, seed=3)

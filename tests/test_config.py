@@ -18,39 +18,130 @@ def test_project_params_validate():
     "key, value, message",
     [
         ("train.optimizer", "adam", "params.yaml: unknown key 'train.optimizer'"),
-        ("schemes.gh.norm", "batch", "params.yaml: schemes.gh.norm: Input should be 'batch-sync', 'batch-async' or 'group' (got 'batch')"),
-        ("schemes.dp-sgd.norm", "batch-sync", "params.yaml: schemes.dp-sgd: per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)"),
-        ("schemes.dp-sgd.dp.sigma", -1.0, "params.yaml: schemes.dp-sgd.dp.sigma: Input should be greater than or equal to 0 (got -1.0)"),
-        ("schemes.clip-noise.dp.delta", 1e-5, "params.yaml: schemes.clip-noise.dp: batch clipping has no delta and no per_sample: it gives no guarantee to account"),
-        ("schemes.gh.batch_multiplier", 0, "params.yaml: schemes.gh.batch_multiplier: Input should be greater than or equal to 1 (got 0)"),
-        ("train.batch_size", 63, "params.yaml: schemes.pure: the global batch 63 does not split evenly over 2 processes"),
-        ("model.arch", "vgg11", "params.yaml: schemes.ra.maxpool_kernel: vgg11 has no stem maxpool to enlarge (resnet18 and convnet have)"),
+        (
+            "schemes.gh.norm",
+            "batch",
+            "params.yaml: schemes.gh.norm: Input should be 'batch-sync', 'batch-async' or 'group' (got 'batch')",
+        ),
+        (
+            "schemes.dp-sgd.norm",
+            "batch-sync",
+            "params.yaml: schemes.dp-sgd: per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)",
+        ),
+        (
+            "schemes.dp-sgd.dp.sigma",
+            -1.0,
+            "params.yaml: schemes.dp-sgd.dp.sigma: Input should be greater than or equal to 0 (got -1.0)",
+        ),
+        (
+            "schemes.clip-noise.dp.delta",
+            1e-5,
+            "params.yaml: schemes.clip-noise.dp: batch clipping has no delta and no per_sample: it gives no guarantee to account",
+        ),
+        (
+            "schemes.gh.batch_multiplier",
+            0,
+            "params.yaml: schemes.gh.batch_multiplier: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "train.batch_size",
+            63,
+            "params.yaml: schemes.pure: the global batch 63 does not split evenly over 2 processes",
+        ),
+        (
+            "model.arch",
+            "vgg11",
+            "params.yaml: schemes.ra.maxpool_kernel: vgg11 has no stem maxpool to enlarge (resnet18 and convnet have)",
+        ),
         ("attack.lr", -0.1, "params.yaml: attack.lr: Input should be greater than 0 (got -0.1)"),
         ("client.batch_size", 0, "params.yaml: client.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("client.mode", "both", "params.yaml: client.mode: Input should be 'train' or 'eval' (got 'both')"),
         ("client.label_repetition", 3, "params.yaml: client: batch_size 4 does not split into 3 classes of equal size"),
-        ("settings.async-bn.participants", 3, "params.yaml: settings.async-bn: batch_size 4 does not split into 3 equal participant shards"),
-        ("settings.local-steps.local_steps", 0, "params.yaml: settings.local-steps.local_steps: Input should be greater than or equal to 1 (got 0)"),
-        ("settings.client-dp.dp.sigma", -1.0, "params.yaml: settings.client-dp.dp.sigma: Input should be greater than or equal to 0 (got -1.0)"),
-        ("settings.client-dp.mode", "train", "params.yaml: settings.client-dp: per-sample DP cannot run through train-mode BatchNorm, which ties the samples together (use mode: eval or a scheme with norm: group)"),
-        ("settings.pure.scheme", "gradient", "params.yaml: settings.pure.scheme: 'gradient' is not a scheme; params.yaml defines pure, ra, dp-sgd, clip-noise, gh"),
-        ("settings.pure.participant", 2, "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client, and of attack under attack:)"),
-        ("settings.label-repeat.attack.labels", "guess", "params.yaml: settings.label-repeat.attack.labels: Input should be 'known', 'llg', 'llg-original', 'idlg' or 'counts' (got 'guess')"),
-        ("settings.label-repeat.attack.iteration", 5, "params.yaml: settings.label-repeat.attack: unknown key 'iteration' (it changes keys of attack)"),
-        ("settings.pure.attack", {"labels": "idlg"}, "params.yaml: settings.pure.attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
-        ("model.arch", "vgg99", "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')"),
-        ("attack.bn_statistics", "exact", "params.yaml: attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true"),
+        (
+            "settings.async-bn.participants",
+            3,
+            "params.yaml: settings.async-bn: batch_size 4 does not split into 3 equal participant shards",
+        ),
+        (
+            "settings.local-steps.local_steps",
+            0,
+            "params.yaml: settings.local-steps.local_steps: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            "settings.client-dp.dp.sigma",
+            -1.0,
+            "params.yaml: settings.client-dp.dp.sigma: Input should be greater than or equal to 0 (got -1.0)",
+        ),
+        (
+            "settings.client-dp.mode",
+            "train",
+            "params.yaml: settings.client-dp: per-sample DP cannot run through train-mode BatchNorm, which ties the samples together (use mode: eval or a scheme with norm: group)",
+        ),
+        (
+            "settings.pure.scheme",
+            "gradient",
+            "params.yaml: settings.pure.scheme: 'gradient' is not a scheme; params.yaml defines pure, ra, dp-sgd, clip-noise, gh",
+        ),
+        (
+            "settings.pure.participant",
+            2,
+            "params.yaml: settings.pure: unknown key 'participant' (a setting changes keys of client, and of attack under attack:)",
+        ),
+        (
+            "settings.label-repeat.attack.labels",
+            "guess",
+            "params.yaml: settings.label-repeat.attack.labels: Input should be 'known', 'llg', 'llg-original', 'idlg' or 'counts' (got 'guess')",
+        ),
+        (
+            "settings.label-repeat.attack.iteration",
+            5,
+            "params.yaml: settings.label-repeat.attack: unknown key 'iteration' (it changes keys of attack)",
+        ),
+        (
+            "settings.pure.attack",
+            {"labels": "idlg"},
+            "params.yaml: settings.pure.attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)",
+        ),
+        (
+            "model.arch",
+            "vgg99",
+            "params.yaml: model.arch: Input should be 'resnet18', 'vgg11' or 'convnet' (got 'vgg99')",
+        ),
+        (
+            "attack.bn_statistics",
+            "exact",
+            "params.yaml: attack.bn_statistics: 'exact' needs extract.reveal_bn_statistics: true",
+        ),
         ("attack.iterations", 0, "params.yaml: attack.iterations: Input should be greater than or equal to 1 (got 0)"),
-        ("attack.combine", "mlco", "params.yaml: attack.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has 1)"),
-        ("data.source", "mnist", "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')"),
-        ("extract.epochs", [0, 99], "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)"),
+        (
+            "attack.combine",
+            "mlco",
+            "params.yaml: attack.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has 1)",
+        ),
+        (
+            "data.source",
+            "mnist",
+            "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')",
+        ),
+        (
+            "extract.epochs",
+            [0, 99],
+            "params.yaml: extract.epochs: checkpoint epoch 99 is past the last one trained (train.epochs is 3)",
+        ),
         ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
         ("extract.trials", 0, "params.yaml: extract.trials: Input should be greater than or equal to 1 (got 0)"),
-        ("report.baseline", "plain", "params.yaml: report.baseline: 'plain' is not a setting, so nothing can be paired "
-         "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat "
-         "(null: a table without paired columns)"),
-        ("report.baseline", "label-repeat", "params.yaml: report.baseline: 'label-repeat' repeats labels, so its batches "
-         "pair with no other setting's"),
+        (
+            "report.baseline",
+            "plain",
+            "params.yaml: report.baseline: 'plain' is not a setting, so nothing can be paired "
+            "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat "
+            "(null: a table without paired columns)",
+        ),
+        (
+            "report.baseline",
+            "label-repeat",
+            "params.yaml: report.baseline: 'label-repeat' repeats labels, so its batches pair with no other setting's",
+        ),
     ],
 )
 def test_bad_value_gives_one_line_naming_the_key(key, value, message):
@@ -65,26 +156,35 @@ def test_bad_value_gives_one_line_naming_the_key(key, value, message):
 def test_the_compiled_attack_refuses_what_it_cannot_compute():
     raw = copy.deepcopy(RAW_PARAMS)
     set_dotted(raw, "attack.compile", True)
-    with pytest.raises(PipelineError, match="^params.yaml: settings.buffers.attack.compile: the compiled step takes "
-                                            "neither bn_prior nor split: batch$"):
+    with pytest.raises(
+        PipelineError,
+        match="^params.yaml: settings.buffers.attack.compile: the compiled step takes "
+        "neither bn_prior nor split: batch$",
+    ):
         parse_params(raw)  # the setting's own prior
     set_dotted(raw, "settings.buffers.attack.compile", False)
     assert parse_params(raw).attack.compile
     set_dotted(raw, "attack.bn_prior", 0.1)
-    with pytest.raises(PipelineError, match="^params.yaml: attack.compile: the compiled step takes neither bn_prior "
-                                            "nor split: batch$"):
+    with pytest.raises(
+        PipelineError, match="^params.yaml: attack.compile: the compiled step takes neither bn_prior nor split: batch$"
+    ):
         parse_params(raw)
 
 
 def test_unknown_scheme_name():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(PipelineError, match=r"^unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh$"):
+    with pytest.raises(
+        PipelineError, match=r"^unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh$"
+    ):
         params.scheme("gradient")
 
 
 def test_unknown_setting_name():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(PipelineError, match=r"^unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, "):
+    with pytest.raises(
+        PipelineError,
+        match=r"^unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, ",
+    ):
         params.setting("sync")
 
 

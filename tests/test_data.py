@@ -56,21 +56,31 @@ def _image_folder(root, classes=("cat", "dog"), per_class=5, mode="RGB", size=(4
 
 def test_image_folder_prepare(tmp_path):
     _image_folder(tmp_path / "imgs")
-    params = make_params(data__source="imagefolder", data__root=str(tmp_path / "imgs"), data__image_size=16,
-                         data__test_fraction=0.2, data__victims_per_class=2, data__train_size=None, data__test_size=None)
+    params = make_params(
+        data__source="imagefolder",
+        data__root=str(tmp_path / "imgs"),
+        data__image_size=16,
+        data__test_fraction=0.2,
+        data__victims_per_class=2,
+        data__train_size=None,
+        data__test_size=None,
+    )
     data = prepare(params.data, seed=0)
     assert data.classes == ["cat", "dog"]
     assert data.train.images.shape == (8, 3, 16, 16) and data.test.images.shape == (2, 3, 16, 16)
     assert len(data.mean) == 3
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "image folder not found"),
-    ("no-classes", "no class sub-folders"),
-    ("empty-class", "dog: class folder holds no images"),
-    ("corrupt", "bad.png: unreadable image"),
-    ("mixed", "mixed channel counts"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "image folder not found"),
+        ("no-classes", "no class sub-folders"),
+        ("empty-class", "dog: class folder holds no images"),
+        ("corrupt", "bad.png: unreadable image"),
+        ("mixed", "mixed channel counts"),
+    ],
+)
 def test_image_folder_errors(tmp_path, case, message):
     root = tmp_path / "imgs"
     if case == "no-classes":

@@ -6,7 +6,12 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.dp import (
-    PoissonBatches, batch_clip_noise_gradient, clip_and_sum, dp_gradient, epsilon, per_sample_gradients,
+    PoissonBatches,
+    batch_clip_noise_gradient,
+    clip_and_sum,
+    dp_gradient,
+    epsilon,
+    per_sample_gradients,
 )
 from pipeline.nets import build_model
 
@@ -41,8 +46,15 @@ def test_clipped_per_sample_gradients_match_a_per_sample_loop(method):
 
 def test_without_noise_and_with_a_huge_clip_dp_sgd_is_plain_sgd():
     model, images, labels = _model_and_batch()
-    grads = dp_gradient(model, images, labels, clip=1e9, sigma=0.0, expected_batch=len(labels),
-                        generator=torch.Generator().manual_seed(0))
+    grads = dp_gradient(
+        model,
+        images,
+        labels,
+        clip=1e9,
+        sigma=0.0,
+        expected_batch=len(labels),
+        generator=torch.Generator().manual_seed(0),
+    )
     plain = torch.autograd.grad(F.cross_entropy(model(images), labels), list(model.parameters()))
     for (name, got), want in zip(grads.items(), plain):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)

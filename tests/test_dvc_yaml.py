@@ -31,8 +31,14 @@ def test_every_stage_depends_on_each_source_file_it_runs_and_on_no_other():
 def test_the_import_closure_follows_lazy_imports_and_packages():
     files = {path.as_posix() for path in source_files("stages.attack")}
     # jobs imports the attack's modules; the metrics module arrives through invert (MLCO's pairing)
-    assert {"pipeline/attack/__init__.py", "pipeline/attack/jobs.py", "pipeline/attack/invert.py",
-            "pipeline/metrics.py", "stages/__init__.py", "stages/_common.py"} <= files
+    assert {
+        "pipeline/attack/__init__.py",
+        "pipeline/attack/jobs.py",
+        "pipeline/attack/invert.py",
+        "pipeline/metrics.py",
+        "stages/__init__.py",
+        "stages/_common.py",
+    } <= files
     assert "pipeline/train.py" not in files and "stages/extract.py" not in files
 
 
@@ -65,19 +71,38 @@ def _params_reads(module: str) -> set[str]:
     for path in source_files(module):
         tree = ast.parse((REPO / path).read_text())
         scopes = [(tree, {"p", "params"})] if path.as_posix() == source_module_file(module) else []
-        scopes += [(fn, {a.arg for a in fn.args.args if a.annotation is not None and "Params" == getattr(
-            a.annotation, "id", getattr(a.annotation, "value", None))})
-            for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)]
+        scopes += [
+            (
+                fn,
+                {
+                    a.arg
+                    for a in fn.args.args
+                    if a.annotation is not None
+                    and "Params" == getattr(a.annotation, "id", getattr(a.annotation, "value", None))
+                },
+            )
+            for fn in ast.walk(tree)
+            if isinstance(fn, ast.FunctionDef)
+        ]
         for scope, names in scopes:
+
             def is_params(node) -> bool:
                 return (isinstance(node, ast.Name) and node.id in names) or (
-                    isinstance(node, ast.Attribute) and node.attr == "params" and getattr(node.value, "id", "") == "stage"
-                    and bool(names))
+                    isinstance(node, ast.Attribute)
+                    and node.attr == "params"
+                    and getattr(node.value, "id", "") == "stage"
+                    and bool(names)
+                )
+
             for node in ast.walk(scope):
                 if isinstance(node, ast.Attribute) and is_params(node.value) and node.attr in sections:
                     found.add(node.attr)
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_params(node.func.value) \
-                        and node.func.attr in METHODS:
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and is_params(node.func.value)
+                    and node.func.attr in METHODS
+                ):
                     arg = node.args[0]
                     own = arg.id if isinstance(arg, ast.Name) else getattr(arg, "attr", None)
                     for read in METHODS[node.func.attr]:
@@ -94,8 +119,10 @@ def test_each_stage_declares_exactly_the_params_it_reads_and_logs_them():
     for name in STAGES:
         module, _ = _stage(name)
         body = STAGES[name].get("do", STAGES[name])
-        in_dvc = {p.replace("${key}", "{setting}" if "{setting}" in str(_declared_reads(module)) else "{scheme}")
-                  for p in body.get("params", [])}
+        in_dvc = {
+            p.replace("${key}", "{setting}" if "{setting}" in str(_declared_reads(module)) else "{scheme}")
+            for p in body.get("params", [])
+        }
         logged = set(_declared_reads(module))
         assert in_dvc == logged, f"stage {name}: dvc.yaml declares params {sorted(in_dvc)}, it logs {sorted(logged)}"
         reads = _params_reads(module)

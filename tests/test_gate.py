@@ -32,15 +32,27 @@ def test_lock_differences_name_the_changed_output():
 def test_metric_differences_respect_the_tolerance():
     import pandas as pd
 
-    reference = {"tolerance": {"psnr": 0.5, "label_accuracy": 0.0},
-                 "tolerance_trained": {"psnr": 4.0, "label_accuracy": 0.0},
-                 "rows": [{"scheme": "pure", "epoch": 0, "psnr": 20.0, "label_accuracy": 1.0},
-                          {"scheme": "pure", "epoch": 2, "psnr": 12.0, "label_accuracy": 1.0}]}
-    close = pd.DataFrame([{"scheme": "pure", "epoch": 0, "psnr": 20.4, "label_accuracy": 1.0},
-                          {"scheme": "pure", "epoch": 2, "psnr": 15.0, "label_accuracy": 1.0}])
-    far = pd.DataFrame([{"scheme": "pure", "epoch": 0, "psnr": 19.0, "label_accuracy": 1.0},
-                        {"scheme": "pure", "epoch": 2, "psnr": 17.0, "label_accuracy": 0.75},
-                        {"scheme": "pure", "epoch": 3, "psnr": 19.0, "label_accuracy": 1.0}])
+    reference = {
+        "tolerance": {"psnr": 0.5, "label_accuracy": 0.0},
+        "tolerance_trained": {"psnr": 4.0, "label_accuracy": 0.0},
+        "rows": [
+            {"scheme": "pure", "epoch": 0, "psnr": 20.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "epoch": 2, "psnr": 12.0, "label_accuracy": 1.0},
+        ],
+    }
+    close = pd.DataFrame(
+        [
+            {"scheme": "pure", "epoch": 0, "psnr": 20.4, "label_accuracy": 1.0},
+            {"scheme": "pure", "epoch": 2, "psnr": 15.0, "label_accuracy": 1.0},
+        ]
+    )
+    far = pd.DataFrame(
+        [
+            {"scheme": "pure", "epoch": 0, "psnr": 19.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "epoch": 2, "psnr": 17.0, "label_accuracy": 0.75},
+            {"scheme": "pure", "epoch": 3, "psnr": 19.0, "label_accuracy": 1.0},
+        ]
+    )
     assert metric_differences(close, reference) == []
     assert metric_differences(far, reference) == [
         "row scheme=pure, epoch=0: psnr 19.0000 vs reference 20.0000 (tolerance 0.5)",
@@ -50,7 +62,7 @@ def test_metric_differences_respect_the_tolerance():
     ]
 
 
-UNSEEDED_NOISE = '''
+UNSEEDED_NOISE = """
 import os as _os
 
 
@@ -67,7 +79,7 @@ def client_upload(*args, **kwargs):
     update = _seeded_client_upload(*args, **kwargs)
     update.gradients = _unseeded(update.gradients)
     return update
-'''
+"""
 
 
 @pytest.mark.slow
@@ -78,9 +90,15 @@ def test_gate_fails_on_an_unseeded_noise_draw(tmp_path, fashion_root):
         f.write(UNSEEDED_NOISE)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     sh(git + ["commit", "-qam", "unseeded noise in the client upload"], source, env)
-    done = subprocess.run([sys.executable, "-m", "tools.repro_gate", "--source", str(source), "--target", "extract@pure"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.repro_gate", "--source", str(source), "--target", "extract@pure"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stdout.strip().splitlines()[-1:] == ["repro_gate: FAIL: stage extract@pure: out uploads/pure changed"], \
-        done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1:] == [
+        "repro_gate: FAIL: stage extract@pure: out uploads/pure changed"
+    ], done.stdout + done.stderr
     assert "PASS" not in done.stdout

@@ -21,10 +21,25 @@ pytestmark = pytest.mark.slow
 
 SCHEMES = ("pure", "ra", "dp-sgd", "clip-noise", "gh")
 SETTINGS = (*SCHEMES, "async-bn", "local-steps", "client-dp", "buffers", "label-repeat")
-STAGES = {"prepare", "evaluate", "report", *(f"train@{k}" for k in SCHEMES),
-          *(f"{s}@{k}" for s in ("extract", "attack") for k in SETTINGS)}
-PROJECT_FILES = ["pipeline", "stages", "tools", "profiles", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore",
-                 ".gitignore", "pyproject.toml"]
+STAGES = {
+    "prepare",
+    "evaluate",
+    "report",
+    *(f"train@{k}" for k in SCHEMES),
+    *(f"{s}@{k}" for s in ("extract", "attack") for k in SETTINGS),
+}
+PROJECT_FILES = [
+    "pipeline",
+    "stages",
+    "tools",
+    "profiles",
+    "params.yaml",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
 
 
 def sh(args, cwd, env, check=True):
@@ -92,10 +107,14 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     first = "epoch-000-trial-00"
     assert client["label-repeat"]["uploads"][first]["repetition_rate"] == 0.5
     assert client["client-dp"]["uploads"][first]["epsilon"] > 0
+
     # the pairing: trial t holds the same victims in every setting that draws its batch the same way,
     # other victims in every other trial, and a repeated-label batch of its own
     def victims(setting, epoch, trial):
-        return json.loads((root / f"truth/{setting}/epoch-00{epoch}-trial-0{trial}.json").read_text())["victim_positions"]
+        return json.loads((root / f"truth/{setting}/epoch-00{epoch}-trial-0{trial}.json").read_text())[
+            "victim_positions"
+        ]
+
     for trial in (0, 1):
         assert all(victims(k, e, trial) == victims("pure", 0, trial) for k in SETTINGS[:-1] for e in (0, 2))
     assert not set(victims("pure", 0, 0)) & set(victims("pure", 0, 1))
@@ -148,11 +167,17 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
         return {Path(a.path).name for a in client.list_artifacts(by_stage[stage], folder)}
 
     for scheme in SCHEMES:
-        assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(f"train@{scheme}", "checkpoints")
+        assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(
+            f"train@{scheme}", "checkpoints"
+        )
         assert "resume.ckpt" not in files(f"train@{scheme}", "checkpoints")
     for setting in SETTINGS:
-        assert {"epoch-000-trial-01.safetensors", "epoch-002-trial-00.safetensors"} <= files(f"extract@{setting}", "uploads")
-        assert {"epoch-000-trial-00.png", "epoch-000-trial-01.safetensors"} <= files(f"attack@{setting}", "reconstructions")
+        assert {"epoch-000-trial-01.safetensors", "epoch-002-trial-00.safetensors"} <= files(
+            f"extract@{setting}", "uploads"
+        )
+        assert {"epoch-000-trial-00.png", "epoch-000-trial-01.safetensors"} <= files(
+            f"attack@{setting}", "reconstructions"
+        )
     extract = runs[runs["tags.dvc.stage"] == "extract@local-steps"].iloc[0]
     assert extract["params.client.local_steps"] == "2" and extract["metrics.gh"] > 0
     assert extract["tags.scheme"] == "pure" and extract["tags.setting"] == "local-steps"
@@ -164,7 +189,9 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
     assert evaluate["metrics.psnr.pure"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
-    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png", "gir_vs_psnr.png"} <= files("report", "plots")
+    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png", "gir_vs_psnr.png"} <= files(
+        "report", "plots"
+    )
     attack = client.get_metric_history(by_stage["attack@pure"], "iterations_run")
     assert sorted((m.step, m.value) for m in attack) == [(0, 100), (2, 100)]  # the mean over the trials
     assert {m.step for m in client.get_metric_history(by_stage["attack@pure"], "unconverged")} == {0, 2}
@@ -185,7 +212,9 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     shown = sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], root, env).stdout
     summary = json.loads(shown)[""]["data"]["reports/summary.json"]["data"]
     assert set(summary) == set(SETTINGS) and summary["pure"]["accuracy_cost"] == 0
-    assert summary["ra"]["accuracy_cost"] == pytest.approx(summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"])
+    assert summary["ra"]["accuracy_cost"] == pytest.approx(
+        summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"]
+    )
     assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["n"] == 8  # 2 trials x 4 images
     assert summary["label-repeat"]["verdict"].startswith("not paired with pure")
     assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "p = " in summary["async-bn"]["verdict"]
@@ -203,7 +232,8 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     for setting in SETTINGS:
         assert (root / "reports/figures" / f"{setting}.png").is_file()
         assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {
-            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1)}
+            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1)
+        }
 
 
 def test_mlflow_server_lists_the_settings_side_by_side(project):
@@ -219,18 +249,36 @@ def test_mlflow_server_lists_the_settings_side_by_side(project):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        body = json.dumps({"experiment_ids": [experiment], "filter": "tags.`pipeline.role` = 'results'",
-                           "max_results": 100}).encode()
+        body = json.dumps(
+            {"experiment_ids": [experiment], "filter": "tags.`pipeline.role` = 'results'", "max_results": 100}
+        ).encode()
         deadline = time.time() + 120
         while True:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", body,
-                                                 {"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", body, {"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(request, timeout=10) as answer:
                     found = json.loads(answer.read())["runs"]
                 break
@@ -249,7 +297,9 @@ def test_mlflow_server_lists_the_settings_side_by_side(project):
     table = pd.read_csv(root / "reports/results.csv")
     for setting, metrics in latest.items():  # the last logged value: the last attacked epoch
         row = table[(table.setting == setting) & (table.epoch == 2)].iloc[0]
-        assert metrics["psnr"] == pytest.approx(row.psnr) and metrics["test_accuracy"] == pytest.approx(row.test_accuracy)
+        assert metrics["psnr"] == pytest.approx(row.psnr) and metrics["test_accuracy"] == pytest.approx(
+            row.test_accuracy
+        )
 
 
 def test_second_repro_runs_nothing(project):
@@ -265,8 +315,21 @@ def test_the_attack_stage_under_torchrun_writes_the_bytes_of_its_forked_run(proj
     root, env, *_ = project
     folder = root / "attacks" / "pure"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    done = sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.attack", "pure"], root, env)
+    done = sh(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "stages.attack",
+            "pure",
+        ],
+        root,
+        env,
+    )
     assert "on 2 process(es) started by torchrun" in done.stdout, done.stdout
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not (root / "attacks" / ".pure.partial").exists()

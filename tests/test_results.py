@@ -8,8 +8,20 @@ import pytest
 from scipy import stats
 
 from pipeline.errors import PipelineError
-from pipeline.results import (SHARED, Evidence, add_classic, add_differences, mean_interval, paired, results_table,
-                              shown_summary, summary_of, table_differences, verdict_at, wilcoxon_p)
+from pipeline.results import (
+    SHARED,
+    Evidence,
+    add_classic,
+    add_differences,
+    mean_interval,
+    paired,
+    results_table,
+    shown_summary,
+    summary_of,
+    table_differences,
+    verdict_at,
+    wilcoxon_p,
+)
 
 EVIDENCE = Evidence(confidence=0.95, resamples=2000, alpha=0.05, seed=7)
 
@@ -17,8 +29,9 @@ EVIDENCE = Evidence(confidence=0.95, resamples=2000, alpha=0.05, seed=7)
 def test_the_interval_is_scipys_bootstrap_and_near_the_normal_one_on_a_large_sample():
     x = np.random.default_rng(0).normal(20, 4, size=400)
     ours = mean_interval(x, EVIDENCE)
-    theirs = stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=2000, method="BCa",
-                             rng=np.random.default_rng(7)).confidence_interval
+    theirs = stats.bootstrap(
+        (x,), np.mean, confidence_level=0.95, n_resamples=2000, method="BCa", rng=np.random.default_rng(7)
+    ).confidence_interval
     assert ours == (theirs.low, theirs.high)
     half = 1.959964 * x.std(ddof=1) / np.sqrt(len(x))  # the reference: mean +- z * s / sqrt(n)
     assert ours[0] == pytest.approx(x.mean() - half, abs=0.1 * half)
@@ -43,10 +56,22 @@ def _per_image(shift: dict[str, float], victims_of=lambda setting, trial, image:
             noise = rng.normal(0, 0.5, size=(4, 4))
             for t in range(4):
                 for i in range(4):
-                    rows.append({"setting": setting, "upload": f"epoch-{epoch:03d}-trial-{t:02d}", "epoch": epoch,
-                                 "trial": t, "image": i, "victim": victims_of(setting, t, i), "gir": 25.0,
-                                 "psnr": base[t, i] + (delta if epoch == 0 else 0) + noise[t, i], "ssim": 0.5,
-                                 "mse": 0.01, "lpips": np.nan, "converged": True})
+                    rows.append(
+                        {
+                            "setting": setting,
+                            "upload": f"epoch-{epoch:03d}-trial-{t:02d}",
+                            "epoch": epoch,
+                            "trial": t,
+                            "image": i,
+                            "victim": victims_of(setting, t, i),
+                            "gir": 25.0,
+                            "psnr": base[t, i] + (delta if epoch == 0 else 0) + noise[t, i],
+                            "ssim": 0.5,
+                            "mse": 0.01,
+                            "lpips": np.nan,
+                            "converged": True,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -69,7 +94,9 @@ def test_cells_pair_the_same_images_and_the_verdict_reads_interval_and_p():
     assert table.loc[("pure", 0), "n"] == 16 and table.loc[("pure", 0), "trials"] == 4
     cell = per_image[(per_image.setting == "defended") & (per_image.epoch == 0)].psnr
     assert table.loc[("defended", 0), "psnr"] == pytest.approx(cell.mean())
-    assert (table.loc[("defended", 0), "psnr_low"], table.loc[("defended", 0), "psnr_high"]) == mean_interval(cell, EVIDENCE)
+    assert (table.loc[("defended", 0), "psnr_low"], table.loc[("defended", 0), "psnr_high"]) == mean_interval(
+        cell, EVIDENCE
+    )
     both = paired(per_image, "defended", "pure", 0)
     assert table.loc[("defended", 0), "p_value"] == stats.wilcoxon(both.psnr - both.psnr_baseline).pvalue
     assert table.loc[("defended", 0), "psnr_diff"] == pytest.approx(-6.0, abs=0.5)
@@ -94,7 +121,9 @@ def test_without_a_baseline_the_table_has_no_paired_numbers_and_says_so():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "same": 0.0})
     table = _table(per_image, _uploads(per_image), baseline=None)
     assert table.psnr_diff.isna().all() and table.p_value.isna().all()
-    summary = summary_of(table, pd.DataFrame({"scheme": ["pure"], "epoch": [3], "test_accuracy": [0.9]}), EVIDENCE, None)
+    summary = summary_of(
+        table, pd.DataFrame({"scheme": ["pure"], "epoch": [3], "test_accuracy": [0.9]}), EVIDENCE, None
+    )
     assert set(summary.verdict) == {"no baseline (report.baseline: null): compare the intervals"}
 
 
@@ -114,7 +143,9 @@ def test_table_differences_find_a_changed_value_and_ignore_row_order_and_extra_c
     theirs = ours.sample(frac=1, random_state=0).assign(attack_seconds=1.0)
     assert table_differences(ours, theirs) == []
     theirs.loc[(theirs.setting == "same") & (theirs.epoch == 0), "psnr"] += 0.5
-    assert len(table_differences(ours, theirs)) == 1 and table_differences(ours, theirs)[0].startswith("same epoch 0: psnr")
+    assert len(table_differences(ours, theirs)) == 1 and table_differences(ours, theirs)[0].startswith(
+        "same epoch 0: psnr"
+    )
     assert table_differences(ours, theirs[theirs.epoch == 0])[0].startswith("rows differ")
     assert {"iterations_run", "unconverged"} <= set(SHARED)
 
@@ -129,8 +160,10 @@ def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_
     mine = classic[classic.epoch == 0].psnr
     assert cells.loc[("defended", 0), "classic_separate"]
     assert cells.loc[("defended", 0), "classic_psnr"] == pytest.approx(mine.mean())
-    assert (cells.loc[("defended", 0), "classic_psnr_low"], cells.loc[("defended", 0), "classic_psnr_high"]) == \
-        mean_interval(mine, EVIDENCE)
+    assert (
+        cells.loc[("defended", 0), "classic_psnr_low"],
+        cells.loc[("defended", 0), "classic_psnr_high"],
+    ) == mean_interval(mine, EVIDENCE)
     assert not cells.loc[("pure", 0), "classic_separate"]
     assert cells.loc[("pure", 0), "classic_psnr"] == cells.loc[("pure", 0), "psnr"]
     training = pd.DataFrame({"scheme": ["pure", "defended"], "epoch": 3, "test_accuracy": [0.9, 0.9]})

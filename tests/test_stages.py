@@ -13,8 +13,9 @@ from tests.conftest import RAW_PARAMS, REPO
 def run_stage(stage: str, cwd: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _assert_one_line_failure(done: subprocess.CompletedProcess, expected: str) -> None:
@@ -69,35 +70,50 @@ def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(
     for path in (made, made.with_suffix(".json")):
         path.rename(tmp_path / "uploads" / "pure" / path.name)
     params = copy.deepcopy(RAW_PARAMS)
-    params["settings"]["pure"] = {"scheme": "pure", "upload_buffers": True,
-                                  "attack": {"bn_prior": 0.01, "bn_statistics": "from-buffers"}}
+    params["settings"]["pure"] = {
+        "scheme": "pure",
+        "upload_buffers": True,
+        "attack": {"bn_prior": 0.01, "bn_statistics": "from-buffers"},
+    }
     done = run_stage("attack", tmp_path, params, "pure")
-    _assert_one_line_failure(done, "epoch-000-trial-00.safetensors: attack.bn_statistics 'from-buffers', but the "
-                                   "upload carries no BatchNorm buffers")
+    _assert_one_line_failure(
+        done,
+        "epoch-000-trial-00.safetensors: attack.bn_statistics 'from-buffers', but the "
+        "upload carries no BatchNorm buffers",
+    )
     assert not (tmp_path / "attacks" / "pure").exists()
 
 
 def test_scheme_stages_need_a_known_scheme(tmp_path):
-    _assert_one_line_failure(run_stage("train", tmp_path, RAW_PARAMS),
-                             "train: error: usage: python -m stages.train <scheme> (one of pure, ra, dp-sgd, clip-noise, gh)")
-    _assert_one_line_failure(run_stage("train", tmp_path, RAW_PARAMS, "gradient"),
-                             "train: error: unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh")
+    _assert_one_line_failure(
+        run_stage("train", tmp_path, RAW_PARAMS),
+        "train: error: usage: python -m stages.train <scheme> (one of pure, ra, dp-sgd, clip-noise, gh)",
+    )
+    _assert_one_line_failure(
+        run_stage("train", tmp_path, RAW_PARAMS, "gradient"),
+        "train: error: unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh",
+    )
 
 
 def test_setting_stages_need_a_known_setting(tmp_path):
-    _assert_one_line_failure(run_stage("extract", tmp_path, RAW_PARAMS, "sync"),
-                             "extract: error: unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, ")
+    _assert_one_line_failure(
+        run_stage("extract", tmp_path, RAW_PARAMS, "sync"),
+        "extract: error: unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, ",
+    )
     bad = {**RAW_PARAMS, "settings": {**RAW_PARAMS["settings"], "w3": {"scheme": "pure", "participants": 3}}}
-    _assert_one_line_failure(run_stage("extract", tmp_path, bad, "w3"),
-                             "extract: error: params.yaml: settings.w3: batch_size 4 does not split into 3 equal participant shards")
+    _assert_one_line_failure(
+        run_stage("extract", tmp_path, bad, "w3"),
+        "extract: error: params.yaml: settings.w3: batch_size 4 does not split into 3 equal participant shards",
+    )
 
 
 def test_unreachable_mlflow_server_fails_fast_before_any_work(tmp_path):
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 512, "test_size": 128}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
-    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     _assert_one_line_failure(done, "prepare: error: MLflow tracking server http://127.0.0.1:9 is unreachable")
     assert not (tmp_path / "data").exists()
 
@@ -114,9 +130,18 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "train_size": 4000, "test_size": 128}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120, preexec_fn=small_disk)
-    _assert_one_line_failure(done, "prepare: error: cannot write data/.prepared.partial/train.safetensors: File too large")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=small_disk,
+    )
+    _assert_one_line_failure(
+        done, "prepare: error: cannot write data/.prepared.partial/train.safetensors: File too large"
+    )
     assert not (tmp_path / "data" / "prepared").exists()
     assert not list((tmp_path / "data").glob(".*"))
 
@@ -124,10 +149,13 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
 def test_a_missing_baseline_and_zero_trials_are_refused_before_anything_is_written(tmp_path):
     settings = {k: v for k, v in RAW_PARAMS["settings"].items() if k != "pure"}
     done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "settings": settings})
-    _assert_one_line_failure(done, "prepare: error: params.yaml: report.baseline: 'pure' is not a setting, so nothing "
-                                   "can be paired with it")
+    _assert_one_line_failure(
+        done, "prepare: error: params.yaml: report.baseline: 'pure' is not a setting, so nothing can be paired with it"
+    )
     done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "extract": {**RAW_PARAMS["extract"], "trials": 0}})
-    _assert_one_line_failure(done, "prepare: error: params.yaml: extract.trials: Input should be greater than or equal to 1")
+    _assert_one_line_failure(
+        done, "prepare: error: params.yaml: extract.trials: Input should be greater than or equal to 1"
+    )
     assert not (tmp_path / "data").exists()
 
 
@@ -136,6 +164,9 @@ def test_more_trials_than_the_pool_holds_are_refused_before_an_upload_is_written
     assert run_stage("prepare", tmp_path, params).returncode == 0
     params["extract"] = {**RAW_PARAMS["extract"], "trials": 6}
     done = run_stage("extract", tmp_path, params, "pure")
-    _assert_one_line_failure(done, "extract: error: extract.trials 6 x batch_size 4 needs 24 distinct victims, but the "
-                                   "pool holds 20 (raise data.victims_per_class)")
+    _assert_one_line_failure(
+        done,
+        "extract: error: extract.trials 6 x batch_size 4 needs 24 distinct victims, but the "
+        "pool holds 20 (raise data.victims_per_class)",
+    )
     assert not (tmp_path / "uploads").exists() and not (tmp_path / "truth").exists()

@@ -12,9 +12,11 @@ from tests.conftest import REPO
 
 def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    script = ("import os, signal\nfrom pathlib import Path\nfrom pipeline.tracking import open_run\n"
-              f"with open_run(Path({str(tmp_path)!r}), 'train@pure', {{}}, {{}}):\n"
-              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    script = (
+        "import os, signal\nfrom pathlib import Path\nfrom pipeline.tracking import open_run\n"
+        f"with open_run(Path({str(tmp_path)!r}), 'train@pure', {{}}, {{}}):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env)
     assert killed.returncode == -signal.SIGKILL
     import mlflow
@@ -22,8 +24,9 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
     # a run of a process that is alive (this one) stays as it is
-    alive = mlflow.MlflowClient().create_run(experiment, run_name="train@pure",
-                                             tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
+    alive = mlflow.MlflowClient().create_run(
+        experiment, run_name="train@pure", tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    )
     runs = mlflow.search_runs([experiment], output_format="list")
     (before,) = [r for r in runs if r.info.run_id != alive.info.run_id]
     assert before.info.status == "RUNNING"

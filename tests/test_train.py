@@ -9,8 +9,15 @@ from tests.conftest import make_params
 
 
 def test_training_writes_every_epoch_learns_and_is_byte_reproducible(fashion_root, tmp_path):
-    params = make_params(data__train_size=1024, data__test_size=256, model__arch="convnet", train__epochs=2,
-                         train__batch_size=64, train__devices=1, extract__epochs=[0, 2])
+    params = make_params(
+        data__train_size=1024,
+        data__test_size=256,
+        model__arch="convnet",
+        train__epochs=2,
+        train__batch_size=64,
+        train__devices=1,
+        extract__epochs=[0, 2],
+    )
     data = prepare(params.data, params.seed)
     meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
     runs = []
@@ -59,8 +66,12 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(whole), scheme], env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "epoch-002.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -68,8 +79,9 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
     proc.wait()
     assert not (killed / "epoch-004.json").exists(), "the run finished before it could be killed"
     assert (killed / "resume.ckpt").exists()
-    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme], env=env, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, str(killed), scheme], env=env, check=True, capture_output=True, text=True
+    )
     assert "resuming after epoch" in done.stdout
     for epoch in range(5):
         name = f"epoch-{epoch:03d}.safetensors"

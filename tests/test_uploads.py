@@ -12,11 +12,28 @@ from pipeline.files import load_meta, sha256, write_json
 from pipeline.nets import build_model
 from pipeline.uploads import Upload, check_fits, load_truth, load_upload, save_truth, save_upload
 
-ARCH = {"arch": "convnet", "in_channels": 1, "num_classes": 10, "image_size": 32, "norm": "batch", "maxpool_kernel": None}
+ARCH = {
+    "arch": "convnet",
+    "in_channels": 1,
+    "num_classes": 10,
+    "image_size": 32,
+    "norm": "batch",
+    "maxpool_kernel": None,
+}
 
 
-CLIENT = ClientParams(batch_size=2, participants=1, bn="sync", local_steps=1, lr=0.01, mode="train", dp=None,
-                      label_repetition=None, participants_as="simulated", upload_buffers=False)
+CLIENT = ClientParams(
+    batch_size=2,
+    participants=1,
+    bn="sync",
+    local_steps=1,
+    lr=0.01,
+    mode="train",
+    dp=None,
+    label_repetition=None,
+    participants_as="simulated",
+    upload_buffers=False,
+)
 
 
 @pytest.fixture
@@ -39,8 +56,9 @@ def test_upload_round_trip_keeps_gradients_and_threat_model(upload_file):
 
 def test_the_threat_model_is_read_back_as_the_client_stated_it(upload_file, tmp_path):
     upload = load_upload(upload_file)
-    assert upload.threat_model == threat_model(build_model(**ARCH), tmp_path / "ckpt.safetensors",
-                                               load_meta(tmp_path / "ckpt.safetensors"), CLIENT, "pure", 0)
+    assert upload.threat_model == threat_model(
+        build_model(**ARCH), tmp_path / "ckpt.safetensors", load_meta(tmp_path / "ckpt.safetensors"), CLIENT, "pure", 0
+    )
     assert upload.threat_model.image_shape == (1, 32, 32) and upload.threat_model.arch_meta == ARCH
     with pytest.raises(ValidationError):  # frozen: what the server knows is not edited on the way
         upload.threat_model.lr = 1.0
@@ -49,13 +67,16 @@ def test_the_threat_model_is_read_back_as_the_client_stated_it(upload_file, tmp_
 DROP = object()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"bn": DROP}, "threat model: missing key 'bn'"),
-    ({"colour": "red"}, "threat model: unknown key 'colour'"),
-    ({"bn": "none"}, "threat model: bn: Input should be 'sync' or 'async' (got 'none')"),
-    ({"lr": -0.1}, "threat model: lr: Input should be greater than 0 (got -0.1)"),
-    ({"local_steps": "two"}, "threat model: local_steps: Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bn": DROP}, "threat model: missing key 'bn'"),
+        ({"colour": "red"}, "threat model: unknown key 'colour'"),
+        ({"bn": "none"}, "threat model: bn: Input should be 'sync' or 'async' (got 'none')"),
+        ({"lr": -0.1}, "threat model: lr: Input should be greater than 0 (got -0.1)"),
+        ({"local_steps": "two"}, "threat model: local_steps: Input should be a valid integer"),
+    ],
+)
 def test_a_threat_model_with_a_missing_unknown_or_bad_key_is_refused_in_one_line(upload_file, change, message):
     meta = json.loads(upload_file.with_suffix(".json").read_text())
     meta.update(change)
@@ -112,7 +133,9 @@ def test_gradient_of_the_wrong_shape_for_the_architecture_is_refused(upload_file
     upload = load_upload(upload_file)
     check_fits(upload_file, upload, build_model(**ARCH))  # the right one fits
     upload.gradients["fc.weight"] = upload.gradients["fc.weight"][:, :-1]
-    with pytest.raises(PipelineError, match=rf"^{upload_file}: gradient 'fc.weight' has shape \(10, \d+\), the architecture needs"):
+    with pytest.raises(
+        PipelineError, match=rf"^{upload_file}: gradient 'fc.weight' has shape \(10, \d+\), the architecture needs"
+    ):
         check_fits(upload_file, upload, build_model(**ARCH))
     with pytest.raises(PipelineError, match="not a parameter of the convnet"):
         check_fits(upload_file, load_upload(upload_file), build_model("convnet", 1, 10, 32, maxpool_kernel=3))

@@ -30,8 +30,13 @@ from pipeline.uploads import load_truth, load_upload
 COMBINE_RULES = ("best", "mlco")
 
 
-def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None, restarts: int | None = None,
-                combines: tuple[str, ...] = ("best",)) -> list[dict]:
+def budget_rows(
+    setting: str,
+    iterations: list[int],
+    epochs: list[int] | None,
+    restarts: int | None = None,
+    combines: tuple[str, ...] = ("best",),
+) -> list[dict]:
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
     uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
@@ -62,9 +67,18 @@ def budget_rows(setting: str, iterations: list[int], epochs: list[int] | None, r
                     cell["uploads"] += 1
         for (epoch, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
             low, high = mean_interval(cell["psnr"], evidence)
-            row = {"iterations": budget, "restarts": a.restarts, "combine": rule, "epoch": epoch, "n": len(cell["psnr"]),
-                   "psnr": sum(cell["psnr"]) / len(cell["psnr"]), "psnr_low": low, "psnr_high": high,
-                   "unconverged": f"{cell['unconverged']}/{cell['uploads']}", "seconds": round(seconds, 1)}
+            row = {
+                "iterations": budget,
+                "restarts": a.restarts,
+                "combine": rule,
+                "epoch": epoch,
+                "n": len(cell["psnr"]),
+                "psnr": sum(cell["psnr"]) / len(cell["psnr"]),
+                "psnr_low": low,
+                "psnr_high": high,
+                "unconverged": f"{cell['unconverged']}/{cell['uploads']}",
+                "seconds": round(seconds, 1),
+            }
             if rule != combines[0]:
                 d = [x - y for x, y in zip(cell["psnr"], cells[(epoch, combines[0])]["psnr"])]
                 d_low, d_high = mean_interval(d, evidence)
@@ -103,15 +117,24 @@ def main(argv: list[str]) -> None:
         rows = budget_rows(args.setting, iterations, epochs, restarts and restarts[0], combines)
     except PipelineError as err:
         _fail(str(err))
-    print(f"{args.setting}: PSNR (dB) by attack budget, mean [interval] over n images"
-          + (f"; the difference to {combines[0]}, paired by image, and Wilcoxon's p" if len(combines) > 1 else ""))
-    print("| iterations | restarts | combine | epoch | n | PSNR | difference | p | unconverged | seconds |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"{args.setting}: PSNR (dB) by attack budget, mean [interval] over n images"
+        + (f"; the difference to {combines[0]}, paired by image, and Wilcoxon's p" if len(combines) > 1 else "")
+    )
+    print(
+        "| iterations | restarts | combine | epoch | n | PSNR | difference | p | unconverged | seconds |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        diff = f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}] | {r['p_value']:.2g}" if "diff" in r \
+        diff = (
+            f"{r['diff']:+.2f} [{r['diff_low']:+.2f}, {r['diff_high']:+.2f}] | {r['p_value']:.2g}"
+            if "diff" in r
             else "– | –"
-        print(f"| {r['iterations']} | {r['restarts']} | {r['combine']} | {r['epoch']} | {r['n']} | {r['psnr']:.1f} "
-              f"[{r['psnr_low']:.1f}, {r['psnr_high']:.1f}] | {diff} | {r['unconverged']} | {r['seconds']} |")
+        )
+        print(
+            f"| {r['iterations']} | {r['restarts']} | {r['combine']} | {r['epoch']} | {r['n']} | {r['psnr']:.1f} "
+            f"[{r['psnr_low']:.1f}, {r['psnr_high']:.1f}] | {diff} | {r['unconverged']} | {r['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ def label_rows(setting: str, methods: list[str]) -> list[dict]:
             got = target_of(Job(u, 0), a).labels
             _, truth, _ = load_truth(Path("truth", setting, u.name))
             cells.setdefault((method, load_upload(u).threat_model.epoch), []).append(label_accuracy(got, truth))
-    return [{"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
-            for (m, e), v in cells.items()]
+    return [
+        {"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
+        for (m, e), v in cells.items()
+    ]
 
 
 def _fail(message: str) -> None:

@@ -75,6 +75,7 @@ def _run_together(args: list[str], runs: list[tuple[Path, dict[str, str], Path]]
 
 def lock_differences(before: str, after: str) -> list[str]:
     """Which outputs (or deps, params) of which stage changed between two dvc.lock texts."""
+
     def entries(text: str) -> dict[tuple[str, str], str]:
         found = {}
         for stage, spec in (yaml.safe_load(text) or {}).get("stages", {}).items():
@@ -85,7 +86,11 @@ def lock_differences(before: str, after: str) -> list[str]:
         return found
 
     a, b = entries(before), entries(after)
-    return [f"stage {stage}: {what} changed" for stage, what in sorted(set(a) | set(b)) if a.get((stage, what)) != b.get((stage, what))]
+    return [
+        f"stage {stage}: {what} changed"
+        for stage, what in sorted(set(a) | set(b))
+        if a.get((stage, what)) != b.get((stage, what))
+    ]
 
 
 def headline(results_csv: Path) -> pd.DataFrame:
@@ -101,7 +106,9 @@ def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
     for _, row in merged.iterrows():
         where = ", ".join(f"{k}={row[k]}" for k in keys)
         if row["_merge"] != "both":
-            problems.append(f"row {where}: {'missing from this run' if row['_merge'] == 'left_only' else 'not in the reference'}")
+            problems.append(
+                f"row {where}: {'missing from this run' if row['_merge'] == 'left_only' else 'not in the reference'}"
+            )
             continue
         tolerance = reference["tolerance"] if int(row["epoch"]) == 0 else reference["tolerance_trained"]
         for metric, tol in tolerance.items():
@@ -111,16 +118,27 @@ def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
     return problems
 
 
-def gate(source: Path, profile: Path, reference: Path, workdir: Path, update_reference: bool = False,
-         targets: list[str] | None = None) -> list[str]:
+def gate(
+    source: Path,
+    profile: Path,
+    reference: Path,
+    workdir: Path,
+    update_reference: bool = False,
+    targets: list[str] | None = None,
+) -> list[str]:
     """Run the gate; the first clone is left in `workdir/project` (log `gate.log`), the second in
     `workdir/again` (`again.log`)."""
     runs = []
     for name, log in (("project", "gate.log"), ("again", "again.log")):
         project = workdir / name
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES}
-        env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-                   PYTHONPATH=str(project))
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES
+        }
+        env.update(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            DVC_NO_ANALYTICS="1",
+            PYTHONPATH=str(project),
+        )
         _run(["git", "clone", "--quiet", str(source), str(project)], workdir, env, workdir / log)
         _run([sys.executable, "-m", "tools.apply_profile", str(project / profile)], project, env, workdir / log)
         runs.append((project, env, workdir / log))
@@ -134,8 +152,10 @@ def gate(source: Path, profile: Path, reference: Path, workdir: Path, update_ref
     table = headline(project / "reports/results.csv")
     if update_reference:
         rows = json.loads(table.to_json(orient="records"))
-        reference.write_text(json.dumps({"tolerance": DEFAULT_TOLERANCE, "tolerance_trained": TRAINED_TOLERANCE,
-                                         "rows": rows}, indent=2) + "\n")
+        reference.write_text(
+            json.dumps({"tolerance": DEFAULT_TOLERANCE, "tolerance_trained": TRAINED_TOLERANCE, "rows": rows}, indent=2)
+            + "\n"
+        )
         print(f"repro_gate: wrote {reference}")
     else:
         problems += metric_differences(table, json.loads(reference.read_text()))
@@ -155,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="repro-gate-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        problems = gate(args.source.resolve(), args.profile, args.reference.resolve(), workdir, args.update_reference,
-                        args.target)
+        problems = gate(
+            args.source.resolve(), args.profile, args.reference.resolve(), workdir, args.update_reference, args.target
+        )
     for line in problems:
         print(f"repro_gate: FAIL: {line}")
     if problems:

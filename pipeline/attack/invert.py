@@ -29,7 +29,6 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import pair_by_hungarian
 from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes
 
-
 LOG_EVERY = 25  # how often (iterations) the loss curve is sampled
 
 
@@ -93,12 +92,15 @@ class LocalSteps:
     """The client's E local steps as the attacker models them: which dummy positions each step
     trains on, per participant (pipeline.client.step_parts), whether each participant's part is
     normalised on its own (asynchronous BatchNorm in train mode), and the step size."""
+
     parts: list[list[torch.Tensor]]
     separate: bool
     lr: float
 
 
-def unrolled_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: LocalSteps) -> list[torch.Tensor]:
+def unrolled_update(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: LocalSteps
+) -> list[torch.Tensor]:
     """(theta_0 - theta_E) / (lr * E) of the dummy batch, differentiable with respect to it: the
     client's E SGD steps taken through torch.func.functional_call at the weights each step
     reached, step e's loss the mean over the images it trains on (DDP's average of the
@@ -112,8 +114,9 @@ def unrolled_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     for parts in steps.parts:
         groups = parts if steps.separate else [torch.cat(parts)]
         state = {**fixed, **dict(zip(names, current))}
-        loss = sum(F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum")
-                   for g in groups) / sum(len(g) for g in groups)
+        loss = sum(
+            F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum") for g in groups
+        ) / sum(len(g) for g in groups)
         grads = torch.autograd.grad(loss, current, create_graph=True)
         taken.append(grads)
         current = [p - steps.lr * g for p, g in zip(current, grads)]
@@ -133,8 +136,14 @@ class GradientMatch:
     taps: the full model's gradient is zero on the others, so the term is the full one.
     """
 
-    def __init__(self, model: nn.Module, target: dict[str, torch.Tensor], objective: str, layer_weights: str,
-                 crops: dict[str, tuple[slice, ...]] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        target: dict[str, torch.Tensor],
+        objective: str,
+        layer_weights: str,
+        crops: dict[str, tuple[slice, ...]] | None = None,
+    ):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         missing = sorted(set(names) - set(target))
         if missing:
@@ -207,8 +216,9 @@ class BatchNormPrior:
         layers = batchnorm_layers(model)
         if statistics is None:
             layers = [(n, m) for n, m in layers if m.running_mean is not None]
-            self.reference = [(m.running_mean.clone().expand(shards, -1), m.running_var.clone().expand(shards, -1))
-                              for _, m in layers]
+            self.reference = [
+                (m.running_mean.clone().expand(shards, -1), m.running_var.clone().expand(shards, -1)) for _, m in layers
+            ]
         else:
             self.reference = [pooled_statistics(statistics, n, m.num_features, shards) for n, m in layers]
         self.terms: list[torch.Tensor] = []
@@ -223,6 +233,7 @@ class BatchNormPrior:
             mean, var = (r[self.calls[i] % self.shards] for r in self.reference[i])  # the step's shard
             self.calls[i] += 1
             self.terms.append((mean - x.mean(dims)).norm() + (var - x.var(dims, unbiased=False)).norm())
+
         return record
 
     def take(self) -> torch.Tensor:
@@ -236,8 +247,9 @@ class BatchNormPrior:
         return len(self.reference)
 
 
-def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels: int,
-                      shards: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_statistics(
+    statistics: dict[str, torch.Tensor], layer: str, channels: int, shards: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's revealed (mean, biased variance), [steps, groups, C], pooled over the steps and
     over runs of consecutive groups into `shards` rows, as if each run had been one batch (the
     groups are equal in size)."""
@@ -245,8 +257,10 @@ def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels:
         raise ValueError(f"the upload reveals no statistics for BatchNorm layer {layer!r}")
     mean, var = statistics[f"{layer}.mean"].double(), statistics[f"{layer}.var"].double()
     if mean.dim() != 3 or mean.shape != var.shape or mean.shape[2] != channels or mean.shape[1] % shards:
-        raise ValueError(f"the statistics of BatchNorm layer {layer!r} have shape {tuple(mean.shape)}: "
-                         f"expected [steps, groups, {channels}] with groups a multiple of {shards} shards")
+        raise ValueError(
+            f"the statistics of BatchNorm layer {layer!r} have shape {tuple(mean.shape)}: "
+            f"expected [steps, groups, {channels}] with groups a multiple of {shards} shards"
+        )
     steps, groups, _ = mean.shape
     mean = mean.reshape(steps, shards, groups // shards, channels)
     square = var.reshape_as(mean) + mean * mean
@@ -254,8 +268,14 @@ def pooled_statistics(statistics: dict[str, torch.Tensor], layer: str, channels:
     return pooled_mean.float(), (square.mean((0, 2)) - pooled_mean * pooled_mean).clamp_min(0).float()
 
 
-def statistics_from_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], momentum: float, steps: int,
-                            step_images: int, image_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def statistics_from_buffers(
+    model: nn.Module,
+    buffers: dict[str, torch.Tensor],
+    momentum: float,
+    steps: int,
+    step_images: int,
+    image_shape: tuple[int, ...],
+) -> dict[str, torch.Tensor]:
     """What each BatchNorm layer normalised with, derived from its running statistics before the
     client's update (`model`'s) and after it (`buffers`, uploaded), in the format of revealed
     statistics ([1 step, 1 group, C]).
@@ -283,8 +303,14 @@ def statistics_from_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], 
     return out
 
 
-def compiled_step(model: nn.Module, match: GradientMatch, labels: torch.Tensor, shards: int, tv_weight: float,
-                  eager: Callable[[torch.Tensor], tuple[torch.Tensor, float]]):
+def compiled_step(
+    model: nn.Module,
+    match: GradientMatch,
+    labels: torch.Tensor,
+    shards: int,
+    tv_weight: float,
+    eager: Callable[[torch.Tensor], tuple[torch.Tensor, float]],
+):
     """x -> (the objective's gradient with respect to x, the gradient term), as one compiled
     function: torch.func's grad of (the gradient term of torch.func's grad of the batch loss +
     TV), handed to torch.compile, which fuses the double backward's elementwise work (on the
@@ -350,9 +376,11 @@ def check_compiled(compiled: torch.Tensor, eager: torch.Tensor, rtol: float = 1e
     scale = float(eager.abs().max())
     difference = float((compiled - eager).abs().max()) if torch.isfinite(compiled).all() else float("inf")
     if not difference <= rtol * scale:
-        raise PipelineError(f"attack.compile: the compiled step's image gradient is not the eager one (largest "
-                            f"difference {difference:.3g}, scale {scale:.3g}) for this model on this machine; "
-                            "run without attack.compile")
+        raise PipelineError(
+            f"attack.compile: the compiled step's image gradient is not the eager one (largest "
+            f"difference {difference:.3g}, scale {scale:.3g}) for this model on this machine; "
+            "run without attack.compile"
+        )
 
 
 def best_of(reconstructions: list[Reconstruction]) -> Reconstruction:
@@ -402,8 +430,10 @@ def invert(
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
     check_split(model, len(labels), shards, world, a.bn_prior)
     if a.compile and (a.bn_prior or world > 1 or local_steps is not None):
-        raise ValueError("the compiled step takes neither the BatchNorm prior, nor a dummy batch split over processes, "
-                         "nor unrolled local steps")
+        raise ValueError(
+            "the compiled step takes neither the BatchNorm prior, nor a dummy batch split over processes, "
+            "nor unrolled local steps"
+        )
     if local_steps is not None and world > 1:
         raise ValueError("unrolled local steps train on parts of the whole dummy batch: it cannot split over processes")
     low, high = pixel_box(mean, std)
@@ -417,8 +447,12 @@ def invert(
     if match.is_zero:
         # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
         # it has no direction to match, so the attacker is left with its starting guess.
-        return best_of([Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
-                        for r in restarts])
+        return best_of(
+            [
+                Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
+                for r in restarts
+            ]
+        )
     prior = BatchNormPrior(model, shards, bn_statistics) if a.bn_prior else None
     if prior is not None and not len(prior):  # no BatchNorm layer (GroupNorm): the prior is a constant 0
         prior = None
@@ -434,8 +468,11 @@ def invert(
 
     def eager_gradient(x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""
-        grads = dummy_gradient(model, x, own, max(shards // world, 1)) if local_steps is None else \
-            unrolled_update(model, x, own, local_steps)
+        grads = (
+            dummy_gradient(model, x, own, max(shards // world, 1))
+            if local_steps is None
+            else unrolled_update(model, x, own, local_steps)
+        )
         extra = a.tv_weight * total_variation(x) if a.tv_weight else None
         if prior is not None:
             extra = a.bn_prior * prior.take() + (0 if extra is None else extra)
@@ -467,6 +504,7 @@ def invert(
         kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=a.iterations)
         tenth = a.iterations // 10
         tail = [float("inf"), float("inf")]
+        first = float("nan")  # the loss at the first iteration, set there
         for it in range(a.iterations):
             x.grad, g_value = image_gradient(x)
             first = g_value if it == 0 else first
@@ -502,16 +540,28 @@ def invert(
             kept.images = torch.cat(parts)
         return kept
 
-    bar = tqdm(total=a.iterations * len(restarts), desc="attack", disable=not progress or rank != 0,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    bar = tqdm(
+        total=a.iterations * len(restarts),
+        desc="attack",
+        disable=not progress or rank != 0,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,
+    )
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         found = [run(restart) for restart in restarts]
     bar.close()
     return best_of(found)
 
 
-def gradient_loss(model: nn.Module, target: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-                  a: AttackParams, seed: int, shards: int = 1, local_steps: LocalSteps | None = None) -> float:
+def gradient_loss(
+    model: nn.Module,
+    target: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    a: AttackParams,
+    seed: int,
+    shards: int = 1,
+    local_steps: LocalSteps | None = None,
+) -> float:
     """The attack's gradient term (no TV, no prior) of the dummy batch `images`, as `invert`
     computes it for the same model, upload and client model; the attacker's own dropout drawn
     from `seed` alone, so that every batch compared with it sees the same masks."""
@@ -521,8 +571,11 @@ def gradient_loss(model: nn.Module, target: dict[str, torch.Tensor], images: tor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(10**9 + seed * 1000 + 999)
         x = images.detach().clone().requires_grad_(True)
-        grads = dummy_gradient(model, x, labels, shards) if local_steps is None else unrolled_update(model, x, labels,
-                                                                                                    local_steps)
+        grads = (
+            dummy_gradient(model, x, labels, shards)
+            if local_steps is None
+            else unrolled_update(model, x, labels, local_steps)
+        )
         return float(match(grads)[0])
 
 
@@ -562,5 +615,7 @@ def check_split(model: nn.Module, batch: int, shards: int, world: int, bn_prior:
         raise ValueError("the BatchNorm prior needs the whole dummy batch's statistics: it cannot split over processes")
     batchnorm_in_train = any(m.training for _, m in batchnorm_layers(model))
     if batchnorm_in_train and shards % world:
-        raise ValueError(f"train-mode BatchNorm normalises {shards} shard(s) of the batch together: "
-                         f"the batch cannot split over {world} processes")
+        raise ValueError(
+            f"train-mode BatchNorm normalises {shards} shard(s) of the batch together: "
+            f"the batch cannot split over {world} processes"
+        )

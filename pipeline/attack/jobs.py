@@ -19,8 +19,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attack.invert import (LocalSteps, Reconstruction, best_of, check_split, gradient_loss, invert,
-                                    min_loss_combination, pixel_box, statistics_from_buffers)
+from pipeline.attack.invert import (
+    LocalSteps,
+    Reconstruction,
+    best_of,
+    check_split,
+    gradient_loss,
+    invert,
+    min_loss_combination,
+    pixel_box,
+    statistics_from_buffers,
+)
 from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
@@ -47,6 +56,7 @@ class Job:
 @dataclass
 class Target:
     """What the attacker has for one upload: the client's model rebuilt, the gradient, labels."""
+
     model: torch.nn.Module
     gradients: dict[str, torch.Tensor]
     labels: torch.Tensor
@@ -84,16 +94,21 @@ def target_of(job: Job, a: AttackParams) -> Target:
     statistics = None
     if a.bn_prior and a.bn_statistics == "exact":
         if batchnorm_layers(model) and not upload.bn_statistics:
-            raise PipelineError(f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
-                                "statistics (extract it again with extract.reveal_bn_statistics: true)")
+            raise PipelineError(
+                f"{job.upload}: attack.bn_statistics 'exact', but the upload reveals no BatchNorm "
+                "statistics (extract it again with extract.reveal_bn_statistics: true)"
+            )
         statistics = upload.bn_statistics
     if a.bn_prior and a.bn_statistics == "from-buffers" and batchnorm_layers(model):
         if not upload.bn_buffers or tm.bn_momentum is None:
-            raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm "
-                                "buffers and momentum (extract it again with client.upload_buffers: true)")
+            raise PipelineError(
+                f"{job.upload}: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm "
+                "buffers and momentum (extract it again with client.upload_buffers: true)"
+            )
         try:
-            statistics = statistics_from_buffers(model, upload.bn_buffers, tm.bn_momentum, tm.local_steps,
-                                                 tm.step_images, tm.image_shape)
+            statistics = statistics_from_buffers(
+                model, upload.bn_buffers, tm.bn_momentum, tm.local_steps, tm.step_images, tm.image_shape
+            )
         except ValueError as err:
             raise PipelineError(f"{job.upload}: attack.bn_statistics 'from-buffers': {err}") from None
     return Target(model, upload.gradients, labels, shards, tm, statistics, local_steps)
@@ -114,8 +129,9 @@ def combined(upload: Path, found: list[Reconstruction], a: AttackParams, seed: i
     if a.combine == "best" or len(found) < 2:
         return best_of(found)
     t = target_of(Job(upload, 0), a)
-    return min_loss_combination(found, lambda images: gradient_loss(t.model, t.gradients, images, t.labels, a, seed,
-                                                                    t.shards, t.local_steps))
+    return min_loss_combination(
+        found, lambda images: gradient_loss(t.model, t.gradients, images, t.labels, a, seed, t.shards, t.local_steps)
+    )
 
 
 def classic_of(a: AttackParams) -> AttackParams:
@@ -128,14 +144,17 @@ def check_upload(path: Path, a: AttackParams, processes: int) -> None:
     split: batch, whose dummy batch cannot split `processes` ways)."""
     t = target_of(Job(path, 0), a)
     if t.local_steps is not None and a.compile:
-        raise PipelineError(f"{path}: attack.compile: the compiled step does not unroll the client's "
-                            f"{t.threat_model.local_steps} local steps (compile: false, or client_model: plain)")
+        raise PipelineError(
+            f"{path}: attack.compile: the compiled step does not unroll the client's "
+            f"{t.threat_model.local_steps} local steps (compile: false, or client_model: plain)"
+        )
     if a.split != "batch":
         return
     try:
         if t.local_steps is not None and processes > 1:
-            raise ValueError("unrolled local steps train on parts of the whole dummy batch (use split: jobs, "
-                             "or client_model: plain)")
+            raise ValueError(
+                "unrolled local steps train on parts of the whole dummy batch (use split: jobs, or client_model: plain)"
+            )
         check_split(t.model, len(t.labels), t.shards, processes, a.bn_prior)
     except ValueError as err:
         raise PipelineError(f"{path}: attack.split batch: {err}") from None
@@ -145,22 +164,55 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
     """One restart against one upload (with `split_batch`, this process's part of it)."""
     t = target_of(job, a)
     tm = t.threat_model
-    return invert(t.model, t.gradients, t.labels, tm.image_shape, tm.mean, tm.std, a, seed, progress=progress,
-                  restarts=[job.restart], shards=t.shards, split_batch=split_batch, bn_statistics=t.bn_statistics, local_steps=t.local_steps)
+    return invert(
+        t.model,
+        t.gradients,
+        t.labels,
+        tm.image_shape,
+        tm.mean,
+        tm.std,
+        a,
+        seed,
+        progress=progress,
+        restarts=[job.restart],
+        shards=t.shards,
+        split_batch=split_batch,
+        bn_statistics=t.bn_statistics,
+        local_steps=t.local_steps,
+    )
 
 
 def save_result(path: Path, rec: Reconstruction) -> None:
-    save_tensors(path, {"images": rec.images, "labels": rec.labels},
-                 {"grad_loss": rec.grad_loss, "restart": rec.restart, "curve": rec.curve, "note": rec.note,
-                  "iterations_run": rec.iterations_run, "seconds": rec.seconds,
-                  "tail": None if rec.tail is None else list(rec.tail), "converged": rec.converged})
+    save_tensors(
+        path,
+        {"images": rec.images, "labels": rec.labels},
+        {
+            "grad_loss": rec.grad_loss,
+            "restart": rec.restart,
+            "curve": rec.curve,
+            "note": rec.note,
+            "iterations_run": rec.iterations_run,
+            "seconds": rec.seconds,
+            "tail": None if rec.tail is None else list(rec.tail),
+            "converged": rec.converged,
+        },
+    )
 
 
 def load_result(path: Path) -> Reconstruction:
     tensors, meta = load_tensors(path, expected={"images", "labels"})
-    return Reconstruction(tensors["images"], tensors["labels"], meta["grad_loss"], meta["restart"],
-                          [tuple(point) for point in meta["curve"]], meta["note"], meta["iterations_run"],
-                          meta["seconds"], None if meta["tail"] is None else tuple(meta["tail"]), meta["converged"])
+    return Reconstruction(
+        tensors["images"],
+        tensors["labels"],
+        meta["grad_loss"],
+        meta["restart"],
+        [tuple(point) for point in meta["curve"]],
+        meta["note"],
+        meta["iterations_run"],
+        meta["seconds"],
+        None if meta["tail"] is None else tuple(meta["tail"]),
+        meta["converged"],
+    )
 
 
 def _timed_job(job: Job, a: AttackParams, seed: int, **options) -> Reconstruction:
@@ -239,8 +291,9 @@ def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
     from lightning.fabric import Fabric
 
     if launched:
-        fabric = Fabric(accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp",
-                        precision="32-true")
+        fabric = Fabric(
+            accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
+        )
     else:
         # Forked, not spawned: the workers start with this process's imports, in about a second
         # instead of ten here (bench/attack.py); they leave by os._exit, so no MLflow exit hook runs.

@@ -91,8 +91,14 @@ def counts(fc_bias_grad: torch.Tensor, batch_size: int, mean_probs: torch.Tensor
     return torch.repeat_interleave(torch.arange(len(whole)), whole.long())
 
 
-def mean_prediction(model: nn.Module, image_shape: tuple[int, ...], low: torch.Tensor, high: torch.Tensor,
-                    probes: int = 256, seed: int = 0) -> torch.Tensor:
+def mean_prediction(
+    model: nn.Module,
+    image_shape: tuple[int, ...],
+    low: torch.Tensor,
+    high: torch.Tensor,
+    probes: int = 256,
+    seed: int = 0,
+) -> torch.Tensor:
     """The model's mean softmax over `probes` inputs of the attacker's own: Gaussian noise in the
     pixel box, as the attack's starts are, through the model in its own mode (a copy, so that
     BatchNorm's running statistics stay the checkpoint's, and the global RNG is left alone)."""
@@ -105,8 +111,12 @@ def mean_prediction(model: nn.Module, image_shape: tuple[int, ...], low: torch.T
 
 
 def recover_labels(
-    method: str, fc_weight_grad: torch.Tensor, batch_size: int, known: torch.Tensor | None = None,
-    fc_bias_grad: torch.Tensor | None = None, mean_probs: torch.Tensor | None = None,
+    method: str,
+    fc_weight_grad: torch.Tensor,
+    batch_size: int,
+    known: torch.Tensor | None = None,
+    fc_bias_grad: torch.Tensor | None = None,
+    mean_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Labels for the dummy batch by `method`: known (from the threat model), llg, llg-original,
     idlg, or counts (needs the bias gradient and the model's estimated mean prediction)."""
@@ -125,8 +135,8 @@ def recover_labels(
         return idlg(fc_weight_grad)
     if method == "counts":
         if fc_bias_grad is None or mean_probs is None:
-            raise PipelineError("attack.labels 'counts' reads the classifier's bias gradient, and the model's "
-                                "classifier has no bias")
+            raise PipelineError(
+                "attack.labels 'counts' reads the classifier's bias gradient, and the model's classifier has no bias"
+            )
         return counts(fc_bias_grad, batch_size, mean_probs)
     raise PipelineError(f"unknown label method {method!r}; choose one of {', '.join(LABEL_METHODS)}")
-
