@@ -3,7 +3,7 @@
 #   ./run.sh          set up (venv + dataset) and run the default pipeline (dvc repro)
 #   ./run.sh test     set up and run what CI runs: every test, the slow end-to-end ones and the gate among them
 #   ./run.sh gate     the reproducibility gate alone (tools/repro_gate.py)
-#   ./run.sh lint     ruff's checks and formatting, as CI runs them first
+#   ./run.sh lint     ruff's checks and formatting and mypy's types, as CI runs them first
 #   ./run.sh setup    only create .venv and install the default dataset
 #   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
 set -euo pipefail
@@ -52,13 +52,15 @@ case "${1:-repro}" in
   lint)
     setup_env
     ruff check .
-    ruff format --check . ;;
+    ruff format --check .
+    mypy ;;
   test)
     setup_env; setup_data
     # lint first (seconds), then every test, fast and slow (the reproducibility gate is
     # tests/test_pipeline.py), on two processes
     ruff check .  # two commands, not an && list: set -e stops at either
     ruff format --check .
+    mypy  # pipeline/, as pyproject.toml's [tool.mypy] says
     python -m pytest -q -m "slow or not slow" -n 2 --dist loadfile --durations=8 ;;
   gate)
     setup_env; setup_data

@@ -47,6 +47,8 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
         mean = stats[:channels] / total
         var = stats[channels : 2 * channels] / total - mean * mean  # biased, as BatchNorm normalises
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,7 +36,9 @@ from pipeline.checkpoints import ARCH_KEYS
 from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
-from pipeline.nets import batchnorm_layers, smallest_batchnorm_input
+from pipeline.nets import batchnorm_layers, running_statistics, smallest_batchnorm_input
+from pipeline.parallel import cpu_fabric
+from pipeline.seeds import Draw, generator
 from pipeline.uploads import ThreatModel, joined, split
 
 
@@ -49,7 +51,7 @@ def choose_batches(
     With k = `label_repetition`, trial t holds k classes x B/k images that truly belong to them,
     class by class (other images by construction: such batches pair only with themselves)."""
     pool = len(pool_labels)
-    order = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(pool, generator=generator(Draw.VICTIM_ORDER, seed))
     if label_repetition is None:
         if trials * batch_size > pool:
             raise PipelineError(
@@ -62,7 +64,7 @@ def choose_batches(
     if k > len(present):
         raise PipelineError(f"label_repetition {k}: the victim pool holds only {len(present)} classes")
     unused = {int(c): [int(i) for i in order if pool_labels[i] == c] for c in present}
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = generator(Draw.REPEATED_LABELS, seed)
     batches = []
     for t in range(trials):
         eligible = [c for c in unused if len(unused[c]) >= per_class]
@@ -106,15 +108,6 @@ def check_batchnorm_batch(model: nn.Module, c: ClientParams, in_channels: int, i
         )
 
 
-def _mix(*numbers: int) -> int:
-    """One 63-bit seed from several integers (a stable hash, unlike Python's)."""
-    h = 0x9E3779B97F4A7C15
-    for n in numbers:
-        h = (h ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 class SeededDropout(nn.Module):
     """Dropout whose mask for each sample is drawn from (seed, step, sample position, layer)."""
 
@@ -131,7 +124,7 @@ class SeededDropout(nn.Module):
             raise RuntimeError("SeededDropout needs the batch positions of its input")
         keep = torch.stack(
             [
-                torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(_mix(*self.key, int(i), self.layer)))
+                torch.rand(x.shape[1:], generator=generator(Draw.CLIENT_DROPOUT, *self.key, int(i), self.layer))
                 >= self.p
                 for i in self.positions
             ]
@@ -195,12 +188,13 @@ class NormalisationStatistics:
         def add(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].detach().double()
             channels = x.shape[1]
+            assert isinstance(module, nn.modules.batchnorm._BatchNorm)
             if module.training or module.running_mean is None:
                 count = torch.full((channels,), x.numel() / channels, dtype=torch.float64)
                 dims = [0, *range(2, x.dim())]
                 sums = torch.stack([count, x.sum(dims), (x * x).sum(dims)])
             else:  # one "sample" of the running statistics per forward: they come back as they are
-                mean, var = module.running_mean.double(), module.running_var.double()
+                mean, var = (s.double() for s in running_statistics(module))
                 sums = torch.stack([torch.ones_like(mean), mean, var + mean * mean])
             if name not in self.sums:
                 self.sums[name] = torch.zeros(*self.shape, 3, channels, dtype=torch.float64)
@@ -260,7 +254,7 @@ def _run_client(
                     rows.append(torch.autograd.grad(loss, params))
             per_sample = {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
             summed = reduce(clip_and_sum(per_sample, c.dp.clip)[0])
-            noise = torch.Generator().manual_seed(_mix(seed, e, 1))
+            noise = generator(Draw.CLIENT_DP_NOISE, seed, e)
             grads = {n: g / n_step for n, g in add_noise(summed, c.dp.sigma * c.dp.clip, noise).items()}
         else:
             loss = torch.zeros(())
@@ -278,7 +272,7 @@ def _run_client(
                 p.sub_(c.lr * grads[n])
     upload = {n: torch.stack([s[n] for s in steps]).mean(0) for n, _ in named}
     if c.dp is not None and c.dp.kind == "batch":  # ... and noise added once, to the upload
-        upload = add_noise(upload, c.dp.sigma * c.dp.clip, torch.Generator().manual_seed(_mix(seed, 2)))
+        upload = add_noise(upload, c.dp.sigma * c.dp.clip, generator(Draw.UPLOAD_NOISE, seed))
     return upload, statistics.finish(reduce)
 
 
@@ -287,6 +281,7 @@ def _client_epsilon(c: ClientParams) -> float | None:
     mechanism of noise multiplier sigma, without subsampling."""
     if c.dp is None or c.dp.kind != "per-sample":
         return None
+    assert c.dp.delta is not None  # per-sample DP has one (pipeline.config)
     return epsilon(c.dp.sigma, 1.0, 1, c.dp.delta) if c.dp.sigma > 0 else float("inf")
 
 
@@ -345,7 +340,7 @@ def threat_model(
         checkpoint_sha256=ckpt["sha256"],
         **c.model_dump(exclude={"participants_as"}),
         bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
-        labels=None if revealed_labels is None else revealed_labels.tolist(),
+        labels=None if revealed_labels is None else tuple(revealed_labels.tolist()),
     )
 
 
@@ -380,12 +375,10 @@ def client_upload(
     """The client's upload, its participants simulated or run as real processes as `c` says."""
     if c.participants_as == "simulated" or c.participants == 1:
         return simulate_client(model, images, labels, c, seed)
-    from lightning.fabric import Fabric
-
-    fabric = Fabric(accelerator="cpu", devices=c.participants, strategy="ddp_spawn", precision="32-true")
+    fabric = cpu_fabric(c.participants, "spawn")
     with tempfile.TemporaryDirectory() as folder:
         out = f"{folder}/upload.safetensors"
-        fabric.launch(_participant, model, images, labels, c, seed, out)
+        fabric.launch(_participant, model, images, labels, c, seed, out)  # type: ignore[arg-type]  # *args are passed on
         gradients, statistics, _ = split(load_file(out))
     return ClientUpdate(gradients, _client_epsilon(c), statistics, {})  # upload_buffers: simulated only (config)
 
@@ -416,7 +409,9 @@ def information_ratio(
         return gradient_information_ratio(model, images, labels)
 
 
-def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: str, seed: int = 0) -> Grads:
+def batch_gradient(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: Literal["train", "eval"], seed: int = 0
+) -> Grads:
     """The plain client's upload: the gradient of the batch's mean loss at the model's weights."""
     c = ClientParams(
         batch_size=len(labels),

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
+from pipeline.seeds import Draw, generator
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -97,8 +98,7 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             gray = img.mode in ("1", "L", "I;16", "I", "F")
-            img = img.convert("L" if gray else "RGB")
-            array = np.asarray(img)
+            array = np.asarray(img.convert("L" if gray else "RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise PipelineError(f"{path}: unreadable image ({err})") from None
     return array[:, :, None] if array.ndim == 2 else array
@@ -111,7 +111,8 @@ def load_image_folder(root: Path, image_size: int) -> tuple[Split, list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise PipelineError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
-    images, labels, first_of_channels = [], [], {}
+    images, labels = [], []
+    first_of_channels: dict[int, Path] = {}
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -164,7 +165,7 @@ def _victim_pool(split: Split, per_class: int, num_classes: int, gen: torch.Gene
 
 def prepare(params: DataParams, seed: int) -> PreparedData:
     """Load the configured source and derive everything the later stages need."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(Draw.DATA_SPLIT, seed)
     root = Path(params.root)
     if params.source == "fashion-mnist":
         train, test, classes = load_fashion_mnist(root)

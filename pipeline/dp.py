@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
+
+from pipeline.seeds import Draw, generator
 
 PER_SAMPLE_METHODS = ("loop", "vmap")
 
@@ -57,7 +60,7 @@ def per_sample_gradients(
 
 def clip_and_sum(per_sample: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sum over samples of each sample's gradient scaled to norm at most `clip`; also the norms."""
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values()))
+    norms = torch.sqrt(cast(torch.Tensor, sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())))
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     return {n: torch.einsum("b,b...->...", factors, g) for n, g in per_sample.items()}, norms
 
@@ -92,7 +95,7 @@ def dp_gradient(
 
 def clip_whole(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
     """The gradient of all parameters together scaled to L2 norm at most `clip`."""
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+    norm = torch.sqrt(cast(torch.Tensor, sum(g.pow(2).sum() for g in grads.values())))
     scale = min(1.0, clip / (float(norm) + 1e-6))
     return {n: g * scale for n, g in grads.items()}
 
@@ -125,7 +128,7 @@ class PoissonBatches(torch.utils.data.Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        gen = generator(Draw.POISSON_BATCHES, self.seed, self.epoch, self.rank)
         for _ in range(self.steps):
             yield self.indices[torch.rand(len(self.indices), generator=gen) < self.rate].tolist()
 

@@ -41,6 +41,7 @@ def image_metrics(reconstructions: torch.Tensor, truth: torch.Tensor) -> dict[st
     mse = ((recon - truth) ** 2).flatten(1).mean(1)
     psnr = peak_signal_noise_ratio(recon, truth, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(recon, truth, data_range=1.0, reduction="none")
+    assert isinstance(ssim, torch.Tensor)  # a tensor, not the (ssim, image) pair it returns when asked
     return {"mse": mse, "psnr": psnr, "ssim": ssim}
 
 
@@ -119,5 +120,7 @@ class Lpips:
         """Per-image LPIPS of paired [B, C, H, W] images in [0, 1]; grey images are repeated to RGB."""
         if reconstructions.shape[1] == 1:
             reconstructions, truth = reconstructions.expand(-1, 3, -1, -1), truth.expand(-1, 3, -1, -1)
+        if self.metric is None:
+            raise RuntimeError("LPIPS is not available: check .available first")
         with torch.no_grad():
             return self.metric.net(reconstructions.float(), truth.float(), normalize=True).flatten().double()

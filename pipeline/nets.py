@@ -109,7 +109,9 @@ def build_model(
     if arch == "resnet18":
         model = _resnet18(in_channels, num_classes)
         if maxpool_kernel is not None:
-            model.maxpool.kernel_size = maxpool_kernel
+            pool = model.get_submodule("maxpool")
+            assert isinstance(pool, nn.MaxPool2d)
+            pool.kernel_size = maxpool_kernel
     elif arch == "vgg11":
         model = _vgg11(in_channels, num_classes)
     elif arch == "convnet":
@@ -123,9 +125,16 @@ def build_model(
     return model
 
 
-def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """(name, module) of every BatchNorm layer of `model`, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def running_statistics(layer: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(running mean, running variance) of a BatchNorm layer that tracks them."""
+    if layer.running_mean is None or layer.running_var is None:
+        raise ValueError("this BatchNorm layer keeps no running statistics (track_running_stats=False)")
+    return layer.running_mean, layer.running_var
 
 
 def input_shapes(model: nn.Module, kind: type[nn.Module], image_shape: tuple[int, ...]) -> dict[str, torch.Size]:
@@ -176,7 +185,7 @@ def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int)
     return first, last
 
 
-def crop_dead_taps(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, tuple[slice, ...]]:
+def crop_dead_taps(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, tuple[slice, ...]]:
     """Shrink, in place, every convolution kernel whose border taps only ever read zero padding
     at this input size, to its live taps (padding reduced to match): the same outputs with less
     work. ResNet-18 at 32 px has 1 x 1 maps in layer4, where a 3 x 3 kernel uses its centre
@@ -187,6 +196,7 @@ def crop_dead_taps(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[
     crops: dict[str, tuple[slice, ...]] = {}
     for name, shape in input_shapes(model, nn.Conv2d, image_shape).items():
         conv = model.get_submodule(name)
+        assert isinstance(conv, nn.Conv2d)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             continue
         axes = zip(shape[1:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)

@@ -37,7 +37,11 @@ def _units(model: nn.Module, arch: str) -> list[tuple[str, nn.Module, int]]:
     def count(*params: torch.Tensor) -> int:
         return sum(p.numel() for p in params)
 
+    units: list[tuple[str, nn.Module, int]]
     if arch == "resnet18":
+        from torchvision.models import ResNet  # imported already: the model is one
+
+        assert isinstance(model, ResNet)
         units = [("conv1", model.conv1, count(model.conv1.weight)), ("maxpool", model.maxpool, 0)]
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             for i, block in enumerate(getattr(model, layer)):

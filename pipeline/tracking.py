@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +69,8 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 def group_run(mlflow: Any, experiment_id: str, group: str, name: str) -> str:
     """The id of the parent run of `group` (the stage runs of one code + parameters version),
-    created (and ended: it holds no work of its own) by the first stage that needs it."""
+    created (and ended: it holds no work of its own) by the first stage that needs it; each
+    child moves its end to the child's own (`open_run`), so that it spans them all."""
     found = mlflow.search_runs(
         [experiment_id],
         filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`pipeline.role` = 'group'",
@@ -139,11 +141,17 @@ def open_run(
     for run_id in end_killed_runs(mlflow, experiment.experiment_id, run_name):
         print(f"MLflow: run {run_id} of an earlier {run_name} whose process was killed is marked KILLED")
     tags = {**tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    parent = None
     if group is not None:
-        tags = {**tags, GROUP_TAG: group[0], "mlflow.parentRunId": group_run(mlflow, experiment.experiment_id, *group)}
-    with mlflow.start_run(run_name=run_name, tags=tags):
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()})
-        yield mlflow
+        parent = group_run(mlflow, experiment.experiment_id, *group)
+        tags = {**tags, GROUP_TAG: group[0], "mlflow.parentRunId": parent}
+    try:
+        with mlflow.start_run(run_name=run_name, tags=tags):
+            mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(params).items()})
+            yield mlflow
+    finally:
+        if parent is not None:
+            mlflow.MlflowClient().set_terminated(parent, end_time=int(time.time() * 1000))
 
 
 def _history(client, run_id: str | None, key: str) -> dict[int, float]:

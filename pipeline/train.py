@@ -34,25 +34,29 @@ from pipeline.data import Split, normalise
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
 from pipeline.files import read_json
 from pipeline.nets import build_model
+from pipeline.parallel import threads_per_process
+from pipeline.seeds import Draw, generator
 
 RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
 
 
-def _generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63)
-    return torch.Generator().manual_seed(seed)
-
-
 class Classifier(L.LightningModule):
     def __init__(
-        self, model: torch.nn.Module, train: Split, test: Split, num_classes: int, params: Params, scheme: SchemeParams
+        self,
+        model: torch.nn.Module,
+        train: TensorDataset,
+        test: TensorDataset,
+        num_classes: int,
+        params: Params,
+        scheme: SchemeParams,
     ):
         super().__init__()
         self.model = model
         self.hp, self.scheme, self.seed = params.train, scheme, params.seed
-        self.per_sample = per_sample_method(scheme.dp.per_sample, params.model.arch) if self.per_sample_dp else None
+        dp = scheme.dp  # per_sample is set exactly for per-sample DP (pipeline.config)
+        self.per_sample = (
+            per_sample_method(dp.per_sample, params.model.arch) if dp is not None and dp.per_sample else None
+        )
         self.train_set, self.test_set = train, test
         self.global_batch = params.train.batch_size * scheme.batch_multiplier
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -70,7 +74,7 @@ class Classifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1 and not torch.cuda.is_available():
             # processes share the cores: one thread each on two cores, not two each
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.hp.devices))
+            torch.set_num_threads(threads_per_process(self.hp.devices))
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -78,7 +82,9 @@ class Classifier(L.LightningModule):
             batches = PoissonBatches(len(self.train_set), self.sample_rate, self.seed, rank, world)
             return DataLoader(self.train_set, batch_sampler=batches)
         # The order of epoch e is a function of (seed, e) alone, so a resumed run sees the same batches.
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+        )
         return DataLoader(self.train_set, batch_size=self.global_batch // world, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -92,7 +98,7 @@ class Classifier(L.LightningModule):
             self._count_loss(loss.detach(), len(labels))
             return loss
         dp, world = self.scheme.dp, self.trainer.world_size
-        noise = _generator(self.seed, self.global_step, self.trainer.global_rank)
+        noise = generator(Draw.TRAINING_DP_NOISE, self.seed, self.global_step, self.trainer.global_rank)
         grads = dp_gradient(
             self.model,
             images,
@@ -125,12 +131,12 @@ class Classifier(L.LightningModule):
             return
         # The original's clip-noise, after the gradient is averaged over processes, with the same
         # noise on every process (the original drew it per process, and its replicas drifted apart).
-        named = {n: p for n, p in self.model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
         noisy = batch_clip_noise_gradient(
-            {n: p.grad for n, p in named.items()}, dp.clip, dp.sigma, _generator(self.seed, self.global_step)
+            grads, dp.clip, dp.sigma, generator(Draw.TRAINING_CLIP_NOISE, self.seed, self.global_step)
         )
-        for name, p in named.items():
-            p.grad.copy_(noisy[name])
+        for name, g in grads.items():
+            g.copy_(noisy[name])
 
     def validation_step(self, batch, _index):
         images, labels = batch
@@ -152,6 +158,7 @@ class Classifier(L.LightningModule):
         if dp.kind == "batch":
             return {"guarantee": "none (batch clipping, not DP-SGD)", "clip": dp.clip, "sigma": dp.sigma}
         steps = epochs * max(1, round(1 / self.sample_rate))
+        assert dp.delta is not None  # per-sample DP has one (pipeline.config)
         return {
             "guarantee": "(epsilon, delta)-DP, RDP accountant",
             "epsilon": round(epsilon(dp.sigma, self.sample_rate, steps, dp.delta), 6),
@@ -182,7 +189,8 @@ class EpochCheckpoints(Callback):
     def __init__(self, folder: Path, meta: dict[str, Any]):
         self.folder, self.meta = folder, meta
 
-    def on_validation_end(self, trainer: L.Trainer, module: Classifier) -> None:
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        assert isinstance(module, Classifier)
         if trainer.sanity_checking:
             return
         fitting = trainer.state.fn == "fit"
@@ -267,8 +275,8 @@ def train(
         **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
     }
     mean, std = data_meta["mean"], data_meta["std"]
-    datasets = [TensorDataset(normalise(s.images, mean, std), s.labels) for s in (train_split, test_split)]
-    module = Classifier(model, *datasets, len(data_meta["classes"]), params, scheme)
+    train_set, test_set = (TensorDataset(normalise(s.images, mean, std), s.labels) for s in (train_split, test_split))
+    module = Classifier(model, train_set, test_set, len(data_meta["classes"]), params, scheme)
     trainer = L.Trainer(
         **strategy_options(params.train, scheme),
         max_epochs=params.train.epochs,

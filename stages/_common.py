@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.config import Params, load_params
 from pipeline.errors import PipelineError
 from pipeline.files import digest, sha256
+from pipeline.parallel import is_first_process
 from pipeline.tracking import open_run, tracking_uri
 
 # Write failures that are the machine's state, not a bug: reported in one line.
@@ -142,11 +143,6 @@ def _sections(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
             src, dst = src[part], dst.setdefault(part, {})
         dst[leaf] = src[leaf]
     return picked
-
-
-def is_first_process() -> bool:
-    """False in the extra processes a distributed launcher (Lightning, torchrun, SLURM) starts."""
-    return all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> None:

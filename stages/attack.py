@@ -19,7 +19,6 @@ from pipeline.attack.jobs import (
     Job,
     classic_of,
     combined,
-    launched_processes,
     load_result,
     process_count,
     run_jobs,
@@ -29,9 +28,10 @@ from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, digest, partial_path, save_tensors, tree_digest
+from pipeline.parallel import is_first_process, launched_processes
 from pipeline.report import save_grid
 from pipeline.uploads import CLASSIC, load_upload
-from stages._common import Stage, code_digest, is_first_process, run
+from stages._common import Stage, code_digest, run
 
 
 def attackers(a: AttackParams, uploads: list[Path]) -> list[tuple[str, AttackParams, list[Path]]]:

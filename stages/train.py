@@ -9,8 +9,9 @@ from pathlib import Path
 
 from pipeline.data import load_split
 from pipeline.files import atomic_dir, digest, partial_path, tree_digest, write_json
+from pipeline.parallel import is_first_process
 from pipeline.rank_analysis import model_ra_index, ra_maxpool_kernel, rank_analysis
-from stages._common import Stage, code_digest, is_first_process, run
+from stages._common import Stage, code_digest, run
 
 DATA = Path("data/prepared")
 

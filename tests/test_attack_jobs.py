@@ -143,10 +143,11 @@ def test_the_exact_attacker_unrolls_the_clients_local_steps(tmp_path, fashion_im
     (BatchNorm over four), the adaptive one the client's two steps (BatchNorm over each two)."""
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
-    exact = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="exact"), 0, False)
-    plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
+    # at 200 iterations the two are 0.5-1.5 dB apart (seeds 0-2); at 400, 4.1-4.5 dB
+    exact = run_job(Job(path, 0), attack_params(attack__iterations=400, attack__client_model="exact"), 0, False)
+    plain = run_job(Job(path, 0), attack_params(attack__iterations=400, attack__client_model="plain"), 0, False)
     assert exact.grad_loss < plain.grad_loss
-    assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
+    assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 2
 
 
 def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashion_images):

@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.parallel import LAUNCHER_VARIABLES
 from tests.conftest import REPO
-from tools.repro_gate import LAUNCHER_VARIABLES, gate
+from tools.repro_gate import gate
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +91,9 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     root, _, log, _, _ = project
     for stage in STAGES:
         assert log.count(f"Running stage '{stage}'") == 2  # once in each clone
+    for notice in ("is deprecated", "sync_dist=True", "Tip: For seamless cloud logging"):
+        assert notice not in log  # third-party notices dropped by their text (stages/__init__.py)
+    assert "train@gh: epoch 2: test accuracy" in log  # ... and the stages' own lines kept
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}-trial-0{t}" for k in SETTINGS for e in (0, 2) for t in (0, 1)}
     for name, upload in metrics["uploads"].items():
@@ -153,6 +157,8 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     runs = every[every["tags.dvc.stage"].notna()]
     assert sorted(runs["tags.dvc.stage"]) == sorted(STAGES)
     assert set(runs["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
+    assert parent["start_time"].iloc[0] <= runs["start_time"].min()  # the parent spans its children
+    assert parent["end_time"].iloc[0] >= runs["end_time"].max()
     # the report's per-setting runs, for the UI's compare view
     results = every[every["tags.pipeline.role"] == "results"]
     assert sorted(results["tags.setting"]) == sorted(SETTINGS)

@@ -37,3 +37,23 @@ def test_a_run_left_running_by_a_killed_process_is_marked_killed_by_the_next(tmp
     assert status == {before.info.run_id: "KILLED", alive.info.run_id: "RUNNING", current: "FINISHED"}
     # the UI opens the experiment on its training runs
     assert mlflow.get_experiment(experiment).tags[KIND_TAG] == KIND
+
+
+def test_the_parent_run_of_a_pipeline_version_spans_its_children(tmp_path, monkeypatch):
+    import time
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    children = []
+    for stage in ("train@pure", "extract@pure"):
+        with open_run(tmp_path, stage, {}, {}, group=("abc", "pipeline abc")) as tracked:
+            children.append(tracked.active_run().info.run_id)
+            time.sleep(0.05)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [client.get_run(r).info for r in children]
+    (parent,) = {client.get_run(r).data.tags["mlflow.parentRunId"] for r in children}
+    group = client.get_run(parent).info
+    assert group.status == "FINISHED"
+    assert group.start_time <= min(r.start_time for r in runs)
+    assert group.end_time >= max(r.end_time for r in runs) > group.start_time + 100  # both children, not 7 ms

@@ -30,6 +30,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pipeline.parallel import LAUNCHER_VARIABLES
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
 # Across machines. Rows at epoch 0 involve no training: the same initial weights, upload and
@@ -40,11 +42,6 @@ KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
 # it); the trained tolerances leave room above that.
 DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
 TRAINED_TOLERANCE = {"test_accuracy": 0.06, "gh": 0.12, "psnr": 6.0, "ssim": 0.2, "label_accuracy": 0.0}
-
-
-# A launcher's rendezvous, inherited (say from a test that launched processes), would make the
-# pipeline's own multi-process stages join it, or bind a port somebody else holds.
-LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import distributed as dist
@@ -27,8 +28,10 @@ from tqdm.auto import tqdm
 from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.metrics import pair_by_hungarian
-from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes
+from pipeline.nets import batchnorm_layers, crop_dead_taps, input_shapes, running_statistics
+from pipeline.seeds import Draw, generator, mix
 
+Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what torch._foreach_* take and give
 LOG_EVERY = 25  # how often (iterations) the loss curve is sampled
 
 
@@ -108,15 +111,16 @@ def unrolled_update(
     from torch.func import functional_call
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    current = [p for p in model.parameters() if p.requires_grad]
+    current: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
     taken: list[tuple[torch.Tensor, ...]] = []
     for parts in steps.parts:
         groups = parts if steps.separate else [torch.cat(parts)]
         state = {**fixed, **dict(zip(names, current))}
-        loss = sum(
+        summed = sum(
             F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum") for g in groups
-        ) / sum(len(g) for g in groups)
+        )
+        loss = cast(torch.Tensor, summed) / sum(len(g) for g in groups)
         grads = torch.autograd.grad(loss, current, create_graph=True)
         taken.append(grads)
         current = [p - steps.lr * g for p, g in zip(current, grads)]
@@ -172,7 +176,7 @@ class GradientMatch:
                 targets[i] = targets[i][crops[name]].contiguous()
         self.targets = targets
 
-    def _weighted_sq_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _weighted_sq_norm(self, tensors: Tensors) -> torch.Tensor:
         norms = torch.stack(torch._foreach_norm(tensors))
         return (self.weight_vector * norms * norms).sum()
 
@@ -186,7 +190,7 @@ class GradientMatch:
         return 1 - dot / norm
 
     @torch.no_grad()
-    def __call__(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, grads: Tensors) -> tuple[torch.Tensor, Tensors]:
         """(the term, its gradient with respect to each tensor of `grads`)."""
         if self.objective == "l2":  # sum w |g - t|^2, gradient 2 w (g - t)
             diffs = torch._foreach_sub(grads, self.targets)
@@ -217,7 +221,8 @@ class BatchNormPrior:
         if statistics is None:
             layers = [(n, m) for n, m in layers if m.running_mean is not None]
             self.reference = [
-                (m.running_mean.clone().expand(shards, -1), m.running_var.clone().expand(shards, -1)) for _, m in layers
+                (mean.clone().expand(shards, -1), var.clone().expand(shards, -1))
+                for mean, var in (running_statistics(m) for _, m in layers)
             ]
         else:
             self.reference = [pooled_statistics(statistics, n, m.num_features, shards) for n, m in layers]
@@ -292,11 +297,13 @@ def statistics_from_buffers(
     for name, m in batchnorm_layers(model):
         if m.running_mean is None:
             continue
+        before = running_statistics(m)
         after = [buffers.get(f"{name}.{kind}") for kind in ("running_mean", "running_var")]
-        if any(b is None or b.shape != m.running_mean.shape for b in after):
+        if not all(b is not None and b.shape == before[0].shape for b in after):
             raise ValueError(f"the upload carries no running statistics of BatchNorm layer {name!r} of its shape")
-        mean = (after[0].double() - kept * m.running_mean.double()) / (1 - kept)
-        unbiased = (after[1].double() - kept * m.running_var.double()) / (1 - kept)
+        mean, unbiased = (
+            (cast(torch.Tensor, b).double() - kept * r.double()) / (1 - kept) for b, r in zip(after, before)
+        )
         n = step_images * shapes[name][1:].numel()
         out[f"{name}.mean"] = mean.float().view(1, 1, -1)
         out[f"{name}.var"] = (unbiased * (n - 1) / n).clamp_min(0).float().view(1, 1, -1)
@@ -441,8 +448,7 @@ def invert(
     restarts = list(range(a.restarts)) if restarts is None else restarts
 
     def start(restart: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed * 1000 + restart)
-        return torch.randn(batch, generator=generator).clamp_(low, high)
+        return torch.randn(batch, generator=generator(Draw.ATTACK_START, seed, restart)).clamp_(low, high)
 
     if match.is_zero:
         # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
@@ -497,7 +503,7 @@ def invert(
 
     def run(restart: int) -> Reconstruction:
         # the attacker's own dropout (a train-mode VGG) draws from (seed, restart) alone
-        torch.manual_seed(10**9 + seed * 1000 + restart)
+        torch.manual_seed(mix(Draw.ATTACK_DROPOUT, seed, restart))
         x = start(restart).chunk(world)[rank].clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=a.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.iterations, eta_min=a.lr_min)
@@ -529,7 +535,7 @@ def invert(
                 kept.curve.append((it, g_value))
                 bar.update(a.iterations - it - 1)
                 break
-        if kept.iterations_run < a.iterations:
+        if kept.iterations_run != a.iterations:
             kept.converged = True  # it stopped at its own TV target
         elif a.iterations >= 20:
             kept.tail = (first, tail[0], tail[1])
@@ -569,7 +575,7 @@ def gradient_loss(
     crops = crop_dead_taps(model, tuple(images.shape[1:]))
     match = GradientMatch(model, target, a.objective, a.layer_weights, crops)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(10**9 + seed * 1000 + 999)
+        torch.manual_seed(mix(Draw.LOSS_DROPOUT, seed))
         x = images.detach().clone().requires_grad_(True)
         grads = (
             dummy_gradient(model, x, labels, shards)

@@ -12,7 +12,6 @@ Each job writes its result to a file in a scratch folder; the caller combines th
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import batchnorm_layers, classifier_weight_name
+from pipeline.parallel import cpu_fabric, launched_processes
 from pipeline.uploads import ThreatModel, Upload, check_fits, load_upload
 
 
@@ -258,14 +258,6 @@ def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Pa
     fabric.barrier()
 
 
-def launched_processes() -> tuple[int, int] | None:
-    """(processes per node, nodes) when torchrun started this process among others, else None."""
-    if "LOCAL_WORLD_SIZE" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-    return (per_node, world // per_node) if world > 1 else None
-
-
 def process_count(jobs: list[Job], a: AttackParams, folder: Path) -> int:
     """The processes run_jobs runs `jobs` on: torchrun's, or `a.processes` (when the jobs shard,
     no more than there are jobs not yet done in `folder`)."""
@@ -288,14 +280,6 @@ def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
     if processes <= 1 or not jobs:
         _run_share(0, 1, [job for job in jobs if not job.done(folder)], a, seed, folder, a.threads)
         return
-    from lightning.fabric import Fabric
-
-    if launched:
-        fabric = Fabric(
-            accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
-        )
-    else:
-        # Forked, not spawned: the workers start with this process's imports, in about a second
-        # instead of ten here (bench/attack.py); they leave by os._exit, so no MLflow exit hook runs.
-        fabric = Fabric(accelerator="cpu", devices=processes, strategy="ddp_fork", precision="32-true")
-    fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads)
+    # Forked, not spawned, when this process starts them: they leave by os._exit, so no MLflow exit hook runs.
+    fabric = cpu_fabric(processes, "launched" if launched else "fork")
+    fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads)  # type: ignore[arg-type]  # *args are passed on

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.seeds import Draw, generator, mix
 
 LABEL_METHODS = ("known", "llg", "llg-original", "idlg", "counts")
 
@@ -102,11 +103,10 @@ def mean_prediction(
     """The model's mean softmax over `probes` inputs of the attacker's own: Gaussian noise in the
     pixel box, as the attack's starts are, through the model in its own mode (a copy, so that
     BatchNorm's running statistics stay the checkpoint's, and the global RNG is left alone)."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn((probes, *image_shape), generator=generator).clamp_(low, high)
+    inputs = torch.randn((probes, *image_shape), generator=generator(Draw.LABEL_PROBES, seed)).clamp_(low, high)
     probe = copy.deepcopy(model)
     with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(mix(Draw.LABEL_PROBES, seed))
         return probe(inputs).double().softmax(dim=1).mean(dim=0)
 
 

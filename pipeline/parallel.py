@@ -1,0 +1,56 @@
+"""How the pipeline's processes start and tell themselves apart: the one place that knows the
+launchers (torchrun, SLURM, Lightning's own) and how workers are started.
+
+Stages and the library ask here whether they are the first process, how many processes a
+launcher started, and for a CPU Fabric over workers; nothing else reads a launcher's variables.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+# What torchrun, Lightning and SLURM set in the processes they start. A run that must start its
+# own world (the gate's clones, the tests' pipelines) gets an environment without them: inherited,
+# they would make its multi-process stages join the launcher's rendezvous or bind a port in use.
+LAUNCHER_VARIABLES = frozenset(
+    {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "SLURM_PROCID"}
+)
+_RANKS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_first_process() -> bool:
+    """False in the extra processes a distributed launcher (Lightning, torchrun, SLURM) starts."""
+    return all(int(os.environ.get(k, "0")) == 0 for k in _RANKS)
+
+
+def launched_processes() -> tuple[int, int] | None:
+    """(processes per node, nodes) when torchrun started this process among others, else None."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    return (per_node, world // per_node) if world > 1 else None
+
+
+def cpu_fabric(processes: int, start: Literal["fork", "spawn", "launched"]) -> Fabric:
+    """A CPU Fabric (gloo, float32) over `processes` workers it starts itself, forked (they begin
+    with this process's imports: about a second each instead of ten, bench/attack.py) or spawned
+    (a fresh interpreter each), or, `launched`, over the processes torchrun started."""
+    from lightning.fabric import Fabric
+
+    if start == "launched":
+        launched = launched_processes()
+        if launched is None:
+            raise RuntimeError("cpu_fabric(start='launched') outside a torchrun launch")
+        return Fabric(
+            accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
+        )
+    return Fabric(accelerator="cpu", devices=processes, strategy=f"ddp_{start}", precision="32-true")
+
+
+def threads_per_process(processes: int) -> int:
+    """Threads each of `processes` processes gets when they share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // processes)
