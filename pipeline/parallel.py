@@ -8,6 +8,8 @@ launcher started, and for a CPU Fabric over workers; nothing else reads a launch
 from __future__ import annotations
 
 import os
+import signal
+from functools import cache
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -35,6 +37,20 @@ def launched_processes() -> tuple[int, int] | None:
     return (per_node, world // per_node) if world > 1 else None
 
 
+def _sigint_ends_the_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@cache
+def _forked_workers_die_on_sigint() -> None:
+    """torch's process starter asks the kernel to send its workers SIGINT when their parent dies
+    (a stage the OOM killer took). Under Python's handler a worker blocked in C++ (a rendezvous
+    whose host died, a collective) would act on it only when that call returned, which a dead peer
+    can make never; with the default action the kernel ends it at once. Set in the child right
+    after the fork, before the rendezvous; registered once per process."""
+    os.register_at_fork(after_in_child=_sigint_ends_the_worker)
+
+
 def cpu_fabric(processes: int, start: Literal["fork", "spawn", "launched"]) -> Fabric:
     """A CPU Fabric (gloo, float32) over `processes` workers it starts itself, forked (they begin
     with this process's imports: about a second each instead of ten, bench/attack.py) or spawned
@@ -48,6 +64,8 @@ def cpu_fabric(processes: int, start: Literal["fork", "spawn", "launched"]) -> F
         return Fabric(
             accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
         )
+    if start == "fork":
+        _forked_workers_die_on_sigint()
     return Fabric(accelerator="cpu", devices=processes, strategy=f"ddp_{start}", precision="32-true")
 
 

@@ -276,9 +276,12 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
-def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_path, fashion_images):
+@pytest.mark.parametrize("into_jobs", [0.0, 2.0])
+def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_path, fashion_images, into_jobs):
     """torch's process starter gives Fabric's workers a parent-death signal: a stage killed alone
-    (the OOM killer) leaves no worker attacking on."""
+    (the OOM killer) leaves no worker attacking on, killed in their jobs or at once, while they
+    meet (the signal's default action, pipeline.parallel: with Python's handler one worker in
+    three outlived a kill at once, 3 of 9 measured)."""
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:2], labels[:2])
     script = (
@@ -297,7 +300,7 @@ def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_pat
             time.sleep(0.2)
         workers = _children(stage.pid)
         assert len(workers) >= 2, "the two attack workers never started"
-        time.sleep(2)  # into their jobs
+        time.sleep(into_jobs)
         os.kill(stage.pid, signal.SIGKILL)  # the stage alone, as the OOM killer would
         stage.wait()
         deadline = time.time() + 15
