@@ -130,3 +130,20 @@ def test_each_stage_declares_exactly_the_params_it_reads_and_logs_them():
         assert not undeclared, f"stage {name} reads {undeclared}, which dvc.yaml does not declare"
         unread = sorted(d for d in in_dvc if not any(_covers(d, r) or _covers(r, d) for r in reads))
         assert not unread, f"stage {name}: dvc.yaml declares {unread}, which it never reads"
+
+
+def test_the_committed_lock_records_the_source_files_as_they_are():
+    """A source change committed without `dvc repro` (or `dvc commit`) leaves dvc.lock naming code
+    that no longer exists, and a fresh clone's `./run.sh` then rewrites the lock."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stale = sorted(
+        {
+            dep["path"]
+            for stage in lock["stages"].values()
+            for dep in stage["deps"]
+            if dep["path"].endswith(".py") and hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest() != dep["md5"]
+        }
+    )
+    assert stale == [], f"dvc.lock is stale for {stale}: run `dvc repro` (or `dvc commit` if no output changes)"
