@@ -194,6 +194,50 @@ class AttackParams(_Section):
     # the restarts of an upload made one reconstruction: best: the restart of lowest gradient loss;
     # mlco: E2EGI's image-by-image combination of them (pipeline.attack.invert.min_loss_combination)
     combine: Literal["best", "mlco"]
+    # fixed: these values; tuned: lr, tv_weight, ... as tune@<setting> chose them on the attacker's
+    # own surrogate uploads (tuning/<setting>.json; the classic attacker keeps the fixed ones)
+    hyperparameters: Literal["fixed", "tuned"]
+
+
+# The attack's keys a study may search: numbers between low and high, or one of some choices.
+TUNABLE_NUMBERS = ("lr", "lr_min", "tv_weight", "bn_prior", "iterations")
+TUNABLE_CHOICES = ("objective", "layer_weights")
+
+
+class SearchRange(BaseModel):
+    """One key's range in tune.space: {low, high, log} for a number, {choices} for a choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample on a log scale (low > 0)
+    choices: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("takes choices, or low and high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high (or choices)")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low:g} is above high {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0 (has {self.low:g})")
+        return self
+
+
+class TuneParams(_Section):
+    """The study tune@<setting> runs for each setting whose attack has hyperparameters: tuned."""
+
+    trials: int = Field(ge=1)  # finished trials per study (pruned ones count), the fixed attack the first
+    batches: int = Field(ge=1)  # surrogate client batches, attacked at every extract epoch
+    objective: Literal["psnr", "grad_loss"]  # surrogate images' mean PSNR, or the mean gradient loss
+    startup_trials: int = Field(ge=0)  # random trials before TPE models the history; none pruned before
+    space: dict[str, SearchRange] = Field(min_length=1)
 
 
 class EvaluateParams(_Section):
@@ -220,6 +264,7 @@ class Params(_Section):
     client: ClientParams
     settings: dict[str, SettingParams] = Field(min_length=1)
     attack: AttackParams
+    tune: TuneParams
     evaluate: EvaluateParams
     report: ReportParams
 
@@ -268,6 +313,8 @@ class Params(_Section):
                 raise ValueError(f"{where}.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
             if setting.attack:
                 self._check_attack(attack, where)
+            if attack.hyperparameters == "tuned":
+                self._check_space(attack, where)
             if attack.bn_statistics == "from-buffers" and not client.upload_buffers:
                 raise ValueError(
                     f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "
@@ -300,6 +347,33 @@ class Params(_Section):
         if a.combine == "mlco" and a.restarts < 2:
             raise ValueError(
                 f"{where}.combine: 'mlco' combines restarts: it needs restarts: 2 or more (has {a.restarts})"
+            )
+
+    def _check_space(self, a: AttackParams, where: str) -> None:
+        """Every value tune.space can give must make an attack params.yaml would accept."""
+        space = self.tune.space
+        for key, r in space.items():
+            if key not in TUNABLE_NUMBERS + TUNABLE_CHOICES:
+                raise ValueError(
+                    f"tune.space: {key!r} is not a key the study can tune "
+                    f"(numbers: {', '.join(TUNABLE_NUMBERS)}; choices: {', '.join(TUNABLE_CHOICES)})"
+                )
+            if (key in TUNABLE_CHOICES) != (r.choices is not None):
+                raise ValueError(
+                    f"tune.space.{key}: " + ("takes choices" if key in TUNABLE_CHOICES else "takes low and high")
+                )
+            if key == "iterations" and not (float(r.low or 0).is_integer() and float(r.high or 0).is_integer()):
+                raise ValueError("tune.space.iterations: low and high must be whole numbers")
+            values: list[Any] = list(r.choices) if r.choices is not None else [r.low, r.high]
+            for value in values:
+                value = int(value) if key == "iterations" else value
+                self._check_attack(_changed(a, {key: value}, f"tune.space.{key}", ""), f"tune.space.{key} ({where})")
+        if "lr" in space and "lr_min" in space and space["lr_min"].high > space["lr"].low:  # type: ignore[operator]
+            raise ValueError("tune.space.lr_min: its high must not exceed lr's low (lr_min <= lr)")
+        if self.tune.objective == "grad_loss" and {"objective", "layer_weights"} & set(space):
+            raise ValueError(
+                "tune.objective: grad_loss is not comparable across trials that change the attack's "
+                "objective or layer_weights (use psnr)"
             )
 
     def _attack(self, name: str) -> AttackParams:

@@ -211,8 +211,16 @@ def to_unit_range(normalised: torch.Tensor, mean: list[float], std: list[float])
     return (normalised * s + m).clamp(0, 1)
 
 
+def attacker_split(data: PreparedData) -> Split:
+    """The images the attacker owns: the training split less the victim pool (what it tunes on)."""
+    keep = torch.ones(len(data.train.labels), dtype=torch.bool)
+    keep[data.victim_indices] = False
+    return Split(data.train.images[keep].contiguous(), data.train.labels[keep].contiguous())
+
+
 def save_prepared(folder: Path, data: PreparedData, source: str) -> None:
-    """Write the three splits as tensor files; `meta.json` inside each names classes and normalisation."""
+    """Write the splits as tensor files (train, test, victims and the attacker's own images),
+    each beside a JSON naming classes and normalisation."""
     channels, size = data.train.images.shape[1], data.train.images.shape[-1]
     meta = {
         "source": source,
@@ -222,7 +230,12 @@ def save_prepared(folder: Path, data: PreparedData, source: str) -> None:
         "channels": channels,
         "image_size": size,
     }
-    for name, split in (("train", data.train), ("test", data.test), ("victims", data.victims)):
+    for name, split in (
+        ("train", data.train),
+        ("test", data.test),
+        ("victims", data.victims),
+        ("attacker", attacker_split(data)),
+    ):
         tensors = {"images": split.images, "labels": split.labels}
         if name == "victims":
             tensors["train_index"] = data.victim_indices

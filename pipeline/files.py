@@ -15,13 +15,14 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # torch is imported by the functions that move tensors: a stage that writes JSON alone starts fast
+    import torch
 
 
 def sha256(path: Path) -> str:
@@ -85,6 +86,22 @@ def atomic_dir(path: str | Path, fingerprint: str | None = None) -> Iterator[Pat
     os.replace(tmp, path)
 
 
+@contextmanager
+def resumable_scratch(output: str | Path, fingerprint: str) -> Iterator[Path]:
+    """A work folder beside the file `output` for a stage that writes `output` itself: kept after
+    a killed run for the next run with the same `fingerprint` (anything else left there is
+    discarded), removed once the block succeeds."""
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.work.partial")  # not partial_path: atomic_file's name for output
+    marker = tmp / FINGERPRINT
+    if not (marker.is_file() and marker.read_text() == fingerprint):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        marker.write_text(fingerprint)
+    yield tmp
+    shutil.rmtree(tmp)
+
+
 def digest(*parts: Any) -> str:
     """A digest of JSON-able parts (parameters, input hashes): equal inputs, equal digest."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -117,6 +134,8 @@ def read_json(path: str | Path) -> Any:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write `path` (.safetensors) and its metadata beside it (.json, with the file's hash)."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     with atomic_file(path) as tmp:
         try:
@@ -145,6 +164,8 @@ def load_meta(path: str | Path) -> dict[str, Any]:
 
 def load_tensors(path: str | Path, expected: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a tensor file and its verified metadata; `expected` names the keys it must hold."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     meta = load_meta(path)
     try:

@@ -102,3 +102,34 @@ def scatter_plot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     _save(plt, fig, path)
+
+
+def study_plots(folder: Path, records: list, importances: dict[str, float], objective: str) -> list[Path]:
+    """A study's optimisation history (each trial's objective, pruned ones at their last step, the
+    best so far) and its parameters' importance, as PNGs in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plt, fig, axes = _figure()
+    ax = axes[0][0]
+    done = [r for r in records if r.state == "complete"]
+    pruned = [r for r in records if r.state == "pruned"]
+    ax.plot([r.number for r in done], [r.value for r in done], "o", label="complete")
+    ax.plot([r.number for r in pruned], [r.steps[-1][1] for r in pruned], "x", label="pruned (at its last step)")
+    pick = max if objective == "psnr" else min
+    best, running = [], None
+    for r in done:
+        running = r.value if running is None else pick(running, r.value)
+        best.append(running)
+    ax.step([r.number for r in done], best, where="post", label="best so far")
+    ax.set_xlabel("trial (0: the fixed attack)")
+    ax.set_ylabel("surrogate PSNR dB" if objective == "psnr" else "gradient loss")
+    ax.legend(fontsize=8)
+    paths = [folder / "optimisation_history.png"]
+    _save(plt, fig, paths[0])
+    if importances:
+        plt, fig, axes = _figure(size=(6, 1 + 0.5 * len(importances)))
+        names = list(importances)
+        axes[0][0].barh(names, [importances[n] for n in names])
+        axes[0][0].set_xlabel("importance (fANOVA)")
+        paths.append(folder / "parameter_importance.png")
+        _save(plt, fig, paths[1])
+    return paths

@@ -212,6 +212,14 @@ def client_summary(c) -> str:
     return ", ".join(x for x in parts if x)
 
 
+def hyperparameters_of(attack_meta: dict) -> str:
+    """Which hyper-parameters an attack ran with, in a few words: fixed, or the values tuned."""
+    tuned = attack_meta.get("tuned")
+    if not tuned:
+        return "fixed"
+    return "tuned: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in tuned.items())
+
+
 def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
     """One row per attacked upload: what the client stage measured (GH, ...), the attack's
     bookkeeping (labels method, iterations, convergence) and the label accuracy."""
@@ -235,6 +243,7 @@ def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
                 "iterations_run": rec["iterations_run"],
                 "converged": rec["converged"],
                 "grad_loss": rec["grad_loss"],
+                "hyperparameters": hyperparameters_of(rec),
             }
         )
     return pd.DataFrame(rows)
@@ -260,6 +269,7 @@ def results_table(
                 "iterations": int(mine.iterations.iloc[0]),
                 "iterations_run": float(mine.iterations_run.mean()),
                 "unconverged": int((mine.converged == False).sum()),  # noqa: E712 (None is not False)
+                "hyperparameters": mine.hyperparameters.iloc[0],
             }
             rows.append(row)
     return pd.DataFrame(rows)
@@ -322,7 +332,12 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
     for setting, part in table.groupby("setting", sort=False):
         part = part.sort_values("epoch")
         scheme = part.scheme.iloc[0]
-        row = {"setting": setting, "scheme": scheme, "n": int(part.n.iloc[0])}
+        row = {
+            "setting": setting,
+            "scheme": scheme,
+            "n": int(part.n.iloc[0]),
+            "hyperparameters": part.hyperparameters.iloc[0],
+        }
         for r in part.itertuples():
             row[f"psnr_epoch_{r.epoch}"] = r.psnr
             row[f"psnr_epoch_{r.epoch}_ci"] = [r.psnr_low, r.psnr_high]
@@ -382,6 +397,8 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     epochs = [c for c in summary.columns if c.startswith("psnr_epoch_") and not c.endswith("_ci")]
     out = summary[["setting", "scheme", "n"]].copy()
+    if (summary.hyperparameters != "fixed").any():  # else every attack ran with params.yaml's values
+        out["attack hyper-parameters"] = summary.hyperparameters
     for column in epochs:
         out[f"PSNR epoch {column.removeprefix('psnr_epoch_')}"] = [
             _interval(m, *ci) for m, ci in zip(summary[column], summary[f"{column}_ci"])

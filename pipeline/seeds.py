@@ -36,6 +36,9 @@ class Draw(IntEnum):
     ATTACK_DROPOUT = 11  # the attacker's own dropout (a train-mode model) in one restart
     LOSS_DROPOUT = 12  # the same, when a given batch's gradient loss is scored (MLCO)
     LABEL_PROBES = 13  # the attacker's noise inputs that estimate the model's softmax
+    SURROGATE_BATCHES = 14  # the attacker's own batches it tunes on (pipeline.attack.tune)
+    SURROGATE_CLIENT = 15  # the client it simulates on them (dropout, DP noise)
+    TUNE_SAMPLER = 16  # the study's sampler before one trial
 
 
 def mix(draw: Draw, *numbers: int) -> int:

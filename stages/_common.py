@@ -145,12 +145,19 @@ def _sections(tree: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return picked
 
 
-def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> None:
+def run(
+    name: str,
+    body: Callable[[Stage], None],
+    reads: tuple[str, ...],
+    computes: Callable[[Params, str | None], bool] | None = None,
+) -> None:
     """Run a stage body inside its MLflow run (first process only), logging the `reads` parameters.
 
     `reads` names parameter sections or dotted keys; "{scheme}" (or "{setting}") in one stands
-    for the scheme (or client setting) given on the command line. A PipelineError, or a write
-    the disk refuses, becomes one line on stderr and exit status 2.
+    for the scheme (or client setting) given on the command line. Where `computes(params,
+    setting)` says False, the body only writes down that there is nothing to do: it runs
+    without torch's setup or an MLflow run (seconds saved per stage). A PipelineError, or a
+    write the disk refuses, becomes one line on stderr and exit status 2.
     """
     try:
         params = load_params(Path("params.yaml"))
@@ -165,6 +172,9 @@ def run(name: str, body: Callable[[Stage], None], reads: tuple[str, ...]) -> Non
                 raise PipelineError(f"usage: python -m stages.{name} <setting> (one of {', '.join(params.settings)})")
             setting = sys.argv[1]
             scheme, _ = params.setting(setting)  # an unknown name is refused here
+        if computes is not None and not computes(params, setting):
+            body(Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting, _NoTracking()))
+            return
         import torch
 
         # = use_deterministic_algorithms(True) for eager kernels, without the import of

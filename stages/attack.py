@@ -24,30 +24,54 @@ from pipeline.attack.jobs import (
     run_jobs,
     target_of,
 )
+from pipeline.attack.tune import tuned_attack
 from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_dir, digest, partial_path, save_tensors, tree_digest
+from pipeline.files import atomic_dir, digest, partial_path, read_json, save_tensors, tree_digest
 from pipeline.parallel import is_first_process, launched_processes
 from pipeline.report import save_grid
 from pipeline.uploads import CLASSIC, load_upload
 from stages._common import Stage, code_digest, run
 
+TUNING = Path("tuning")
 
-def attackers(a: AttackParams, uploads: list[Path]) -> list[tuple[str, AttackParams, list[Path]]]:
+
+def attackers(
+    a: AttackParams, uploads: list[Path], fixed: AttackParams | None = None
+) -> list[tuple[str, AttackParams, list[Path]]]:
     """(subfolder, attack parameters, uploads) per attacker: the adaptive one on every upload, the
-    classic one on those the adaptive one models otherwise."""
+    classic one on those the adaptive one models otherwise, with the `fixed` hyper-parameters
+    when the adaptive one's are tuned (the study tuned the adaptive attacker, not it)."""
     runs = [("", a, uploads)]
     if a.client_model == "exact" and a.classic:
         adapted = [path for path in uploads if target_of(Job(path, 0), a).adapted]
         if adapted:
-            runs.append((CLASSIC, classic_of(a), adapted))
+            classic = classic_of(fixed or a).model_copy(update={"hyperparameters": "fixed"})
+            runs.append((CLASSIC, classic, adapted))
     return runs
 
 
-def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratch: Path, prefix: str) -> dict:
+def with_tuning(a: AttackParams, setting: str) -> tuple[AttackParams, dict | None]:
+    """The setting's attack as it runs, and the values tune@<setting> chose (None: fixed)."""
+    if a.hyperparameters == "fixed":
+        return a, None
+    source = TUNING / f"{setting}.json"
+    if not source.is_file():
+        raise PipelineError(
+            f"{source}: not found, but attack.hyperparameters is tuned for {setting} "
+            f"(run `dvc repro tune@{setting}` first)"
+        )
+    tuning = read_json(source)
+    return tuned_attack(a, tuning, str(source)), tuning["best"]
+
+
+def attack(
+    stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratch: Path, prefix: str, tuned: dict | None
+) -> dict:
     """Run one attacker's jobs (resuming those done in `scratch`) and write its reconstructions
-    into `out`; returns per epoch the (reconstruction, seconds) of each upload."""
+    into `out` (`tuned`: the values a study chose, for the record); returns per epoch the
+    (reconstruction, seconds) of each upload."""
     setting = stage.setting
     jobs = [Job(path, r) for path in uploads for r in range(a.restarts)]
     scratch.mkdir(parents=True, exist_ok=True)
@@ -84,6 +108,7 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
             "converged": rec.converged,
             "loss_tail": None if rec.tail is None else [round(v, 6) for v in rec.tail],
             "note": rec.note,
+            "tuned": tuned,
             **({} if rec.sources is None else {"sources": rec.sources}),  # the restart of each image, combined
         }
         save_grid((out / path.name).with_suffix(".png"), [images])
@@ -107,12 +132,13 @@ def attack(stage: Stage, a: AttackParams, uploads: list[Path], out: Path, scratc
 
 def main(stage: Stage) -> None:
     p, setting = stage.params, stage.setting
-    a = p.attack_for(setting)
+    fixed = p.attack_for(setting)
+    a, tuned = with_tuning(fixed, setting)
     folder, out_folder = Path("uploads") / setting, Path("attacks") / setting
     uploads = sorted(folder.glob("*.safetensors"))
     if not uploads:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
-    runs = attackers(a, uploads)
+    runs = attackers(a, uploads, fixed)
     if not is_first_process():  # one of torchrun's other processes: its share, into the first one's folder
         for sub, params, paths in runs:
             run_jobs(
@@ -122,11 +148,15 @@ def main(stage: Stage) -> None:
                 partial_path(out_folder) / sub / ".jobs",
             )
         return
-    inputs = digest(p.seed, a.model_dump(), tree_digest(folder), code_digest("stages.attack"))
+    if tuned:
+        stage.mlflow.log_params({f"tuned.{k}": v for k, v in tuned.items()})
+    inputs = digest(p.seed, a.model_dump(), fixed.model_dump(), tree_digest(folder), code_digest("stages.attack"))
     with atomic_dir(out_folder, fingerprint=inputs) as out:
         timings = {}
         for sub, params, paths in runs:  # one scratch folder per attacker, removed before the output is finished
-            timings[sub] = attack(stage, params, paths, out / sub, out / sub / ".jobs", f"{sub}." if sub else "")
+            timings[sub] = attack(
+                stage, params, paths, out / sub, out / sub / ".jobs", f"{sub}." if sub else "", None if sub else tuned
+            )
     for sub, by_epoch in timings.items():  # step = training epoch, over its trials; the wall time goes
         # to MLflow only (in an output it would break byte-identity)
         prefix = f"{sub}." if sub else ""

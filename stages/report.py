@@ -89,7 +89,9 @@ def intro(p, table: pd.DataFrame, baseline: str | None) -> str:
         f"from the victim pool; n = images. Intervals: {r.confidence:.0%} bootstrap (BCa, {r.resamples} "
         f"resamples, seeded) of the mean over the images. {paired} An attack counts as unconverged when its "
         "best gradient loss over the last 10 % of iterations is more than 1 % under the best of the 10 % before "
-        f"(pipeline.attack.invert.still_falling); a verdict resting on any says so.{lpips}\n"
+        f"(pipeline.attack.invert.still_falling); a verdict resting on any says so. The attack runs with "
+        "params.yaml's hyper-parameters (fixed) unless the summary names tuned ones: chosen by tune@<setting> on "
+        f"the attacker's own images, never a victim's (the classic attacker keeps the fixed ones).{lpips}\n"
     )
 
 

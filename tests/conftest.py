@@ -42,6 +42,7 @@ INVERSION = {
     "threads": 1,
     "compile": False,
     "combine": "best",
+    "hyperparameters": "fixed",
 }
 
 

@@ -27,8 +27,10 @@ STAGES = {
     "evaluate",
     "report",
     *(f"train@{k}" for k in SCHEMES),
-    *(f"{s}@{k}" for s in ("extract", "attack") for k in SETTINGS),
+    *(f"{s}@{k}" for s in ("extract", "tune", "attack") for k in SETTINGS),
 }
+TUNED = ("pure",)  # the tiny profile tunes pure's attack; every other tune@ stage only writes "fixed"
+TRACKED = STAGES - {f"tune@{k}" for k in SETTINGS if k not in TUNED}  # the stages that compute: one MLflow run each
 PROJECT_FILES = [
     "pipeline",
     "stages",
@@ -155,7 +157,7 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     parent = every[every["tags.pipeline.role"] == "group"]
     assert len(parent) == 1 and parent["tags.mlflow.runName"].iloc[0].startswith("pipeline ")
     runs = every[every["tags.dvc.stage"].notna()]
-    assert sorted(runs["tags.dvc.stage"]) == sorted(STAGES)
+    assert sorted(runs["tags.dvc.stage"]) == sorted(TRACKED)
     assert set(runs["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
     assert parent["start_time"].iloc[0] <= runs["start_time"].min()  # the parent spans its children
     assert parent["end_time"].iloc[0] >= runs["end_time"].max()
@@ -306,6 +308,41 @@ def test_mlflow_server_lists_the_settings_side_by_side(project):
         assert metrics["psnr"] == pytest.approx(row.psnr) and metrics["test_accuracy"] == pytest.approx(
             row.test_accuracy
         )
+
+
+def test_the_tune_stage_reads_no_victim_and_its_study_repeats_from_the_seed(project, tmp_path):
+    """tune@pure again in a copy of the project from which truth/, uploads/, attacks/ and the victim
+    split are deleted, every file Python opens recorded: the same tuning/pure.json, byte for byte."""
+    root, env, *_ = project
+    copy = tmp_path / "project"
+    shutil.copytree(
+        root, copy, ignore=shutil.ignore_patterns("truth", "uploads", "attacks", "victims.*", "mlruns", "cache")
+    )
+    assert not (copy / "data/prepared/victims.safetensors").exists() and not (copy / "truth").exists()
+    (copy / "tuning/pure.json").unlink()
+    audit = (
+        "import runpy, sys\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == 'open' else None)\n"
+        "sys.argv = ['stages.tune', 'pure']\n"
+        "try:\n"
+        "    runpy.run_module('stages.tune', run_name='__main__')\n"
+        "finally:\n"
+        "    print('OPENED', *opened, sep='\\n')\n"
+    )
+    env = {**env, "PYTHONPATH": str(copy), "DVC_ROOT": str(copy)}
+    done = sh([sys.executable, "-c", audit], copy, env)
+    opened = done.stdout.split("OPENED\n", 1)[1].splitlines()
+    assert any(path.endswith("data/prepared/attacker.safetensors") for path in opened)  # the audit sees its reads
+    assert not [p for p in opened if "/truth/" in p or "/uploads/" in p or "/attacks/" in p or "victims" in p]
+    assert (copy / "tuning/pure.json").read_bytes() == (root / "tuning/pure.json").read_bytes()
+    tuning = json.loads((root / "tuning/pure.json").read_text())
+    assert tuning["trials"][0]["values"] == {"lr": 0.1, "tv_weight": 0.01}  # the fixed attack first
+    assert tuning["best_value"] >= tuning["fixed_value"]
+    attack = json.loads((root / "attacks/pure/epoch-000-trial-00.json").read_text())
+    assert attack["tuned"] == tuning["best"]
+    assert json.loads((root / "tuning/ra.json").read_text()) == {"setting": "ra", "hyperparameters": "fixed"}
+    assert "tuned: lr" in (root / "reports/results.md").read_text()  # the table names which attack ran
 
 
 def test_second_repro_runs_nothing(project):

@@ -78,6 +78,7 @@ def _per_image(shift: dict[str, float], victims_of=lambda setting, trial, image:
 def _uploads(per_image: pd.DataFrame, unconverged: set = frozenset()) -> pd.DataFrame:
     u = per_image.drop_duplicates(["setting", "upload"])[["setting", "upload", "epoch", "trial"]].copy()
     u["label_accuracy"], u["gh"], u["epsilon"], u["iterations"], u["iterations_run"] = 1.0, 0.1, np.nan, 500, 500
+    u["hyperparameters"] = "fixed"
     u["converged"] = [(s, e) not in unconverged for s, e in zip(u.setting, u.epoch)]
     return u
 

@@ -23,10 +23,16 @@ from pipeline.errors import PipelineError
 
 
 def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
+    # A client setting may change any key of client and attack without params.yaml listing it
+    # there; its keys are validated with the result, so a typo is refused all the same.
+    open_mapping = where.startswith("settings.") and where.count(".") >= 2
     for key, value in overrides.items():
         name = f"{where}{key}"
-        if key not in target:
+        if key not in target and not open_mapping:
             raise PipelineError(f"profile sets {name!r}, which params.yaml does not have")
+        if key not in target:
+            target[key] = value
+            continue
         if isinstance(value, dict) and isinstance(target[key], dict):
             merge(target[key], value, f"{name}.")
         elif isinstance(value, list):
