@@ -187,7 +187,9 @@ def log_setting_runs(stage: Stage, table: pd.DataFrame) -> None:
     """One child run per setting with the same metric names (step = epoch): the UI's compare view
     then lines the settings up side by side."""
     numbers = [
-        c for c in table.columns if c not in ("setting", "scheme", "arch", "epoch", "client", "labels", "privacy")
+        c
+        for c in table.columns
+        if c not in ("setting", "scheme", "arch", "epoch", "client", "labels", "privacy", "hyperparameters")
     ]
     for setting, part in table.groupby("setting", sort=False):
         with stage.mlflow.start_run(
@@ -195,7 +197,13 @@ def log_setting_runs(stage: Stage, table: pd.DataFrame) -> None:
             nested=True,
             tags={"setting": setting, "scheme": part.scheme.iloc[0], "pipeline.role": "results"},
         ):
-            stage.mlflow.log_params({"scheme": part.scheme.iloc[0], "client": part.client.iloc[0]})
+            stage.mlflow.log_params(
+                {
+                    "scheme": part.scheme.iloc[0],
+                    "client": part.client.iloc[0],
+                    "attack_hyperparameters": part.hyperparameters.iloc[0],
+                }
+            )
             for _, row in part.iterrows():
                 stage.mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.epoch))
 

@@ -13,6 +13,7 @@ from pipeline.results import (
     Evidence,
     add_classic,
     add_differences,
+    hyperparameters_of,
     mean_interval,
     paired,
     results_table,
@@ -173,3 +174,17 @@ def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_
     shown = shown_summary(summary).set_index("setting")
     assert shown.loc["pure", "classic epoch 0"] == "same attack"
     assert shown.loc["defended", "classic epoch 0"].startswith(f"{mine.mean():.1f} [")
+
+
+def test_the_summary_names_tuned_hyperparameters_and_only_then_has_the_column():
+    assert hyperparameters_of({"tuned": None}) == "fixed"
+    assert hyperparameters_of({"tuned": {"lr": 0.123456, "tv_weight": 0.001}}) == "tuned: lr 0.123, tv_weight 0.001"
+    per_image = _per_image({"pure": 0.0, "defended": -6.0})
+    training = pd.DataFrame({"scheme": ["pure", "defended"], "epoch": 3, "test_accuracy": [0.9, 0.9]})
+    fixed = _uploads(per_image)
+    summary = summary_of(_table(per_image, fixed), training, EVIDENCE, "pure")
+    assert "attack hyper-parameters" not in shown_summary(summary)
+    tuned = fixed.assign(hyperparameters=["tuned: lr 0.2" if s == "pure" else "fixed" for s in fixed.setting])
+    shown = shown_summary(summary_of(_table(per_image, tuned), training, EVIDENCE, "pure")).set_index("setting")
+    assert shown.loc["pure", "attack hyper-parameters"] == "tuned: lr 0.2"
+    assert shown.loc["defended", "attack hyper-parameters"] == "fixed"
