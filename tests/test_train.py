@@ -45,7 +45,7 @@ from pathlib import Path
 from pipeline.data import prepare
 from pipeline.train import train
 from tests.conftest import make_params
-params = make_params(data__train_size=2048, data__test_size=256, model__arch="convnet", train__epochs=4,
+params = make_params(data__train_size=1024, data__test_size=256, model__arch="convnet", train__epochs=4,
                      train__batch_size=32, train__devices=1, extract__epochs=[0, 4], train__lr_milestones=[2])
 data = prepare(params.data, params.seed)
 meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
