@@ -39,14 +39,18 @@ from pipeline.uploads import Upload, save_upload
 ITERATIONS = {"convnet": 500, "resnet18": 150}
 
 
-def plain_attack(model, target: dict[str, torch.Tensor], labels, shape, restarts: int, iterations: int) -> None:
-    """The reference: one restart after the other, the loss assembled parameter by parameter."""
+def plain_attack(
+    model, target: dict[str, torch.Tensor], labels, shape, restarts: int, iterations: int, device: str = "cpu"
+) -> None:
+    """The reference: one restart after the other, the loss assembled parameter by parameter
+    (`model`, `target` and `labels` already on `device`)."""
     params = list(model.parameters())
     target = [target[n] for n, _ in model.named_parameters()]
     target_norm = sum((t * t).sum() for t in target).sqrt()
-    low, high = pixel_box([0.3], [0.3])  # the uploads' normalisation (write_upload)
+    low, high = (b.to(device) for b in pixel_box([0.3] * shape[0], [0.3] * shape[0]))  # write_upload's normalisation
     for restart in range(restarts):
-        x = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(restart)).requires_grad_(True)
+        x = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(restart)).to(device)
+        x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=0.1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations, eta_min=1e-3)
         for _ in range(iterations):
@@ -62,21 +66,24 @@ def plain_attack(model, target: dict[str, torch.Tensor], labels, shape, restarts
                 x.clamp_(low, high)
 
 
-def write_upload(folder: Path, arch: str, batch: int, mode: str) -> tuple[Path, torch.nn.Module, dict, torch.Tensor]:
+def write_upload(
+    folder: Path, arch: str, batch: int, mode: str, channels: int = 1, size: int = 32
+) -> tuple[Path, torch.nn.Module, dict, torch.Tensor]:
     meta = {
         "arch": arch,
-        "in_channels": 1,
+        "in_channels": channels,
         "num_classes": 10,
-        "image_size": 32,
+        "image_size": size,
         "norm": "batch",
         "maxpool_kernel": None,
     }
     torch.manual_seed(0)
     model = build_model(**meta)
     checkpoint = folder / "model.safetensors"
-    save_checkpoint(checkpoint, model, {**meta, "mean": [0.3], "std": [0.3], "scheme": "bench", "epoch": 0})
+    box = {"mean": [0.3] * channels, "std": [0.3] * channels}
+    save_checkpoint(checkpoint, model, {**meta, **box, "scheme": "bench", "epoch": 0})
     gen = torch.Generator().manual_seed(1)
-    images, labels = torch.randn(batch, 1, 32, 32, generator=gen), torch.arange(batch) % 10
+    images, labels = torch.randn(batch, channels, size, size, generator=gen), torch.arange(batch) % 10
     grads = batch_gradient(model, images, labels, mode)
     client = ClientParams(
         batch_size=batch,
@@ -138,10 +145,13 @@ def main() -> None:
                     bn_prior=0.0,
                     bn_statistics="running",
                     tv_target=None,
+                    accelerator="cpu",
                     processes=args.processes,
                     split=args.split,
                     threads=args.threads,
                     compile=args.compile,
+                    combine="best",
+                    hyperparameters="fixed",
                 )
                 for repeat in range(args.repeats):  # interleaved pairs: this machine's speed drifts
                     start = time.perf_counter()

@@ -37,7 +37,7 @@ from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, running_statistics, smallest_batchnorm_input
-from pipeline.parallel import cpu_fabric
+from pipeline.parallel import worker_fabric
 from pipeline.seeds import Draw, generator
 from pipeline.uploads import ThreatModel, joined, split
 
@@ -375,7 +375,7 @@ def client_upload(
     """The client's upload, its participants simulated or run as real processes as `c` says."""
     if c.participants_as == "simulated" or c.participants == 1:
         return simulate_client(model, images, labels, c, seed)
-    fabric = cpu_fabric(c.participants, "spawn")
+    fabric = worker_fabric(c.participants, "spawn")
     with tempfile.TemporaryDirectory() as folder:
         out = f"{folder}/upload.safetensors"
         fabric.launch(_participant, model, images, labels, c, seed, out)  # type: ignore[arg-type]  # *args are passed on

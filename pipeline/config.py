@@ -22,9 +22,10 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: Literal["fashion-mnist", "imagefolder"]
-    # fashion-mnist: the folder holding the four *-ubyte.gz files; imagefolder: a folder of
-    # class sub-folders.
+    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder"]
+    # fashion-mnist: the folder holding the four *-ubyte.gz files; cifar10 / cifar100: the
+    # extracted binary version (cifar-10-batches-bin/, cifar-100-binary/); imagefolder: a folder
+    # of class sub-folders.
     root: str
     image_size: int = Field(ge=8, le=1024)
     # Deterministic subsets of the splits (null: all of it), to size runs to the machine.
@@ -33,6 +34,11 @@ class DataParams(_Section):
     # Share of an image folder held out for testing (Fashion-MNIST has its own test split).
     test_fraction: float = Field(gt=0, lt=1)
     victims_per_class: int = Field(ge=1)
+    # an image folder's images read as 1 (grey) or 3 (RGB) channels; null: RGB when most are colour
+    channels: Literal[1, 3] | None
+    # an image folder of more images than this is streamed (prepare writes an index, training
+    # decodes it in DataLoader workers); 0: always; null: never
+    stream_above: int | None = Field(ge=0)
 
 
 class ModelParams(_Section):
@@ -53,6 +59,7 @@ class TrainParams(_Section):
     devices: int = Field(ge=1)  # data-parallel processes per node
     num_nodes: int = Field(ge=1)
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]
+    loader_workers: int = Field(ge=0)  # DataLoader processes decoding a streamed image folder (0: the trainer's)
 
 
 class DPParams(_Section):
@@ -183,6 +190,9 @@ class AttackParams(_Section):
     # from the running statistics the client uploaded after its update (needs client.upload_buffers)
     bn_statistics: Literal["running", "exact", "from-buffers"]
     tv_target: float | None = Field(gt=0)  # stop a restart once its best iterate's TV is under this
+    # cpu; gpu: one process per CUDA device (processes of them; NCCL between them); auto: gpu
+    # where torch sees enough CUDA devices, else cpu
+    accelerator: Literal["cpu", "gpu", "auto"]
     processes: int = Field(ge=1)
     # jobs: the jobs (upload x restart) sharded over the processes; batch: every process on
     # every job, each with its part of the dummy batch, the dummy gradients all-reduced.

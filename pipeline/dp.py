@@ -66,7 +66,10 @@ def clip_and_sum(per_sample: dict[str, torch.Tensor], clip: float) -> tuple[dict
 
 
 def add_noise(summed: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {n: g + std * torch.randn(g.shape, generator=generator, dtype=g.dtype) for n, g in summed.items()}
+    # drawn on the CPU generator, then moved: the same noise whatever device trains
+    return {
+        n: g + std * torch.randn(g.shape, generator=generator, dtype=g.dtype).to(g.device) for n, g in summed.items()
+    }
 
 
 def dp_gradient(

@@ -12,6 +12,8 @@ import signal
 from functools import cache
 from typing import TYPE_CHECKING, Literal
 
+from pipeline.errors import PipelineError
+
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
@@ -51,22 +53,48 @@ def _forked_workers_die_on_sigint() -> None:
     os.register_at_fork(after_in_child=_sigint_ends_the_worker)
 
 
-def cpu_fabric(processes: int, start: Literal["fork", "spawn", "launched"]) -> Fabric:
-    """A CPU Fabric (gloo, float32) over `processes` workers it starts itself, forked (they begin
-    with this process's imports: about a second each instead of ten, bench/attack.py) or spawned
-    (a fresh interpreter each), or, `launched`, over the processes torchrun started."""
+def worker_fabric(
+    processes: int, start: Literal["fork", "spawn", "launched"], accelerator: Literal["cpu", "gpu"] = "cpu"
+) -> Fabric:
+    """A Fabric (float32; gloo on CPU, NCCL on GPUs, one process per GPU) over `processes` workers
+    it starts itself, forked (they begin with this process's imports: about a second each instead
+    of ten, bench/attack.py) or spawned (a fresh interpreter each), or, `launched`, over the
+    processes torchrun started."""
     from lightning.fabric import Fabric
 
+    device = "cuda" if accelerator == "gpu" else "cpu"
     if start == "launched":
         launched = launched_processes()
         if launched is None:
-            raise RuntimeError("cpu_fabric(start='launched') outside a torchrun launch")
+            raise RuntimeError("worker_fabric(start='launched') outside a torchrun launch")
         return Fabric(
-            accelerator="cpu", devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
+            accelerator=device, devices=launched[0], num_nodes=launched[1], strategy="ddp", precision="32-true"
         )
     if start == "fork":
         _forked_workers_die_on_sigint()
-    return Fabric(accelerator="cpu", devices=processes, strategy=f"ddp_{start}", precision="32-true")
+    return Fabric(accelerator=device, devices=processes, strategy=f"ddp_{start}", precision="32-true")
+
+
+def resolve_accelerator(
+    requested: Literal["cpu", "gpu", "auto"], key: str, processes: int = 1
+) -> Literal["cpu", "gpu"]:
+    """What `key` (cpu, gpu or auto) means on this machine: auto is gpu where torch sees a CUDA
+    device. gpu without one, or with fewer devices than `processes`, is refused in one line
+    before any work. Asks the driver, so no CUDA context starts and forking stays safe."""
+    import torch
+    from lightning.fabric.accelerators.cuda import num_cuda_devices  # fork-safe: NVML, no CUDA context
+
+    if requested == "cpu":
+        return "cpu"
+    found = num_cuda_devices()
+    if requested == "auto":
+        return "gpu" if found >= processes else "cpu"
+    if not found:
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a build without CUDA"
+        raise PipelineError(f"{key}: gpu, but torch ({build}) sees no CUDA device here; use cpu or auto")
+    if found < processes:
+        raise PipelineError(f"{key}: gpu over {processes} processes, but torch sees {found} CUDA device(s)")
+    return "gpu"
 
 
 def threads_per_process(processes: int) -> int:

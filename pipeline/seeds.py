@@ -39,6 +39,7 @@ class Draw(IntEnum):
     SURROGATE_BATCHES = 14  # the attacker's own batches it tunes on (pipeline.attack.tune)
     SURROGATE_CLIENT = 15  # the client it simulates on them (dropout, DP noise)
     TUNE_SAMPLER = 16  # the study's sampler before one trial
+    NORMALISATION_SAMPLE = 17  # the training images a streamed folder's mean and std are estimated on
 
 
 def mix(draw: Draw, *numbers: int) -> int:

@@ -30,11 +30,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from pipeline.bn import CrossProcessSyncBatchNorm
 from pipeline.checkpoints import checkpoint_name, save_checkpoint
 from pipeline.config import Params, SchemeParams, TrainParams
-from pipeline.data import Split, normalise
+from pipeline.data import ImageIndex, Split, StreamedImages, normalise
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
 from pipeline.files import read_json
 from pipeline.nets import build_model
-from pipeline.parallel import threads_per_process
+from pipeline.parallel import resolve_accelerator, threads_per_process
 from pipeline.seeds import Draw, generator
 
 RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
@@ -44,8 +44,8 @@ class Classifier(L.LightningModule):
     def __init__(
         self,
         model: torch.nn.Module,
-        train: TensorDataset,
-        test: TensorDataset,
+        train: TensorDataset | StreamedImages,
+        test: TensorDataset | StreamedImages,
         num_classes: int,
         params: Params,
         scheme: SchemeParams,
@@ -58,6 +58,8 @@ class Classifier(L.LightningModule):
             per_sample_method(dp.per_sample, params.model.arch) if dp is not None and dp.per_sample else None
         )
         self.train_set, self.test_set = train, test
+        # tensors in memory need no workers; a streamed folder's images are decoded in them
+        self.workers = params.train.loader_workers if isinstance(train, StreamedImages) else 0
         self.global_batch = params.train.batch_size * scheme.batch_multiplier
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.last_test_accuracy = float("nan")
@@ -80,16 +82,23 @@ class Classifier(L.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if self.per_sample_dp:  # the accountant's guarantee assumes Poisson sampling
             batches = PoissonBatches(len(self.train_set), self.sample_rate, self.seed, rank, world)
-            return DataLoader(self.train_set, batch_sampler=batches)
+            return DataLoader(self.train_set, batch_sampler=batches, **self.loading)
         # The order of epoch e is a function of (seed, e) alone, so a resumed run sees the same batches.
         sampler: DistributedSampler[int] = DistributedSampler(
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
         )
-        return DataLoader(self.train_set, batch_size=self.global_batch // world, sampler=sampler)
+        return DataLoader(self.train_set, batch_size=self.global_batch // world, sampler=sampler, **self.loading)
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return DataLoader(self.test_set, batch_size=256, sampler=list(range(rank, len(self.test_set), world)))
+        sampler = list(range(rank, len(self.test_set), world))
+        return DataLoader(self.test_set, batch_size=256, sampler=sampler, **self.loading)
+
+    @property
+    def loading(self) -> dict[str, Any]:
+        if not self.workers:
+            return {}
+        return {"num_workers": self.workers, "persistent_workers": True, "pin_memory": torch.cuda.is_available()}
 
     def training_step(self, batch, _index):
         images, labels = batch
@@ -118,7 +127,8 @@ class Classifier(L.LightningModule):
         return sum((p * grads[n]).sum() for n, p in self.model.named_parameters() if p.requires_grad)
 
     def _count_loss(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum += torch.stack([loss.float() * samples, torch.tensor(float(samples))])
+        self.loss_sum = self.loss_sum.to(loss.device)  # on the training device: reduced there (NCCL on GPUs)
+        self.loss_sum += torch.stack([loss.float() * samples, loss.new_tensor(float(samples))])
 
     def on_train_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self.loss_sum.clone(), reduce_op="sum")  # over processes
@@ -212,15 +222,16 @@ class EpochCheckpoints(Callback):
 
 def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]:
     """Trainer arguments for the scheme's BatchNorm across processes."""
+    accelerator = resolve_accelerator(train.accelerator, "train.accelerator", train.devices)
     options: dict[str, Any] = {
-        "accelerator": train.accelerator,
+        "accelerator": accelerator,
         "devices": train.devices,
         "num_nodes": train.num_nodes,
         "precision": train.precision,
     }
     if train.devices * train.num_nodes == 1:
         return options
-    on_gpu = train.accelerator == "gpu" or (train.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = accelerator == "gpu"
     # async: each process keeps its own BatchNorm buffers (DDP broadcasts rank 0's by default)
     options["strategy"] = DDPStrategy(broadcast_buffers=scheme.norm != "batch-async")
     if scheme.norm == "batch-sync":
@@ -229,6 +240,16 @@ def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]
         else:
             options["plugins"] = [CrossProcessSyncBatchNorm()]  # torch's refuses CPU tensors
     return options
+
+
+def dataset_of(
+    split: Split | ImageIndex, mean: list[float], std: list[float], augment: bool
+) -> TensorDataset | StreamedImages:
+    """Images in memory, normalised once; or a streamed index, decoded (and, `augment`, cropped at
+    random) as batches are drawn."""
+    if isinstance(split, ImageIndex):
+        return StreamedImages(split, mean, std, augment)
+    return TensorDataset(normalise(split.images, mean, std), split.labels)
 
 
 def architecture(
@@ -246,8 +267,8 @@ def architecture(
 
 
 def train(
-    train_split: Split,
-    test_split: Split,
+    train_split: Split | ImageIndex,
+    test_split: Split | ImageIndex,
     data_meta: dict[str, Any],
     params: Params,
     scheme_name: str,
@@ -260,6 +281,7 @@ def train(
     If `out_dir` holds the training state of an interrupted run, training resumes from it.
     """
     scheme = params.scheme(scheme_name)
+    options = strategy_options(params.train, scheme)  # first: a gpu asked for and absent is refused before any work
     L.seed_everything(params.seed, workers=True, verbose=False)
     arch = architecture(params, scheme, data_meta, maxpool_kernel)
     model = build_model(**arch)
@@ -275,10 +297,12 @@ def train(
         **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
     }
     mean, std = data_meta["mean"], data_meta["std"]
-    train_set, test_set = (TensorDataset(normalise(s.images, mean, std), s.labels) for s in (train_split, test_split))
+    train_set, test_set = (
+        dataset_of(s, mean, std, augment) for s, augment in ((train_split, True), (test_split, False))
+    )
     module = Classifier(model, train_set, test_set, len(data_meta["classes"]), params, scheme)
     trainer = L.Trainer(
-        **strategy_options(params.train, scheme),
+        **options,
         max_epochs=params.train.epochs,
         deterministic=True,
         logger=logger,

@@ -29,7 +29,7 @@ from pipeline.config import AttackParams
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, digest, partial_path, read_json, save_tensors, tree_digest
-from pipeline.parallel import is_first_process, launched_processes
+from pipeline.parallel import is_first_process, launched_processes, resolve_accelerator
 from pipeline.report import save_grid
 from pipeline.uploads import CLASSIC, load_upload
 from stages._common import Stage, code_digest, run
@@ -47,8 +47,7 @@ def attackers(
     if a.client_model == "exact" and a.classic:
         adapted = [path for path in uploads if target_of(Job(path, 0), a).adapted]
         if adapted:
-            classic = classic_of(fixed or a).model_copy(update={"hyperparameters": "fixed"})
-            runs.append((CLASSIC, classic, adapted))
+            runs.append((CLASSIC, classic_of(fixed or a), adapted))
     return runs
 
 
@@ -133,6 +132,7 @@ def attack(
 def main(stage: Stage) -> None:
     p, setting = stage.params, stage.setting
     fixed = p.attack_for(setting)
+    resolve_accelerator(fixed.accelerator, "attack.accelerator", fixed.processes)  # refused before any work
     a, tuned = with_tuning(fixed, setting)
     folder, out_folder = Path("uploads") / setting, Path("attacks") / setting
     uploads = sorted(folder.glob("*.safetensors"))

@@ -19,7 +19,7 @@ from pipeline.client import (
     simulate_client,
     threat_model,
 )
-from pipeline.data import load_split, normalise
+from pipeline.data import in_memory, load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.rank_analysis import model_ra_index, rank_analysis
@@ -32,7 +32,8 @@ DATA = Path("data/prepared")
 def main(stage: Stage) -> None:
     p, setting = stage.params, stage.setting
     scheme, c = p.setting(setting)
-    victims, meta = load_split(DATA, "victims")
+    split, meta = load_split(DATA, "victims")
+    victims = in_memory(split, DATA / "victims.safetensors")
     batches = choose_batches(victims.labels, c.batch_size, p.extract.trials, p.seed, c.label_repetition)
     summary = {}
     with atomic_dir(Path("uploads") / setting) as uploads, atomic_dir(Path("truth") / setting) as truth:

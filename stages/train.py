@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.data import load_split
 from pipeline.files import atomic_dir, digest, partial_path, tree_digest, write_json
-from pipeline.parallel import is_first_process
+from pipeline.parallel import is_first_process, resolve_accelerator
 from pipeline.rank_analysis import model_ra_index, ra_maxpool_kernel, rank_analysis
 from stages._common import Stage, code_digest, run
 
@@ -41,6 +41,7 @@ def main(stage: Stage) -> None:
     from pipeline.train import train
 
     p, scheme = stage.params, stage.scheme
+    resolve_accelerator(p.train.accelerator, "train.accelerator", p.train.devices)  # refused before any work
     out = Path("models") / scheme
     train_split, meta = load_split(DATA, "train")
     test_split, _ = load_split(DATA, "test")

@@ -12,6 +12,7 @@ nothing else runs (no MLflow run either). Each trial is a nested MLflow run; a k
 import tempfile
 from pathlib import Path
 
+from pipeline.config import AttackParams
 from pipeline.files import write_json
 from stages._common import Stage, run
 
@@ -26,20 +27,21 @@ def main(stage: Stage) -> None:
         write_json(out, {"setting": setting, "hyperparameters": "fixed"})
         print(f"tune@{setting}: attack.hyperparameters is fixed: nothing to tune")
         return
-    tune(stage, out)
+    tune(stage, a, out)
 
 
-def tune(stage: Stage, out: Path) -> None:
+def tune(stage: Stage, a: AttackParams, out: Path) -> None:
     # imported here: a fixed setting's stage (most of them) needs none of it
     from pipeline.attack.tune import importances, make_surrogates, run_study, study_summary
     from pipeline.checkpoints import checkpoint_name
     from pipeline.data import load_split
     from pipeline.files import digest, resumable_scratch, sha256
+    from pipeline.parallel import resolve_accelerator
     from pipeline.report import study_plots
     from stages._common import code_digest
 
     p, setting = stage.params, stage.setting
-    a = p.attack_for(setting)
+    resolve_accelerator(a.accelerator, "attack.accelerator", a.processes)  # refused before any work
     scheme, c = p.setting(setting)
     own, meta = load_split(OWN, "attacker")
     checkpoints = {epoch: Path("models") / scheme / checkpoint_name(epoch) for epoch in p.extract.epochs}

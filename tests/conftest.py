@@ -37,6 +37,7 @@ INVERSION = {
     "bn_prior": 0.0,
     "bn_statistics": "running",
     "tv_target": None,
+    "accelerator": "cpu",
     "processes": 1,
     "split": "jobs",
     "threads": 1,
@@ -83,3 +84,13 @@ LONGEST_FIRST = ("test_pipeline.py",)
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device: torch sees none here")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_report_header(config) -> str:
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"gpu tests: {devices} CUDA device(s)" if devices else "gpu tests: skipped (torch sees no CUDA device)"

@@ -121,7 +121,7 @@ def test_project_params_validate():
         (
             "data.source",
             "mnist",
-            "params.yaml: data.source: Input should be 'fashion-mnist' or 'imagefolder' (got 'mnist')",
+            "params.yaml: data.source: Input should be 'fashion-mnist', 'cifar10', 'cifar100' or 'imagefolder' (got 'mnist')",
         ),
         (
             "extract.epochs",

@@ -1,11 +1,20 @@
 """Every shipped profile applies to params.yaml and validates; the paper profile is the original's scale."""
 
+import json
+import os
 import shutil
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
+from pipeline.parallel import LAUNCHER_VARIABLES
 from pipeline.rank_analysis import ra_maxpool_kernel
 from tests.conftest import REPO
 from tools.apply_profile import apply_profile
@@ -40,3 +49,66 @@ def test_a_profile_key_params_yaml_lacks_is_refused(tmp_path):
     profile.write_text("train:\n  epoch: 3\n")
     with pytest.raises(PipelineError, match="profile sets 'train.epoch', which params.yaml does not have"):
         apply_profile(profile, params)
+
+
+def _jpeg_folder(root: Path, classes: int = 4, per_class: int = 8) -> None:
+    """224-px JPEGs (some larger, to be resized): colour, two grey, one CMYK, as ImageNet's are."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"n0{c}").mkdir(parents=True)
+        for i in range(per_class):
+            h, w = (224, 224) if i % 3 else (256, 300)
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            pixels[:, :, c % 3] //= 2  # a class signal
+            image = Image.fromarray(pixels)
+            if (c, i) in ((0, 1), (2, 5)):
+                image = image.convert("L")
+            elif (c, i) == (3, 2):
+                image = image.convert("CMYK")
+            image.save(root / f"n0{c}" / f"{i:03d}.JPEG", quality=90)
+
+
+@pytest.mark.slow
+def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
+    """profiles/paper.yaml with its epochs, iterations, checkpoints and batch cut down, on the
+    CPU, over a streamed folder of 224-px JPEGs: `dvc repro` runs every stage; the RA scheme's
+    ResNet-18 has the 19 x 19 stem maxpool of the original's ImageNet setting."""
+    from tests.test_pipeline import PROJECT_FILES, sh
+
+    _jpeg_folder(tmp_path / "imagenet")
+    root = tmp_path / "project"
+    for name in PROJECT_FILES:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
+    cut = {  # what two CPU cores can run in minutes; the rest is the paper profile's
+        "data": {"root": str(tmp_path / "imagenet"), "test_fraction": 0.1, "victims_per_class": 2, "stream_above": 0},
+        "train": {"epochs": 1, "batch_size": 16, "accelerator": "cpu", "devices": 1, "loader_workers": 1},
+        "extract": {"epochs": [1], "trials": 1},
+        "client": {"batch_size": 8},
+        "attack": {"iterations": 1, "processes": 2},
+    }
+    (root / "cut.yaml").write_text(yaml.safe_dump(cut))
+    sh([sys.executable, "-m", "tools.apply_profile", "profiles/paper.yaml"], root, env)
+    sh([sys.executable, "-m", "tools.apply_profile", "cut.yaml"], root, env)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    keep = {"pure", *yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text())["settings"]}
+    params["settings"] = {k: v for k, v in params["settings"].items() if k in keep}  # the paper's four, and pure
+    params["schemes"] = {k: v for k, v in params["schemes"].items() if k in ("pure", "gh", "ra")}  # theirs, and RA
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    sh(git + ["init", "-q"], root, env)
+    sh(git + ["add", "-A"], root, env)
+    sh(git + ["commit", "-qm", "paper, cut down"], root, env)
+    started = time.perf_counter()
+    done = sh(["dvc", "repro"], root, env)
+    print(f"paper profile, cut down: dvc repro {time.perf_counter() - started:.0f} s")
+    assert "prepare: converted to RGB: 1 CMYK, 2 L image(s)" in done.stdout
+    ra = json.loads((root / "models" / "ra" / "epoch-001.json").read_text())
+    assert (ra["arch"], ra["image_size"], ra["maxpool_kernel"]) == ("resnet18", 224, 19)
+    train = json.loads((root / "data" / "prepared" / "train.json").read_text())
+    assert train["streamed"]["mode"] == "RGB" and train["channels"] == 3
+    assert (root / "reports" / "results.md").is_file()
+    assert sorted(p.name for p in (root / "attacks").iterdir()) == sorted(keep)

@@ -157,8 +157,8 @@ class GradientMatch:
         depth = [layers.index(n.rpartition(".")[0]) for n in names]
         self.weights = [1.0 if layer_weights == "equal" else (len(layers) - d) / len(layers) for d in depth]
         self.objective, self.uniform = objective, layer_weights == "equal"
-        self.weight_vector = torch.tensor(self.weights)
         targets = [target[n].float() for n in names]
+        self.weight_vector = torch.tensor(self.weights, device=targets[0].device)
         self.is_zero = all(not t.any() for t in targets)
         if objective == "cosine":  # the weighted unit target: w t / sqrt(sum w t^2)
             scale = float(self._weighted_sq_norm(targets).sqrt().clamp_min(1e-30))
@@ -432,6 +432,8 @@ def invert(
     normalises apart (W under asynchronous BatchNorm, else 1).
     """
     model = copy.deepcopy(model)
+    device = next(model.parameters()).device  # the caller's: the upload and statistics are on it too
+    labels = labels.to(device)
     crops = crop_dead_taps(model, image_shape)  # ResNet-18 at 32 px: layer4 at 1 x 1, 3 x 3 kernels used at the centre
     match = GradientMatch(model, target, a.objective, a.layer_weights, crops)
     rank, world = (dist.get_rank(), dist.get_world_size()) if split_batch else (0, 1)
@@ -443,19 +445,20 @@ def invert(
         )
     if local_steps is not None and world > 1:
         raise ValueError("unrolled local steps train on parts of the whole dummy batch: it cannot split over processes")
-    low, high = pixel_box(mean, std)
+    box = pixel_box(mean, std)
+    low, high = (bound.to(device) for bound in box)
     batch = (len(labels), *image_shape)
     restarts = list(range(a.restarts)) if restarts is None else restarts
 
-    def start(restart: int) -> torch.Tensor:
-        return torch.randn(batch, generator=generator(Draw.ATTACK_START, seed, restart)).clamp_(low, high)
+    def start(restart: int) -> torch.Tensor:  # drawn on the CPU: the same start on every device
+        return torch.randn(batch, generator=generator(Draw.ATTACK_START, seed, restart)).clamp_(*box).to(device)
 
     if match.is_zero:
         # A batch the model fits exactly (softmax saturated in float32) uploads a zero gradient:
         # it has no direction to match, so the attacker is left with its starting guess.
         return best_of(
             [
-                Reconstruction(start(r), labels, 1.0, r, note="the upload is all zeros: nothing to invert")
+                Reconstruction(start(r).cpu(), labels.cpu(), 1.0, r, note="the upload is all zeros: nothing to invert")
                 for r in restarts
             ]
         )
@@ -493,7 +496,7 @@ def invert(
             extra = None if extra is None else extra / world
         outputs, seeds = grads, directions
         if extra is not None:
-            outputs, seeds = [*grads, extra], [*directions, torch.ones(())]
+            outputs, seeds = [*grads, extra], [*directions, torch.ones((), device=device)]
         (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
         return grad, float(g_loss)
 
@@ -555,7 +558,9 @@ def invert(
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         found = [run(restart) for restart in restarts]
     bar.close()
-    return best_of(found)
+    best = best_of(found)
+    best.images, best.labels = best.images.cpu(), best.labels.cpu()
+    return best
 
 
 def gradient_loss(

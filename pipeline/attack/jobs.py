@@ -12,9 +12,11 @@ Each job writes its result to a file in a scratch folder; the caller combines th
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -36,7 +38,7 @@ from pipeline.config import AttackParams
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import batchnorm_layers, classifier_weight_name
-from pipeline.parallel import cpu_fabric, launched_processes
+from pipeline.parallel import launched_processes, resolve_accelerator, worker_fabric
 from pipeline.uploads import ThreatModel, Upload, check_fits, load_upload
 
 
@@ -135,8 +137,9 @@ def combined(upload: Path, found: list[Reconstruction], a: AttackParams, seed: i
 
 
 def classic_of(a: AttackParams) -> AttackParams:
-    """The classic attacker with the same budget and objective: one full-batch gradient."""
-    return a.model_copy(update={"client_model": "plain", "classic": False})
+    """The classic attacker with the same budget and objective: one full-batch gradient, with
+    `a`'s values as they stand (a study tuned the adaptive attacker, not it)."""
+    return a.model_copy(update={"client_model": "plain", "classic": False, "hyperparameters": "fixed"})
 
 
 def check_upload(path: Path, a: AttackParams, processes: int) -> None:
@@ -160,13 +163,26 @@ def check_upload(path: Path, a: AttackParams, processes: int) -> None:
         raise PipelineError(f"{path}: attack.split batch: {err}") from None
 
 
-def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_batch: bool = False) -> Reconstruction:
-    """One restart against one upload (with `split_batch`, this process's part of it)."""
+def run_job(
+    job: Job,
+    a: AttackParams,
+    seed: int,
+    progress: bool = True,
+    split_batch: bool = False,
+    device: torch.device | None = None,
+) -> Reconstruction:
+    """One restart against one upload (with `split_batch`, this process's part of it), on
+    `device` (the CPU by default): the model, upload and dummy batch there, the result back here."""
     t = target_of(job, a)
     tm = t.threat_model
+    device = device or torch.device("cpu")
+
+    def there(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return None if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+
     return invert(
-        t.model,
-        t.gradients,
+        t.model.to(device),
+        cast(dict, there(t.gradients)),
         t.labels,
         tm.image_shape,
         tm.mean,
@@ -177,7 +193,7 @@ def run_job(job: Job, a: AttackParams, seed: int, progress: bool = True, split_b
         restarts=[job.restart],
         shards=t.shards,
         split_batch=split_batch,
-        bn_statistics=t.bn_statistics,
+        bn_statistics=there(t.bn_statistics),
         local_steps=t.local_steps,
     )
 
@@ -236,25 +252,51 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 25))
 
 
-def _run_share(rank: int, world: int, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
+def job_device(accelerator: str, local_rank: int) -> torch.device:
+    """The device a process's jobs run on, made deterministic where its kernels allow. On CUDA the
+    kernels that have no deterministic form (docs/scale.md) warn instead of stopping the attack."""
+    if accelerator != "gpu":
+        torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
+        return torch.device("cpu")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic reductions
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _run_share(
+    rank: int,
+    world: int,
+    jobs: list[Job],
+    a: AttackParams,
+    seed: int,
+    folder: Path,
+    threads: int,
+    accelerator: str = "cpu",
+    local_rank: int = 0,
+) -> None:
     torch.set_num_threads(threads)
     keep_freed_memory()
-    torch.set_deterministic_debug_mode("error")  # use_deterministic_algorithms(True), without importing inductor
+    device = job_device(accelerator, local_rank)
     if a.split == "batch":  # every process on every job; the first one writes
         for job in jobs:
-            rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1)
+            rec = _timed_job(job, a, seed, progress=rank == 0, split_batch=world > 1, device=device)
             if rank == 0:
                 save_result(job.result_path(folder), rec)
         return
     for job in jobs[rank::world]:
-        save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0))
+        save_result(job.result_path(folder), _timed_job(job, a, seed, progress=rank == 0, device=device))
 
 
-def _fabric_rank(fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int) -> None:
+def _fabric_rank(
+    fabric, jobs: list[Job], a: AttackParams, seed: int, folder: Path, threads: int, accelerator: str
+) -> None:
     fabric.barrier()  # started by torchrun, the first process has made `folder` by now
     todo = [job for job in jobs if not job.done(folder)]
     fabric.barrier()  # all processes have seen the same finished jobs before any writes one
-    _run_share(fabric.global_rank, fabric.world_size, todo, a, seed, folder, threads)
+    _run_share(fabric.global_rank, fabric.world_size, todo, a, seed, folder, threads, accelerator, fabric.local_rank)
     fabric.barrier()
 
 
@@ -275,11 +317,13 @@ def run_jobs(jobs: list[Job], a: AttackParams, seed: int, folder: Path) -> None:
     calls this with the same jobs; the first makes `folder`); results into `folder`."""
     launched = launched_processes()
     processes = process_count(jobs, a, folder)
+    accelerator = resolve_accelerator(a.accelerator, "attack.accelerator", max(processes, 1))
     for path in dict.fromkeys(job.upload for job in jobs):
         check_upload(path, a, processes)
     if processes <= 1 or not jobs:
-        _run_share(0, 1, [job for job in jobs if not job.done(folder)], a, seed, folder, a.threads)
+        _run_share(0, 1, [job for job in jobs if not job.done(folder)], a, seed, folder, a.threads, accelerator)
         return
-    # Forked, not spawned, when this process starts them: they leave by os._exit, so no MLflow exit hook runs.
-    fabric = cpu_fabric(processes, "launched" if launched else "fork")
-    fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads)  # type: ignore[arg-type]  # *args are passed on
+    # Forked, not spawned, when this process starts them: they leave by os._exit, so no MLflow exit
+    # hook runs (no CUDA context is made here before the fork: resolve_accelerator asks NVML).
+    fabric = worker_fabric(processes, "launched" if launched else "fork", accelerator)
+    fabric.launch(_fabric_rank, jobs, a, seed, folder, a.threads, accelerator)  # type: ignore[arg-type]  # *args are passed on

@@ -32,7 +32,7 @@ from pipeline.attack.jobs import Job, combined, load_result, run_jobs
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import check_batchnorm_batch, choose_batches, simulate_client, threat_model
 from pipeline.config import TUNABLE_CHOICES, AttackParams, ClientParams, TuneParams
-from pipeline.data import Split, normalise, to_unit_range
+from pipeline.data import ImageIndex, Split, images_at, normalise, to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, pair_by_hungarian
 from pipeline.seeds import Draw, mix
@@ -52,14 +52,14 @@ class Surrogate:
     images: torch.Tensor
 
 
-def surrogate_batches(own: Split, c: ClientParams, batches: int, seed: int) -> list[torch.Tensor]:
+def surrogate_batches(own: Split | ImageIndex, c: ClientParams, batches: int, seed: int) -> list[torch.Tensor]:
     """Positions in the attacker's own images of its surrogate batches: drawn as the victims'
     are (the same batch size, the same label repetition), from another seeded order."""
     return choose_batches(own.labels, c.batch_size, batches, mix(Draw.SURROGATE_BATCHES, seed), c.label_repetition)
 
 
 def make_surrogates(
-    own: Split,
+    own: Split | ImageIndex,
     meta: dict[str, Any],
     c: ClientParams,
     setting: str,
@@ -78,7 +78,7 @@ def make_surrogates(
         model, ckpt = load_checkpoint(path)
         check_batchnorm_batch(model, c, ckpt["in_channels"], ckpt["image_size"])
         for trial, positions in enumerate(chosen):
-            images, labels = own.images[positions], own.labels[positions]
+            images, labels = images_at(own, positions), own.labels[positions]
             update = simulate_client(model, normalise(images, meta["mean"], meta["std"]), labels, c, client_seed)
             threat = threat_model(model, path, ckpt, c, setting, trial, labels if reveal_labels else None)
             name = folder / upload_name(epoch, trial)
