@@ -87,7 +87,8 @@ def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
         "data": {"root": str(tmp_path / "imagenet"), "test_fraction": 0.1, "victims_per_class": 2, "stream_above": 0},
         "train": {"epochs": 1, "batch_size": 16, "accelerator": "cpu", "devices": 1, "loader_workers": 1},
         "extract": {"epochs": [1], "trials": 1},
-        "client": {"batch_size": 8},
+        "client": {"batch_size": 4},  # the paper's W = 4 shards and E = 4 steps of one 224-px image each
+        "settings": {"label-repeat": {"attack": {"labels": "llg"}}},  # counts' probes at 224 px: minutes
         "attack": {"iterations": 1, "processes": 2},
     }
     (root / "cut.yaml").write_text(yaml.safe_dump(cut))
