@@ -8,7 +8,8 @@ streamed (data.stream_above 0: an index, images decoded in `--workers` DataLoade
 and, as the reference, held in memory (stream_above null: every image a tensor). A sampler
 reads /proc every 50 ms and keeps the peak over the process and its workers of the summed
 PSS (each shared page counted once, split among its sharers) and of the summed RSS (shared
-pages counted in every process that maps them). Streamed, the peak PSS should stay under
+pages counted in every process that maps them), and the training process's own peak RSS (its
+VmHWM). Streamed, the peak PSS should stay under
 `--bound-mib` whatever the folder's size; in memory it grows with it. Exits 1 if a streamed
 peak is over the bound.
 """
@@ -86,7 +87,7 @@ def _kib(pid: int, field: str, source: str) -> int:
 
 def measure(root: Path, mode: str, workers: int, size: int) -> dict:
     """Run the child; the peak summed PSS and RSS (MiB) of its process tree, and its timings."""
-    peak = {"pss": 0, "rss": 0}
+    peak = {"pss": 0, "rss": 0, "hwm": 0}
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         args = [sys.executable, "-c", CHILD, str(root), mode, str(workers), str(size), out]
@@ -98,6 +99,7 @@ def measure(root: Path, mode: str, workers: int, size: int) -> dict:
                 tree = _tree(child.pid)
                 peak["pss"] = max(peak["pss"], sum(_kib(p, "Pss:", "smaps_rollup") for p in tree))
                 peak["rss"] = max(peak["rss"], sum(_kib(p, "VmRSS:", "status") for p in tree))
+                peak["hwm"] = max(peak["hwm"], _kib(child.pid, "VmHWM:", "status"))
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -108,7 +110,7 @@ def measure(root: Path, mode: str, workers: int, size: int) -> dict:
         if child.returncode:
             raise SystemExit(f"stream_memory: the {mode} run failed (exit {child.returncode})")
     prepare_s, train_s, accuracy = stdout.split()[-3:]
-    return {"pss": peak["pss"] / 1024, "rss": peak["rss"] / 1024, "prepare_s": prepare_s, "train_s": train_s}
+    return {k: v / 1024 for k, v in peak.items()} | {"prepare_s": prepare_s, "train_s": train_s}
 
 
 def main() -> None:
@@ -128,8 +130,9 @@ def main() -> None:
             for mode in ("streamed", "in-memory"):
                 r = measure(root, mode, args.workers, args.size)
                 print(
-                    f"  {mode:9s}: peak PSS {r['pss']:7.0f} MiB, peak RSS {r['rss']:7.0f} MiB (summed over the "
-                    f"process and its workers); prepare {r['prepare_s']} s, one epoch {r['train_s']} s",
+                    f"  {mode:9s}: peak PSS {r['pss']:5.0f} MiB, RSS {r['rss']:5.0f} MiB (summed over the process "
+                    f"and its workers), the process's own peak RSS {r['hwm']:5.0f} MiB; prepare {r['prepare_s']} s, "
+                    f"one epoch {r['train_s']} s",
                     flush=True,
                 )
                 over |= mode == "streamed" and r["pss"] > args.bound_mib

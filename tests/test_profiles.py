@@ -89,7 +89,7 @@ def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
         "extract": {"epochs": [1], "trials": 1},
         "client": {"batch_size": 4},  # the paper's W = 4 shards and E = 4 steps of one 224-px image each
         "settings": {"label-repeat": {"attack": {"labels": "llg"}}},  # counts' probes at 224 px: minutes
-        "attack": {"iterations": 1, "processes": 2},
+        "attack": {"iterations": 1, "processes": 2, "classic": False},  # the adaptive attacker only, as the gate
     }
     (root / "cut.yaml").write_text(yaml.safe_dump(cut))
     sh([sys.executable, "-m", "tools.apply_profile", "profiles/paper.yaml"], root, env)

@@ -73,7 +73,8 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not (killed / "epoch-001.json").exists() and time.time() < deadline and proc.poll() is None:
+    # the training state is saved after each epoch's checkpoint: killed once it exists, epoch 1 is behind it
+    while not (killed / "resume.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
