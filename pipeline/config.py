@@ -257,11 +257,25 @@ class EvaluateParams(_Section):
 
 
 class ReportParams(_Section):
-    # the setting every other is paired with, image by image (null: no paired columns)
+    # the setting every other is paired with, batch by batch (null: no paired columns)
     baseline: str | None
-    confidence: float = Field(gt=0, lt=1)  # of the bootstrap intervals
-    resamples: int = Field(ge=100)  # bootstrap resamples
-    alpha: float = Field(gt=0, lt=1)  # the Wilcoxon test's level for a verdict
+    # the baseline's client attacked at a larger budget (null: none): how far from its plateau the
+    # attacker stopped, shown beside the verdicts and never one of them
+    budget: str | None
+    confidence: float = Field(gt=0, lt=1)  # of the t intervals over batches
+    alpha: float = Field(gt=0, lt=1)  # the family's level, on Holm-adjusted p
+    power: float = Field(gt=0, lt=1)  # of the smallest detectable difference
+    effect: float = Field(gt=0)  # dB: the paired difference the trials are sized for (underpowered above)
+
+
+def pairs_with(client: ClientParams, baseline_client: ClientParams) -> bool:
+    """Whether a setting's trials draw the baseline's images: same batch size, no label repetition
+    (a repeated-label batch is chosen class by class, other images by construction)."""
+    return (
+        client.batch_size == baseline_client.batch_size
+        and client.label_repetition is None
+        and baseline_client.label_repetition is None
+    )
 
 
 class Params(_Section):
@@ -341,9 +355,48 @@ class Params(_Section):
                 raise ValueError(
                     f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's"
                 )
+            self._check_budget(baseline, self.report.budget)
+            base_client = self._resolve(baseline)
+            if not any(
+                pairs_with(self._resolve(name), base_client)
+                for name in self.settings
+                if name not in (baseline, self.report.budget)
+            ):
+                raise ValueError(
+                    f"report.baseline: no other setting pairs with {baseline!r} (the same batch size, no label "
+                    "repetition), so the table has no verdict to make (null: a table without paired columns)"
+                )
+        elif self.report.budget is not None:
+            raise ValueError("report.budget: needs report.baseline (the budget is measured against it)")
+        if self.extract.trials < 2:
+            raise ValueError(
+                f"extract.trials: {self.extract.trials} client batch per cell leaves no spread between batches "
+                "to test or to make an interval from (the batch is the unit): 2 or more"
+            )
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
         return self
+
+    def _check_budget(self, baseline: str, budget: str | None) -> None:
+        """The budget setting must be the baseline's client on its scheme, attacked with more
+        iterations and nothing else changed."""
+        if budget is None:
+            return
+        if budget not in self.settings:
+            raise ValueError(
+                f"report.budget: {budget!r} is not a setting; params.yaml defines {', '.join(self.settings)}"
+            )
+        ours, theirs = self._attack(budget).model_dump(), self._attack(baseline).model_dump()
+        if (
+            self.settings[budget].scheme != self.settings[baseline].scheme
+            or self._resolve(budget) != self._resolve(baseline)
+            or {k for k in ours if ours[k] != theirs[k]} != {"iterations"}
+            or ours["iterations"] <= theirs["iterations"]
+        ):
+            raise ValueError(
+                f"report.budget: {budget!r} must be {baseline!r}'s scheme and client attacked with more "
+                "iterations and nothing else changed (settings.<name>.attack: {iterations: N})"
+            )
 
     def _check_attack(self, a: AttackParams, where: str) -> None:
         if a.lr_min > a.lr:

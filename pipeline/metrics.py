@@ -45,6 +45,15 @@ def image_metrics(reconstructions: torch.Tensor, truth: torch.Tensor) -> dict[st
     return {"mse": mse, "psnr": psnr, "ssim": ssim}
 
 
+def identified(reconstructions: torch.Tensor, own: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Image identifiability: for each reconstruction (paired, [B, C, H, W] in [0, 1]), whether its
+    nearest candidate by MSE is its own true image; `own[i]` is that image's row of `candidates`
+    ([N, C, H, W] in [0, 1]). A success rate without a PSNR threshold ("Robbing the Fed",
+    breaching's IIP); ties go to the lower row, so a candidate equal to the truth does not count."""
+    distance = ((reconstructions.double()[:, None] - candidates.double()[None]) ** 2).flatten(2).mean(2)
+    return distance.argmin(dim=1) == own
+
+
 def label_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
     """Multiset overlap of two label lists over the batch size: the order does not matter."""
     n = max(int(true.max()), int(predicted.max())) + 1

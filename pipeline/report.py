@@ -133,3 +133,30 @@ def study_plots(folder: Path, records: list, importances: dict[str, float], obje
         paths.append(folder / "parameter_importance.png")
         _save(plt, fig, paths[1])
     return paths
+
+
+def privacy_utility_plot(path: Path, frame: pd.DataFrame, epoch: int, confidence: float) -> None:
+    """Leakage against utility, one point per setting: the scheme's final test accuracy across, the
+    attack's PSNR (left) and image identifiability (right) at `epoch` up, each with its interval
+    over batches. Columns: setting, test_accuracy, psnr/_low/_high, iip/_low/_high, and
+    same_upload_as (a hollow marker: that setting's upload measured under another name)."""
+    plt, fig, axes = _figure(1, 2, (12, 5))
+    for ax, measure, label in ((axes[0, 0], "psnr", "PSNR (dB)"), (axes[0, 1], "iip", "image identifiability")):
+        for row in frame.dropna(subset=["test_accuracy", measure]).itertuples():
+            value, low, high = (float(getattr(row, f"{measure}{s}")) for s in ("", "_low", "_high"))
+            copy = isinstance(row.same_upload_as, str)
+            ax.errorbar(
+                row.test_accuracy,
+                value,
+                yerr=[[value - low], [high - value]] if low == low else None,
+                fmt="o",
+                mfc="white" if copy else None,
+                capsize=3,
+            )
+            name = f"{row.setting} (= {row.same_upload_as})" if copy else row.setting
+            ax.annotate(name, (row.test_accuracy, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set(xlabel="test accuracy of the setting's scheme (after training)", ylabel=f"{label} at epoch {epoch}")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"Leakage against accuracy: mean and {confidence:.0%} interval over client batches")
+    axes[0, 1].set_title("Reconstructions whose nearest image is their own")
+    _save(plt, fig, path)

@@ -1,35 +1,35 @@
 """The results: every (setting, epoch) cell from its trials' images, with the evidence behind it.
 
-A cell holds `extract.trials` client batches of B images each, attacked once per restart set
-and scored image by image. The unit of every statistic is the image: the mean with a seeded
-bootstrap interval (scipy.stats.bootstrap, BCa), the median, and, against the baseline setting
-on the same images (same epoch, trial and batch position: the trials pair the settings), the
-paired mean difference with its interval and a Wilcoxon signed-rank test (scipy.stats.wilcoxon).
-Images of one batch share an attack, so they are not fully independent: the intervals are, if
-anything, narrower than a resampling of whole batches would give.
+A cell holds `extract.trials` client batches of B images each. The images of one batch share one
+attack, so the batch is the unit of every interval and test (pipeline.statistics): per cell the
+mean over the batches with a t interval of the batch means; against the baseline setting at the
+same epoch (same trial and batch position: the trials pair the settings) the paired difference
+of each batch, its mean, t interval and paired t-test. The verdicts of one table are one family,
+adjusted by Holm; a cell without a verdict of effect states the smallest difference the design
+would have detected. Image-level numbers (the median, the image count) are description only.
 
-A verdict is read per attacked epoch under one rule (`verdict`): a defense protects at an epoch
-when the paired difference's interval lies below zero and p < alpha. It is read against the
-adaptive attacker, the one that models what the threat model says of the client (its shards,
-its local steps); where that attacker differs from the classic one, the classic's PSNR is
-shown beside it (`add_classic`), for every other setting the two are one attack.
+A cell whose uploads are byte for byte another setting's (the same checkpoint and the same client
+behaviour under two names: stages.copies finds them) is attacked once and shown as "same upload
+as <setting>": it enters no family. The verdicts are read against the adaptive attacker, the one
+that models what the threat model says of the client; where it differs from the classic one the
+classic's PSNR is shown beside it (`add_classic`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, read_json
+from pipeline.statistics import Evidence, batch_means, detectable_difference, holm, t_estimate
 from pipeline.uploads import CLASSIC
 
 SCORES = ("psnr", "ssim", "mse", "lpips")
+MEASURES = (*SCORES, "iip")  # iip: image identifiability, 1 where the reconstruction's nearest image is its own
 # The columns both tables have: the one built from the DVC outputs and the one rebuilt from MLflow.
 SHARED = [
     "setting",
@@ -46,44 +46,10 @@ SHARED = [
     "iterations_run",
     "unconverged",
 ]
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """How the statistics are computed (params.yaml: report)."""
-
-    confidence: float = 0.95
-    resamples: int = 10000
-    alpha: float = 0.05
-    seed: int = 0
-
-
-def mean_interval(values, evidence: Evidence) -> tuple[float, float]:
-    """The bootstrap interval (BCa) of the mean of `values`, seeded; (nan, nan) below two values,
-    the value itself twice when all are equal (no spread to resample)."""
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    if len(x) < 2:
-        return math.nan, math.nan
-    if np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    found = stats.bootstrap(
-        (x,),
-        np.mean,
-        confidence_level=evidence.confidence,
-        n_resamples=evidence.resamples,
-        method="BCa",
-        rng=np.random.default_rng(evidence.seed),
-    )
-    return float(found.confidence_interval.low), float(found.confidence_interval.high)
-
-
-def wilcoxon_p(differences) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences; 1 when all are zero."""
-    d = np.asarray(differences, dtype=float)
-    if len(d) == 0 or np.all(d == 0):
-        return 1.0
-    return float(stats.wilcoxon(d).pvalue)
+# What a row is to the verdicts: the baseline; a test against it (one of the family); the baseline's
+# client attacked at a larger budget (how far the attacker is from its plateau); the same upload as
+# another setting's cell; a setting drawing other images (no pairing).
+BASELINE, TEST, BUDGET, COPY, UNPAIRED = "baseline", "test", "budget", "copy", "unpaired"
 
 
 def paired(per_image: pd.DataFrame, setting: str, baseline: str, epoch: int) -> pd.DataFrame:
@@ -106,69 +72,193 @@ def paired(per_image: pd.DataFrame, setting: str, baseline: str, epoch: int) -> 
     return both.reset_index()
 
 
-def pairs_with(client, baseline_client) -> bool:
-    """Whether a setting's trials draw the baseline's images: same batch size, no label repetition
-    (a repeated-label batch is chosen class by class, other images by construction)."""
-    return (
-        client.batch_size == baseline_client.batch_size
-        and client.label_repetition is None
-        and baseline_client.label_repetition is None
-    )
+def batch_differences(both: pd.DataFrame) -> np.ndarray:
+    """One paired difference per batch: the mean over its images of PSNR less the baseline's."""
+    return batch_means(both.assign(difference=both.psnr - both.psnr_baseline), "difference")
 
 
 def cell_statistics(cell: pd.DataFrame, evidence: Evidence) -> dict:
-    """Mean, median and interval of each score over a cell's images."""
+    """Per measure the mean over the cell's batches with the t interval of the batch means; the
+    image count and the PSNR median over the images (description)."""
     out: dict = {"trials": int(cell.trial.nunique()), "n": len(cell)}
-    for score in SCORES:
-        values = cell[score].astype(float)
-        if values.isna().all():
-            out.update({score: None, f"{score}_low": None, f"{score}_high": None})
+    for measure in MEASURES:
+        if measure not in cell or cell[measure].isna().all():
+            out.update({measure: None, f"{measure}_low": None, f"{measure}_high": None})
             continue
-        low, high = mean_interval(values, evidence)
-        out.update({score: float(values.mean()), f"{score}_low": low, f"{score}_high": high})
-        if score == "psnr":
-            out["psnr_median"] = float(values.median())
+        found = t_estimate(batch_means(cell, measure), evidence.confidence)
+        out.update({measure: found.mean, f"{measure}_low": found.low, f"{measure}_high": found.high})
+        if measure == "psnr":
+            out["psnr_median"] = float(cell.psnr.median())
     return out
 
 
 def difference_statistics(both: pd.DataFrame, evidence: Evidence) -> dict:
-    d = (both.psnr - both.psnr_baseline).to_numpy()
-    low, high = mean_interval(d, evidence)
+    found = t_estimate(batch_differences(both), evidence.confidence)
     return {
-        "paired_n": len(d),
-        "psnr_diff": float(d.mean()),
-        "psnr_diff_low": low,
-        "psnr_diff_high": high,
-        "p_value": wilcoxon_p(d),
+        "paired_batches": found.batches,
+        "psnr_diff": found.mean,
+        "psnr_diff_low": found.low,
+        "psnr_diff_high": found.high,
+        "diff_sd": found.sd,
+        "p_value": found.p,
     }
 
 
-def verdict_at(row, alpha: float) -> str:
-    """One epoch's reading of the paired difference to the baseline."""
-    shown = (
-        f"{row.psnr_diff:+.1f} dB [{row.psnr_diff_low:+.1f}, {row.psnr_diff_high:+.1f}], "
-        f"p = {row.p_value:.2g}, n = {int(row.paired_n)}"
+def shown_difference(row) -> str:
+    """ "-6.1 dB [-7.0, -5.2]": a table row's paired difference with its interval."""
+    return f"{row.psnr_diff:+.1f} dB [{row.psnr_diff_low:+.1f}, {row.psnr_diff_high:+.1f}]"
+
+
+def results_table(
+    per_image: pd.DataFrame,
+    uploads: pd.DataFrame,
+    describe,
+    evidence: Evidence,
+    order: list[str],
+    copies: dict[tuple[str, int], str] | None = None,
+) -> pd.DataFrame:
+    """One row per (setting, epoch), settings in `order`. `describe(setting, epoch, uploads)`
+    gives the columns that are not statistics (scheme, test accuracy, client, privacy, ...).
+    `copies` maps a (setting, epoch) cell that was not attacked to the setting whose uploads it
+    repeats: its row names that setting and carries the description, no statistics."""
+    copies = copies or {}
+    rows = []
+    for setting in order:
+        epochs = set(uploads[uploads.setting == setting].epoch) | {e for s, e in copies if s == setting}
+        for epoch in sorted(int(e) for e in epochs):
+            original = copies.get((setting, epoch))
+            source = original or setting
+            mine = uploads[(uploads.setting == source) & (uploads.epoch == epoch)]
+            row = {"setting": setting, "epoch": epoch, **describe(setting, epoch, mine), "same_upload_as": original}
+            if original is None:
+                cell = per_image[(per_image.setting == setting) & (per_image.epoch == epoch)]
+                row.update(
+                    {
+                        **cell_statistics(cell, evidence),
+                        "gh": None if mine.gh.isna().any() else float(mine.gh.mean()),
+                        "label_accuracy": float(mine.label_accuracy.mean()),
+                        "iterations": int(mine.iterations.iloc[0]),
+                        "iterations_run": float(mine.iterations_run.mean()),
+                        "unconverged": int((mine.converged == False).sum()),  # noqa: E712 (None is not False)
+                        "hyperparameters": mine.hyperparameters.iloc[0],
+                    }
+                )
+            else:
+                row["hyperparameters"] = mine.hyperparameters.iloc[0]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_differences(
+    table: pd.DataFrame,
+    per_image: pd.DataFrame,
+    baseline: str | None,
+    pairs,
+    evidence: Evidence,
+    budget: str | None = None,
+) -> pd.DataFrame:
+    """Each row's role, and the paired columns against the baseline at the same epoch (empty where
+    a setting does not pair with it). `budget`: the setting that is the baseline's client attacked
+    at a larger budget; its difference is the attacker's gain, not a verdict."""
+    columns = ["role", *_PAIRED, "baseline_unconverged"]
+    extra: list[dict] = []
+    for row in table.itertuples():
+        if baseline is None:
+            role = None
+        elif row.setting == baseline:
+            role = BASELINE
+        elif isinstance(row.same_upload_as, str):
+            role = COPY
+        elif not pairs(row.setting):
+            role = UNPAIRED
+        else:
+            role = BUDGET if row.setting == budget else TEST
+        if role not in (TEST, BUDGET):
+            extra.append({"role": role})
+            continue
+        both = paired(per_image, row.setting, baseline, row.epoch)
+        base = table[(table.setting == baseline) & (table.epoch == row.epoch)]
+        extra.append(
+            {
+                "role": role,
+                **difference_statistics(both, evidence),
+                "baseline_unconverged": int(base.unconverged.iloc[0]),
+            }
+        )
+    extra_frame = pd.DataFrame(extra, columns=columns, index=table.index).astype(
+        {"paired_batches": "Int64", "baseline_unconverged": "Int64"}
     )
-    if row.p_value < alpha and row.psnr_diff_high < 0:
-        return f"protects: {shown}"
-    if row.p_value < alpha and row.psnr_diff_low > 0:
-        return f"leaks more: {shown}"
-    return f"no detectable protection: {shown}"
+    return pd.concat([table, extra_frame], axis=1)
 
 
-def verdict(cells: pd.DataFrame, alpha: float, baseline: str | None) -> str:
-    """A setting's verdict, epoch by epoch, flagged where unconverged attacks are behind it."""
+_PAIRED = ["paired_batches", "psnr_diff", "psnr_diff_low", "psnr_diff_high", "diff_sd", "p_value"]
+
+
+def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
+    """The table's verdicts as one family: Holm-adjusted p (`p_adjusted`) over every test row, the
+    verdict read from it (`effect`: protects | leaks more | none), and for a test without an
+    effect the smallest difference the design detects with `evidence.power` at the level of Holm's
+    strictest step, alpha / family size (`detectable`); `underpowered` where that exceeds the
+    effect the trials are sized for (`evidence.effect`)."""
+    out = table.copy()
+    tests = out.role == TEST if "role" in out else pd.Series(False, index=out.index)
+    size = int(tests.sum())
+    out["family_size"] = size
+    out["p_adjusted"] = math.nan
+    out.loc[tests, "p_adjusted"] = holm(out.loc[tests, "p_value"].astype(float))
+    effects, detectable = [], []
+    for row in out.itertuples():
+        if not tests[row.Index]:
+            effects.append(None)
+            detectable.append(math.nan)
+        elif row.p_adjusted < evidence.alpha:
+            effects.append("protects" if row.psnr_diff < 0 else "leaks more")
+            detectable.append(math.nan)
+        else:
+            effects.append("none")
+            detectable.append(
+                detectable_difference(row.diff_sd, int(row.paired_batches), evidence.alpha / size, evidence.power)
+            )
+    out["effect"] = effects
+    out["detectable"] = detectable
+    out["underpowered"] = [bool(d > evidence.effect) if not math.isnan(d) else None for d in detectable]
+    return out
+
+
+def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
+    """One cell's reading against the baseline, flagged where unconverged attacks of this cell or
+    of the baseline's cell at its epoch are behind it."""
+    if isinstance(row.same_upload_as, str):
+        return f"same upload as `{row.same_upload_as}`: measured there"
+    if row.role == BASELINE:
+        return "baseline"
+    if row.role == UNPAIRED:
+        return f"not paired with {baseline} (other images by construction): compare the intervals"
+    if row.role is None or (isinstance(row.role, float) and math.isnan(row.role)):
+        return "no baseline (report.baseline: null): compare the intervals"
+    batches = f"{int(row.paired_batches)} batches"
+    if row.role == BUDGET:
+        text = f"the attacker at {int(row.iterations)} iterations gains {shown_difference(row)}, {batches}"
+    else:
+        shown = f"{shown_difference(row)}, p = {row.p_value:.2g} (Holm {row.p_adjusted:.2g}), {batches}"
+        if row.effect != "none":
+            text = f"{row.effect}: {shown}"
+        else:
+            text = f"no detectable effect: {shown}; would detect >= {row.detectable:.1f} dB"
+            if row.underpowered:
+                text += f" (underpowered for {evidence.effect:g} dB)"
+    unconverged = int(row.unconverged) + int(row.baseline_unconverged)
+    return text + (f"; rests on {unconverged} unconverged attack(s)" if unconverged else "")
+
+
+def verdict(cells: pd.DataFrame, evidence: Evidence, baseline: str | None) -> str:
+    """A setting's verdict, epoch by epoch."""
     setting = cells.setting.iloc[0]
     if baseline is None:
         return "no baseline (report.baseline: null): compare the intervals"
     if setting == baseline:
         return "baseline"
-    if cells.psnr_diff.isna().all():
-        return f"not paired with {baseline} (other images by construction): compare the intervals"
-    parts = [f"epoch {int(r.epoch)}: {verdict_at(r, alpha)}" for r in cells.itertuples()]
-    unconverged = int(cells.unconverged.sum() + cells.baseline_unconverged.sum())
-    flag = f"; rests on {unconverged} unconverged attack(s)" if unconverged else ""
-    return "; ".join(parts) + flag
+    return "; ".join(f"epoch {int(r.epoch)}: {cell_verdict(r, evidence, baseline)}" for r in cells.itertuples())
 
 
 def privacy_of(checkpoint: dict) -> str:
@@ -249,66 +339,21 @@ def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def results_table(
-    per_image: pd.DataFrame, uploads: pd.DataFrame, describe, evidence: Evidence, order: list[str]
-) -> pd.DataFrame:
-    """One row per (setting, epoch), settings in `order`. `describe(setting, epoch, uploads)`
-    gives the columns that are not statistics (scheme, test accuracy, client, privacy, ...)."""
-    rows = []
-    for setting in order:
-        for epoch in sorted(uploads[uploads.setting == setting].epoch.unique()):
-            mine = uploads[(uploads.setting == setting) & (uploads.epoch == epoch)]
-            cell = per_image[(per_image.setting == setting) & (per_image.epoch == epoch)]
-            row = {
-                "setting": setting,
-                "epoch": int(epoch),
-                **describe(setting, int(epoch), mine),
-                **cell_statistics(cell, evidence),
-                "gh": None if mine.gh.isna().any() else float(mine.gh.mean()),
-                "label_accuracy": float(mine.label_accuracy.mean()),
-                "iterations": int(mine.iterations.iloc[0]),
-                "iterations_run": float(mine.iterations_run.mean()),
-                "unconverged": int((mine.converged == False).sum()),  # noqa: E712 (None is not False)
-                "hyperparameters": mine.hyperparameters.iloc[0],
-            }
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def add_differences(
-    table: pd.DataFrame, per_image: pd.DataFrame, baseline: str | None, pairs, evidence: Evidence
-) -> pd.DataFrame:
-    """The paired columns against the baseline (empty where a setting does not pair with it)."""
-    columns = ["paired_n", "psnr_diff", "psnr_diff_low", "psnr_diff_high", "p_value", "baseline_unconverged"]
-    extra: list[dict] = []
-    for row in table.itertuples():
-        if baseline is None or row.setting == baseline or not pairs(row.setting):
-            extra.append(dict.fromkeys(columns))
-            continue
-        both = paired(per_image, row.setting, baseline, row.epoch)
-        base = table[(table.setting == baseline) & (table.epoch == row.epoch)]
-        extra.append({**difference_statistics(both, evidence), "baseline_unconverged": int(base.unconverged.iloc[0])})
-    extra_frame = pd.DataFrame(extra, columns=columns, index=table.index).astype(
-        {"paired_n": "Int64", "baseline_unconverged": "Int64"}
-    )
-    return pd.concat([table, extra_frame], axis=1)
-
-
 def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
-    """The classic attacker's PSNR per cell: its own images' mean and interval where it ran as a
-    separate attack, else the adaptive attacker's (`classic_separate` False: the same attack)."""
+    """The classic attacker's PSNR per cell, mean and t interval over its batches, where it ran as a
+    separate attack; else the adaptive attacker's (`classic_separate` False: the same attack)."""
     classic = per_image[per_image.attacker == CLASSIC]
     rows = []
     for row in table.itertuples():
         cell = classic[(classic.setting == row.setting) & (classic.epoch == row.epoch)]
         if len(cell):
-            low, high = mean_interval(cell.psnr.astype(float), evidence)
+            found = t_estimate(batch_means(cell, "psnr"), evidence.confidence)
             rows.append(
                 {
                     "classic_separate": True,
-                    "classic_psnr": float(cell.psnr.mean()),
-                    "classic_psnr_low": low,
-                    "classic_psnr_high": high,
+                    "classic_psnr": found.mean,
+                    "classic_psnr_low": found.low,
+                    "classic_psnr_high": found.high,
                 }
             )
         else:
@@ -324,25 +369,29 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
 
 
 def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, baseline: str | None) -> pd.DataFrame:
-    """Per setting: PSNR at each attacked epoch as mean [interval], the accuracy the defense costs
-    (the setting's scheme against the baseline's after the last epoch) and the verdict."""
+    """Per setting: PSNR and IIP at each attacked epoch as mean [interval], the accuracy the
+    defense costs (the setting's scheme against the baseline's after the last epoch) and the
+    verdict, epoch by epoch."""
     final = training[training.epoch == training.epoch.max()].set_index("scheme").test_accuracy
     base_scheme = None if baseline is None else table[table.setting == baseline].scheme.iloc[0]
     rows = []
     for setting, part in table.groupby("setting", sort=False):
         part = part.sort_values("epoch")
         scheme = part.scheme.iloc[0]
+        attacked = part[part.same_upload_as.isna()]
         row = {
             "setting": setting,
             "scheme": scheme,
-            "n": int(part.n.iloc[0]),
+            "trials": int(attacked.trials.max()) if len(attacked) else None,
             "hyperparameters": part.hyperparameters.iloc[0],
         }
         for r in part.itertuples():
             row[f"psnr_epoch_{r.epoch}"] = r.psnr
             row[f"psnr_epoch_{r.epoch}_ci"] = [r.psnr_low, r.psnr_high]
+            row[f"iip_epoch_{r.epoch}"] = r.iip
+            row[f"same_upload_epoch_{r.epoch}"] = r.same_upload_as
         if "classic_psnr" in part:
-            row["classic_separate"] = bool(part.classic_separate.any())
+            row["classic_separate"] = bool(part.classic_separate.fillna(False).any())
             for r in part.itertuples():
                 row[f"classic_psnr_epoch_{r.epoch}"] = r.classic_psnr
                 row[f"classic_psnr_epoch_{r.epoch}_ci"] = [r.classic_psnr_low, r.classic_psnr_high]
@@ -353,8 +402,8 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
                 if base_scheme in final and scheme in final
                 else None,
                 "gh_last": part.gh.iloc[-1],
-                "unconverged": int(part.unconverged.sum()),
-                "verdict": verdict(part, evidence.alpha, baseline),
+                "unconverged": int(part.unconverged.fillna(0).sum()),
+                "verdict": verdict(part, evidence, baseline),
             }
         )
         rows.append(row)
@@ -369,46 +418,92 @@ def _interval(mean, low, high, digits: int = 1) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _p(value) -> str:
+    return f"{value:.2g}" if value is not None and not pd.isna(value) else ""
+
+
 def shown_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The cells as a reader takes them: "mean [interval]" per score, the paired difference and p."""
-    out = table[["setting", "epoch", "test_accuracy", "client", "trials", "n"]].copy()
-    out["PSNR dB"] = [_interval(r.psnr, r.psnr_low, r.psnr_high) for r in table.itertuples()]
+    """The cells as a reader takes them: "mean [interval]" per measure, the paired difference, raw
+    and adjusted p and the cell's verdict (or the copy it is)."""
+    out = table[["setting", "epoch", "test_accuracy", "client", "trials"]].copy()
+    out["trials"] = out.trials.astype("Int64")
+    copy = table.same_upload_as.notna()
+    out["PSNR dB"] = [
+        f"same upload as {r.same_upload_as}" if c else _interval(r.psnr, r.psnr_low, r.psnr_high)
+        for r, c in zip(table.itertuples(), copy)
+    ]
     if "classic_psnr" in table:
         out["classic attacker"] = [
-            _interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high) if r.classic_separate else "same attack"
-            for r in table.itertuples()
+            ""
+            if c
+            else (
+                _interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high)
+                if r.classic_separate
+                else "same attack"
+            )
+            for r, c in zip(table.itertuples(), copy)
         ]
-    out["median"] = table.psnr_median.round(1)
+    out["IIP"] = [_interval(r.iip, r.iip_low, r.iip_high, 2) for r in table.itertuples()]
     out["SSIM"] = [_interval(r.ssim, r.ssim_low, r.ssim_high, 2) for r in table.itertuples()]
     out["LPIPS"] = [
-        _interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None else "n/a" for r in table.itertuples()
+        ""
+        if c
+        else (
+            _interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None and not pd.isna(r.lpips) else "n/a"
+        )
+        for r, c in zip(table.itertuples(), copy)
     ]
     out["labels"] = table.label_accuracy.round(2)
     out["GH"] = table.gh.round(4)
     if "psnr_diff" in table:
         out["vs baseline dB"] = [_interval(r.psnr_diff, r.psnr_diff_low, r.psnr_diff_high) for r in table.itertuples()]
-        out["p (Wilcoxon)"] = [f"{p:.2g}" if p is not None and not pd.isna(p) else "" for p in table.p_value]
-    out["unconverged"] = table.unconverged
+        out["p"] = [_p(p) for p in table.p_value]
+        out["p (Holm)"] = [_p(p) for p in table.p_adjusted]
+        out["verdict"] = [_cell_word(r) for r in table.itertuples()]
+    out["unconverged"] = table.unconverged.astype("Int64")
     out["epsilon"] = table.epsilon
     out["privacy"] = table.privacy
     return out
 
 
+def _cell_word(row) -> str:
+    """A cell's verdict in a few words, for the table of every cell."""
+    if row.role == TEST:
+        if row.effect != "none":
+            return row.effect
+        return f"none (would detect >= {row.detectable:.1f} dB{', underpowered' if row.underpowered else ''})"
+    return {BASELINE: "baseline", BUDGET: "budget check", COPY: "same upload", UNPAIRED: "not paired"}.get(row.role, "")
+
+
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     epochs = [c for c in summary.columns if c.startswith("psnr_epoch_") and not c.endswith("_ci")]
-    out = summary[["setting", "scheme", "n"]].copy()
+    out = summary[["setting", "scheme", "trials"]].copy()
+    out["trials"] = out.trials.astype("Int64")
     if (summary.hyperparameters != "fixed").any():  # else every attack ran with params.yaml's values
         out["attack hyper-parameters"] = summary.hyperparameters
     for column in epochs:
-        out[f"PSNR epoch {column.removeprefix('psnr_epoch_')}"] = [
-            _interval(m, *ci) for m, ci in zip(summary[column], summary[f"{column}_ci"])
+        epoch = column.removeprefix("psnr_epoch_")
+        same = summary[f"same_upload_epoch_{epoch}"]
+        out[f"PSNR epoch {epoch}"] = [
+            f"= {s}" if isinstance(s, str) else _interval(m, *ci)
+            for m, ci, s in zip(summary[column], summary[f"{column}_ci"], same)
+        ]
+        out[f"IIP epoch {epoch}"] = [
+            "" if isinstance(s, str) or v is None or pd.isna(v) else f"{v:.2f}"
+            for v, s in zip(summary[f"iip_epoch_{epoch}"], same)
         ]
     if "classic_separate" in summary:
         for column in epochs:
+            epoch = column.removeprefix("psnr_epoch_")
             classic = f"classic_{column}"
-            out[f"classic epoch {column.removeprefix('psnr_epoch_')}"] = [
-                _interval(m, *ci) if separate else "same attack"
-                for m, ci, separate in zip(summary[classic], summary[f"{classic}_ci"], summary.classic_separate)
+            out[f"classic epoch {epoch}"] = [
+                "" if isinstance(s, str) else (_interval(m, *ci) if separate else "same attack")
+                for m, ci, separate, s in zip(
+                    summary[classic],
+                    summary[f"{classic}_ci"],
+                    summary.classic_separate,
+                    summary[f"same_upload_epoch_{epoch}"],
+                )
             ]
     out["test accuracy"] = summary.test_accuracy
     out["cost vs baseline"] = summary.accuracy_cost

@@ -3,7 +3,8 @@
 The attacker is the adaptive one (`attack.client_model: exact`: it models the client's shards
 and local steps as the threat model states them); with `attack.classic`, every upload it treats
 otherwise than the classic attacker is attacked a second time by that one (attacks/<setting>/
-classic/), so the report shows both.
+classic/), so the report shows both. An upload that copies/<setting>.json names as another
+setting's (the same measurement) is not attacked here.
 
 The work is one job per upload x restart, sharded over `attack.processes` processes forked
 here, or over the processes torchrun started (`torchrun --nproc_per_node N -m stages.attack
@@ -34,7 +35,7 @@ from pipeline.report import save_grid
 from pipeline.uploads import CLASSIC, load_upload
 from stages._common import Stage, code_digest, run
 
-TUNING = Path("tuning")
+TUNING, COPIES = Path("tuning"), Path("copies")
 
 
 def attackers(
@@ -135,10 +136,14 @@ def main(stage: Stage) -> None:
     resolve_accelerator(fixed.accelerator, "attack.accelerator", fixed.processes)  # refused before any work
     a, tuned = with_tuning(fixed, setting)
     folder, out_folder = Path("uploads") / setting, Path("attacks") / setting
-    uploads = sorted(folder.glob("*.safetensors"))
-    if not uploads:
+    every = sorted(folder.glob("*.safetensors"))
+    if not every:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
-    runs = attackers(a, uploads, fixed)
+    copies = read_json(COPIES / f"{setting}.json")["copies"]  # attacked once, under the setting named there
+    uploads = [path for path in every if path.stem not in copies]
+    for name, original in copies.items():
+        print(f"attack@{setting}: {name}: the same upload as {original['setting']}'s, attacked there")
+    runs = attackers(a, uploads, fixed) if uploads else []
     if not is_first_process():  # one of torchrun's other processes: its share, into the first one's folder
         for sub, params, paths in runs:
             run_jobs(
@@ -150,7 +155,11 @@ def main(stage: Stage) -> None:
         return
     if tuned:
         stage.mlflow.log_params({f"tuned.{k}": v for k, v in tuned.items()})
-    inputs = digest(p.seed, a.model_dump(), fixed.model_dump(), tree_digest(folder), code_digest("stages.attack"))
+    if copies:
+        stage.mlflow.log_dict(copies, "same_upload_as.json")
+    inputs = digest(
+        p.seed, a.model_dump(), fixed.model_dump(), tree_digest(folder), copies, code_digest("stages.attack")
+    )
     with atomic_dir(out_folder, fingerprint=inputs) as out:
         timings = {}
         for sub, params, paths in runs:  # one scratch folder per attacker, removed before the output is finished

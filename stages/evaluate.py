@@ -1,20 +1,25 @@
 """evaluate: pair each reconstruction with a true image (Hungarian) and score it, for every setting
-and attacker (the adaptive one's in attacks/<setting>/, the classic one's in attacks/<setting>/classic/)."""
+and attacker (the adaptive one's in attacks/<setting>/, the classic one's in attacks/<setting>/classic/).
+
+Image identifiability (IIP) asks whether a reconstruction's nearest image by MSE, among the whole
+victim pool and as many of the attacker's own images (the first of its split), is its true one:
+a success measure without a PSNR threshold. Only this stage reads the truth and the victim pool."""
 
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from pipeline.data import images_at, in_memory, load_split
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, load_tensors, write_json
-from pipeline.metrics import Lpips, image_metrics, label_accuracy, pair_by_hungarian
+from pipeline.metrics import Lpips, identified, image_metrics, label_accuracy, pair_by_hungarian
 from pipeline.uploads import ADAPTIVE, CLASSIC, load_truth
 from stages._common import Stage, run
 
-ATTACKS, TRUTH = Path("attacks"), Path("truth")
+ATTACKS, TRUTH, DATA = Path("attacks"), Path("truth"), Path("data/prepared")
 METRICS, PER_IMAGE = Path("reports/metrics.json"), Path("reports/per_image.csv")
-SCORES = ("psnr", "ssim", "mse", "lpips")
+SCORES = ("psnr", "ssim", "mse", "lpips", "iip")
 
 
 def _stats(values) -> dict[str, float] | None:
@@ -23,8 +28,19 @@ def _stats(values) -> dict[str, float] | None:
     return {"mean": round(float(values.mean()), 6), "std": round(float(values.std(ddof=0)), 6)}
 
 
-def evaluate_upload(path: Path, lpips: Lpips, attacker: str = ADAPTIVE) -> tuple[list[dict], dict]:
-    """Per-image rows and the upload's summary for one reconstruction file."""
+def identification_pool(data: Path = DATA) -> torch.Tensor:
+    """The images a reconstruction is identified among ([0, 1]): the victim pool's, in its order
+    (row = victim position), then as many of the attacker's own."""
+    victims = in_memory(load_split(data, "victims")[0], data / "victims.safetensors").images
+    own, _ = load_split(data, "attacker")
+    count = min(len(victims), len(own.labels))
+    others = images_at(own, torch.arange(count))
+    return torch.cat([victims, others]).float() / 255
+
+
+def evaluate_upload(path: Path, lpips: Lpips, pool: torch.Tensor, attacker: str = ADAPTIVE) -> tuple[list[dict], dict]:
+    """Per-image rows and the upload's summary for one reconstruction file; `pool`: the
+    identification candidates (identification_pool)."""
     setting = path.parent.name if attacker == ADAPTIVE else path.parent.parent.name
     rec, meta = load_tensors(path, expected={"images", "labels"})
     truth_u8, truth_labels, truth_meta = load_truth(TRUTH / setting / path.name)
@@ -35,6 +51,7 @@ def evaluate_upload(path: Path, lpips: Lpips, attacker: str = ADAPTIVE) -> tuple
     paired = rec["images"][order]
     scores = image_metrics(paired, truth)
     scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
+    scores["iip"] = identified(paired, torch.as_tensor(truth_meta["victim_positions"]), pool).double()
     rows = [
         {
             "setting": setting,
@@ -71,13 +88,13 @@ def main(stage: Stage) -> None:
     reconstructions += [(path, CLASSIC) for path in sorted(ATTACKS.glob(f"*/{CLASSIC}/*.safetensors"))]
     if not reconstructions:
         raise PipelineError(f"{ATTACKS}: no reconstructions to evaluate (run the attack stages first)")
-    lpips = Lpips(stage.params.evaluate.lpips_backbone)
+    lpips, pool = Lpips(stage.params.evaluate.lpips_backbone), identification_pool()
     if not lpips.available:
         print(f"evaluate: {lpips.reason}")
     stage.mlflow.set_tag("lpips", "computed" if lpips.available else lpips.reason)
     rows, summary, classic = [], {}, {}
     for path, attacker in reconstructions:
-        upload_rows, upload = evaluate_upload(path, lpips, attacker)
+        upload_rows, upload = evaluate_upload(path, lpips, pool, attacker)
         rows += upload_rows
         key = f"{upload['setting']}/{path.stem}"
         (summary if attacker == ADAPTIVE else classic)[key] = upload

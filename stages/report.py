@@ -15,17 +15,25 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.checkpoints import checkpoint_name
+from pipeline.config import pairs_with
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_file, load_tensors, read_json, write_json
-from pipeline.report import band_plot, line_plot, markdown_table, overview_figure, save_grid, scatter_plot
+from pipeline.report import (
+    band_plot,
+    line_plot,
+    markdown_table,
+    overview_figure,
+    privacy_utility_plot,
+    save_grid,
+    scatter_plot,
+)
 from pipeline.results import (
     SHARED,
-    Evidence,
     add_classic,
     add_differences,
+    add_family,
     client_summary,
     load_outputs,
-    pairs_with,
     privacy_of,
     results_table,
     shown_summary,
@@ -34,10 +42,17 @@ from pipeline.results import (
     table_differences,
     training_table,
 )
+from pipeline.statistics import Evidence
 from pipeline.uploads import ADAPTIVE, load_truth
 from stages._common import Stage, run
 
-ATTACKS, TRUTH, MODELS, CLIENT = Path("attacks"), Path("truth"), Path("models"), Path("reports/client")
+ATTACKS, TRUTH, MODELS, CLIENT, COPIES = (
+    Path("attacks"),
+    Path("truth"),
+    Path("models"),
+    Path("reports/client"),
+    Path("copies"),
+)
 METRICS, PER_IMAGE = Path("reports/metrics.json"), Path("reports/per_image.csv")
 RESULTS_CSV, RESULTS_MD = Path("reports/results.csv"), Path("reports/results.md")
 TRAINING_CSV, FIGURE = Path("reports/training.csv"), Path("reports/reconstructions.png")
@@ -74,24 +89,42 @@ def describe(p, setting: str, epoch: int, uploads: pd.DataFrame) -> dict:
 def intro(p, table: pd.DataFrame, baseline: str | None) -> str:
     r = p.report
     lpips = "" if table.lpips.notna().any() else " LPIPS n/a: no AlexNet weights on this machine (see README)."
+    family = int(table.family_size.iloc[0]) if "family_size" in table else 0
     paired = (
         "no baseline is set (report.baseline: null), so there are no paired columns: compare the intervals."
         if baseline is None
-        else f"Every setting is paired with `{baseline}` image by image (same epoch, trial and batch position, "
-        "the same victims); a setting whose batches are chosen otherwise (label repetition, another batch size) "
-        "is not paired. 'vs baseline' is the mean paired PSNR difference with its interval; p the Wilcoxon "
-        f"signed-rank test of the differences (scipy.stats.wilcoxon). Verdict, per attacked epoch: **protects** "
-        f"when the difference's interval lies below 0 and p < {r.alpha:g}; **leaks more** when it lies above 0 "
-        "and p < alpha; else **no detectable protection**."
+        else f"Every setting is paired with `{baseline}` batch by batch (same epoch and trial: the same victims); "
+        "a setting whose batches are chosen otherwise (label repetition, another batch size) is not paired. "
+        "'vs baseline' is the mean over the batches of each batch's mean paired PSNR difference, with its t "
+        f"interval; p is the paired t-test of the same batch means (scipy.stats.ttest_1samp), so the interval "
+        f"and the test are one procedure. The family is every paired cell of the table ({family} tests; the "
+        f"budget row and the cells that are another setting's upload are not in it): p adjusted by Holm "
+        f"(statsmodels). Verdict, per cell: **protects** when the Holm-adjusted p < {r.alpha:g} and the "
+        "difference is negative; **leaks more** when it is positive; else **no detectable effect**, with the "
+        f"smallest difference the design would detect with {r.power:.0%} power at Holm's strictest level "
+        f"(alpha / {family}), from that cell's batch SD (statsmodels' t-test power); **underpowered** where "
+        f"that exceeds {r.effect:g} dB."
+    )
+    budget = (
+        f" `{r.budget}` is `{baseline}` attacked at {p.attack_for(r.budget).iterations} iterations instead of "
+        f"{p.attack_for(baseline).iterations}: its difference is how much more the attacker gets with twice the "
+        "budget, not a verdict (every verdict is a bound of this attacker)."
+        if r.budget
+        else ""
     )
     return (
         f"Each cell: {p.extract.trials} client batches (trials) of the setting's batch size, disjoint, drawn "
-        f"from the victim pool; n = images. Intervals: {r.confidence:.0%} bootstrap (BCa, {r.resamples} "
-        f"resamples, seeded) of the mean over the images. {paired} An attack counts as unconverged when its "
-        "best gradient loss over the last 10 % of iterations is more than 1 % under the best of the 10 % before "
-        f"(pipeline.attack.invert.still_falling); a verdict resting on any says so. The attack runs with "
-        "params.yaml's hyper-parameters (fixed) unless the summary names tuned ones: chosen by tune@<setting> on "
-        f"the attacker's own images, never a victim's (the classic attacker keeps the fixed ones).{lpips}\n"
+        "from the victim pool. The batch is the unit: its images share one attack, so every interval and test "
+        f"runs over the batch means ({r.confidence:.0%} t intervals); the PSNR median is over images, as "
+        f"description. {paired}{budget} A cell whose uploads are byte for byte another setting's (the same "
+        "checkpoint and client) was attacked once and reads 'same upload as'. IIP: the share of "
+        "reconstructions whose nearest image by MSE, among the victim pool and as many of the attacker's own "
+        "images, is their own. An attack counts as unconverged when its best gradient loss over the last 10 % "
+        "of iterations is more than 1 % under the best of the 10 % before (pipeline.attack.invert."
+        "still_falling); a cell's verdict says when it rests on any of its own or of the baseline's cell at "
+        "that epoch. The attack runs with params.yaml's hyper-parameters (fixed) unless the summary names "
+        "tuned ones: chosen by tune@<setting> on the attacker's own images, never a victim's (the classic "
+        f"attacker keeps the fixed ones).{lpips}\n"
     )
 
 
@@ -100,7 +133,8 @@ def write_markdown(p, table: pd.DataFrame, summary: pd.DataFrame, training: pd.D
         tmp.write_text(
             "# Results\n\n"
             + intro(p, table, baseline)
-            + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked epoch as mean [interval], against the "
+            + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked epoch as mean [interval over batches] "
+            "and IIP, against the "
             "adaptive attacker (it models the client's asynchronous-BatchNorm shards and unrolls its local steps, as "
             "the threat model states them) and, where that differs, the classic attacker (one full-batch gradient; "
             "'same attack' where there is nothing to adapt to); the test accuracy of the setting's scheme after the "
@@ -123,9 +157,14 @@ def write_markdown(p, table: pd.DataFrame, summary: pd.DataFrame, training: pd.D
 
 
 def write_figures(
-    p, table: pd.DataFrame, training: pd.DataFrame, per_image: pd.DataFrame, uploads: pd.DataFrame
+    p,
+    table: pd.DataFrame,
+    summary: pd.DataFrame,
+    training: pd.DataFrame,
+    per_image: pd.DataFrame,
+    uploads: pd.DataFrame,
 ) -> None:
-    panels: dict[str, list] = {}
+    panels: dict[tuple[str, int], tuple] = {}
     for u in uploads.itertuples():
         rec, _ = load_tensors(ATTACKS / u.setting / f"{u.upload}.safetensors", expected={"images", "labels"})
         truth_u8, _, _ = load_truth(TRUTH / u.setting / f"{u.upload}.safetensors")
@@ -134,21 +173,42 @@ def write_figures(
         save_grid(FIGURES / u.setting / f"{u.upload}.png", [truth, paired])  # truth over reconstruction
         if u.trial == 0:  # the overviews show the first trial of each cell
             gh = "n/a" if pd.isna(u.gh) else f"{u.gh:.3f}"
-            panels.setdefault(u.setting, []).append(
-                (f"{u.setting} epoch {u.epoch} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB", truth, paired)
-            )
-    for setting, mine in panels.items():  # one figure per setting across epochs
-        overview_figure(FIGURES / f"{setting}.png", mine, columns=len(mine))
-    overview_figure(FIGURE, [panel for mine in panels.values() for panel in mine], columns=len(p.extract.epochs))
+            title = f"{u.setting} epoch {u.epoch} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB"
+            panels[(u.setting, int(u.epoch))] = (title, truth, paired)
+    for row in table[table.same_upload_as.notna()].itertuples():  # the original's panel, named so
+        _, truth, paired = panels[(row.same_upload_as, int(row.epoch))]
+        panels[(row.setting, int(row.epoch))] = (
+            f"{row.setting} epoch {row.epoch}: the same upload as {row.same_upload_as}",
+            truth,
+            paired,
+        )
+    ordered = [[panels[(s, e)] for e in p.extract.epochs if (s, e) in panels] for s in p.settings]
+    for setting, mine in zip(p.settings, ordered):  # one figure per setting across epochs
+        if mine:
+            overview_figure(FIGURES / f"{setting}.png", mine, columns=len(mine))
+    overview_figure(FIGURE, [panel for mine in ordered for panel in mine], columns=len(p.extract.epochs))
+    first = min(p.extract.epochs)
+    leakage = table[(table.epoch == first) & (table.role != "budget")].copy()
+    for column in ("psnr", "psnr_low", "psnr_high", "iip", "iip_low", "iip_high"):  # a copy shows its original's
+        leakage[column] = [
+            table[(table.setting == r.same_upload_as) & (table.epoch == first)][column].iloc[0]
+            if isinstance(r.same_upload_as, str)
+            else getattr(r, column)
+            for r in leakage.itertuples()
+        ]
+    leakage["test_accuracy"] = [summary.set_index("setting").test_accuracy[s] for s in leakage.setting]
+    privacy_utility_plot(PLOTS / "privacy_utility.png", leakage, first, p.report.confidence)
+    attacked = table[table.same_upload_as.isna()]
     band_plot(
         PLOTS / "psnr_by_epoch.png",
-        table,
+        attacked,
         "epoch",
         "psnr",
         "psnr_low",
         "psnr_high",
         "setting",
-        f"Attack PSNR through training, mean and {p.report.confidence:.0%} interval over {int(table.n.max())} images",
+        f"Attack PSNR through training, mean and {p.report.confidence:.0%} interval over "
+        f"{int(attacked.trials.max())} client batches",
         "PSNR (dB), Hungarian-paired",
     )
     line_plot(
@@ -189,7 +249,7 @@ def log_setting_runs(stage: Stage, table: pd.DataFrame) -> None:
     numbers = [
         c
         for c in table.columns
-        if c not in ("setting", "scheme", "arch", "epoch", "client", "labels", "privacy", "hyperparameters")
+        if c != "epoch" and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
     ]
     for setting, part in table.groupby("setting", sort=False):
         with stage.mlflow.start_run(
@@ -208,18 +268,46 @@ def log_setting_runs(stage: Stage, table: pd.DataFrame) -> None:
                 stage.mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.epoch))
 
 
+def copied_cells(settings) -> dict[tuple[str, int], str]:
+    """The (setting, epoch) cells whose uploads are another setting's (copies/<setting>.json), each
+    with that setting; a cell must be a copy whole or not at all."""
+    cells: dict[tuple[str, int], set[str]] = {}
+    for setting in settings:
+        for original in read_json(COPIES / f"{setting}.json")["copies"].values():
+            cells.setdefault((setting, original["epoch"]), set()).add(original["setting"])
+    for (setting, epoch), originals in cells.items():
+        if len(originals) > 1:
+            raise PipelineError(
+                f"{setting} at epoch {epoch}: its uploads repeat several settings' ({sorted(originals)})"
+            )
+    return {cell: originals.pop() for cell, originals in cells.items()}
+
+
 def main(stage: Stage) -> None:
     p = stage.params
     baseline = p.report.baseline
-    evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
+    evidence = Evidence(p.report.confidence, p.report.alpha, p.report.power, p.report.effect)
     every_image = pd.read_csv(PER_IMAGE)
     per_image = every_image[every_image.attacker == ADAPTIVE]  # the verdicts' attacker
     uploads = load_outputs(read_json(METRICS)["uploads"], ATTACKS, CLIENT)
     training = training_table(MODELS, list(p.schemes))
-    table = results_table(per_image, uploads, lambda s, e, u: describe(p, s, e, u), evidence, list(p.settings))
+    copies = copied_cells(p.settings)
+    table = results_table(per_image, uploads, lambda s, e, u: describe(p, s, e, u), evidence, list(p.settings), copies)
     base_client = None if baseline is None else p.setting(baseline)[1]
-    table = add_differences(table, per_image, baseline, lambda s: pairs_with(p.setting(s)[1], base_client), evidence)
-    table = add_classic(table, every_image, evidence)
+    table = add_differences(
+        table,
+        per_image,
+        baseline,
+        lambda s: pairs_with(p.setting(s)[1], base_client),
+        evidence,
+        p.report.budget,
+    )
+    table = add_family(add_classic(table, every_image, evidence), evidence)
+    if baseline is not None and not table.family_size.iloc[0]:
+        raise PipelineError(
+            f"report.baseline {baseline}: no cell of the table pairs with it (every other setting's uploads are "
+            "copies, or draw other images), so there is no verdict to make"
+        )
     summary = summary_of(table, training, evidence, baseline)
     with atomic_file(RESULTS_CSV) as tmp:
         table.to_csv(tmp, index=False)
@@ -228,7 +316,7 @@ def main(stage: Stage) -> None:
     records = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
     write_json(SUMMARY, {row.pop("setting"): row for row in records})  # DVC metrics: `dvc metrics show`
     write_markdown(p, table, summary, training, baseline)
-    write_figures(p, table, training, per_image, uploads)
+    write_figures(p, table, summary, training, per_image, uploads)
     print(markdown_table(shown_summary(summary)))
     if baseline is None:
         print("report: report.baseline is null: the table has no paired columns and no verdicts")
@@ -256,7 +344,8 @@ def from_mlflow(argv: list[str]) -> None:
         sys.exit(f"report: error: {err}")
     print(markdown_table(table))
     if args.check:
-        problems = table_differences(table, pd.read_csv(RESULTS_CSV))
+        ours = pd.read_csv(RESULTS_CSV)
+        problems = table_differences(table, ours[ours.same_upload_as.isna()])  # a copy has no runs of its own
         for line in problems:
             print(f"report: differs: {line}")
         if problems:
@@ -268,4 +357,4 @@ if __name__ == "__main__":
     if "--from-mlflow" in sys.argv:
         from_mlflow(sys.argv[1:])
     else:
-        run("report", main, reads=("seed", "schemes", "extract", "client", "settings", "report"))
+        run("report", main, reads=("schemes", "extract", "client", "settings", "attack", "report"))

@@ -131,10 +131,34 @@ def test_project_params_validate():
         ("attack.labels", "idlg", "params.yaml: attack.labels: 'idlg' needs batch_size 1 (settings.pure has 4)"),
         ("extract.trials", 0, "params.yaml: extract.trials: Input should be greater than or equal to 1 (got 0)"),
         (
+            "extract.trials",
+            1,
+            "params.yaml: extract.trials: 1 client batch per cell leaves no spread between batches to test or "
+            "to make an interval from (the batch is the unit): 2 or more",
+        ),
+        (
+            "report.budget",
+            "ra",
+            "params.yaml: report.budget: 'ra' must be 'pure''s scheme and client attacked with more iterations "
+            "and nothing else changed (settings.<name>.attack: {iterations: N})",
+        ),
+        (
+            "settings.pure-2x.attack",
+            {"iterations": 1000, "lr": 0.2},
+            "params.yaml: report.budget: 'pure-2x' must be 'pure''s scheme and client attacked with more iterations "
+            "and nothing else changed (settings.<name>.attack: {iterations: N})",
+        ),
+        (
+            "report.budget",
+            "none-such",
+            "params.yaml: report.budget: 'none-such' is not a setting; params.yaml defines pure, ra, dp-sgd, "
+            "clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat, pure-2x",
+        ),
+        (
             "report.baseline",
             "plain",
             "params.yaml: report.baseline: 'plain' is not a setting, so nothing can be paired "
-            "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat "
+            "with it; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, async-bn, local-steps, client-dp, buffers, label-repeat, pure-2x "
             "(null: a table without paired columns)",
         ),
         (
@@ -151,6 +175,24 @@ def test_bad_value_gives_one_line_naming_the_key(key, value, message):
         parse_params(raw)
     assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+def test_a_family_without_a_paired_cell_is_refused_in_one_line():
+    raw = copy.deepcopy(RAW_PARAMS)
+    raw["settings"] = {k: v for k, v in raw["settings"].items() if k in ("pure", "label-repeat", "pure-2x")}
+    with pytest.raises(PipelineError) as err:
+        parse_params(raw)
+    assert str(err.value) == (
+        "params.yaml: report.baseline: no other setting pairs with 'pure' (the same batch size, no label "
+        "repetition), so the table has no verdict to make (null: a table without paired columns)"
+    )
+    raw["report"]["budget"] = None
+    del raw["settings"]["pure-2x"]
+    raw["settings"]["bigger"] = {"scheme": "pure", "batch_size": 8}
+    with pytest.raises(PipelineError, match="no other setting pairs with 'pure'"):
+        parse_params(raw)
+    raw["report"]["baseline"] = None
+    parse_params(raw)  # no baseline: no family, a table of intervals
 
 
 def test_the_compiled_attack_refuses_what_it_cannot_compute():

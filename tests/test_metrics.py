@@ -73,3 +73,15 @@ def test_lpips_runs_on_the_backbone_file_given():
     scores = lpips(recon, truth)
     assert scores.shape == (3,) and (scores > 0).all()
     assert torch.allclose(scores[1:2], lpips(recon[1:2], truth[1:2]))  # per image, whatever the batch
+
+
+def test_identifiability_finds_each_reconstruction_among_candidates_by_its_nearest_image():
+    from pipeline.metrics import identified
+
+    g = torch.Generator().manual_seed(0)
+    candidates = torch.rand(10, 1, 8, 8, generator=g)
+    own = torch.tensor([2, 5, 7])
+    near = candidates[own] + 0.01 * torch.randn(3, 1, 8, 8, generator=g)  # a close copy of its own image
+    near[2] = candidates[4] + 0.01 * torch.randn(1, 8, 8, generator=g)  # the third is nearest another image
+    assert identified(near, own, candidates).tolist() == [True, True, False]
+    assert identified(candidates[own], own, candidates).all()  # exact reconstructions: all identified

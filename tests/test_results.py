@@ -1,4 +1,5 @@
-"""The results' statistics: scipy's numbers, the pairing, the verdict rule, stable bytes."""
+"""The results' statistics: the batch as the unit, scipy's and statsmodels' numbers, the pairing,
+the family's correction, copies shown once, power, stable bytes."""
 
 import io
 
@@ -6,56 +7,105 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 from pipeline.errors import PipelineError
 from pipeline.results import (
     SHARED,
-    Evidence,
     add_classic,
     add_differences,
+    add_family,
+    batch_differences,
     hyperparameters_of,
-    mean_interval,
     paired,
     results_table,
     shown_summary,
+    shown_table,
     summary_of,
     table_differences,
-    verdict_at,
-    wilcoxon_p,
+)
+from pipeline.statistics import (
+    Evidence,
+    batch_means,
+    batches_needed,
+    detectable_difference,
+    holm,
+    t_estimate,
+    variance_components,
 )
 
-EVIDENCE = Evidence(confidence=0.95, resamples=2000, alpha=0.05, seed=7)
+EVIDENCE = Evidence(confidence=0.95, alpha=0.05, power=0.8, effect=2.0)
+ORDER = ["pure", "defended", "same", "copy", "pure-2x"]
 
 
-def test_the_interval_is_scipys_bootstrap_and_near_the_normal_one_on_a_large_sample():
-    x = np.random.default_rng(0).normal(20, 4, size=400)
-    ours = mean_interval(x, EVIDENCE)
-    theirs = stats.bootstrap(
-        (x,), np.mean, confidence_level=0.95, n_resamples=2000, method="BCa", rng=np.random.default_rng(7)
-    ).confidence_interval
-    assert ours == (theirs.low, theirs.high)
-    half = 1.959964 * x.std(ddof=1) / np.sqrt(len(x))  # the reference: mean +- z * s / sqrt(n)
-    assert ours[0] == pytest.approx(x.mean() - half, abs=0.1 * half)
-    assert ours[1] == pytest.approx(x.mean() + half, abs=0.1 * half)
-    assert mean_interval(x, EVIDENCE) == ours  # seeded
-    assert mean_interval([3.0, 3.0, 3.0], EVIDENCE) == (3.0, 3.0) and np.isnan(mean_interval([1.0], EVIDENCE)[0])
+def test_the_interval_and_the_test_are_scipys_t_on_the_batch_means_and_agree():
+    x = np.array([-3.1, -0.4, -2.2, 0.7, -5.0, -1.3, -2.8, -0.9])
+    found = t_estimate(x, 0.95)
+    theirs = stats.ttest_1samp(x, 0.0)
+    ci = theirs.confidence_interval(0.95)
+    assert (found.mean, found.low, found.high, found.p) == (x.mean(), ci.low, ci.high, theirs.pvalue)
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))  # by hand
+    assert found.low == pytest.approx(x.mean() - half) and found.high == pytest.approx(x.mean() + half)
+    for shift in np.linspace(-4, 4, 33):  # one procedure: the interval excludes 0 exactly when p < 0.05
+        e = t_estimate(x + shift, 0.95)
+        assert (e.p < 0.05) == (e.high < 0 or e.low > 0)
+    assert np.isnan(t_estimate([1.0], 0.95).low) and t_estimate([0.0, 0.0, 0.0], 0.95).p == 1.0
 
 
-def test_the_paired_test_is_scipys_wilcoxon():
-    d = np.array([-3.1, -0.4, -2.2, 0.7, -5.0, -1.3, -2.8, -0.9, 0.2, -4.4, -1.7, -2.5])
-    assert wilcoxon_p(d) == stats.wilcoxon(d).pvalue
-    assert wilcoxon_p(d) < 0.01  # 10 of 12 negative, the positive ones small
-    assert wilcoxon_p(np.zeros(5)) == 1.0
+def test_holm_is_statsmodels_multipletests():
+    p = np.array([0.001, 0.04, 0.03, 0.2, 0.012, 0.5])
+    assert np.array_equal(holm(p), multipletests(p, method="holm")[1])
+    assert holm(p)[0] == pytest.approx(0.006)  # the smallest p times the family's size
 
 
-def _per_image(shift: dict[str, float], victims_of=lambda setting, trial, image: 10 * trial + image) -> pd.DataFrame:
+def test_the_detectable_difference_and_the_batches_needed_are_statsmodels_power_solutions():
+    sd, n, alpha = 1.6, 13, 0.05 / 14
+    ours = detectable_difference(sd, n, alpha, 0.8)
+    assert ours == pytest.approx(sd * TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=0.8))
+    assert TTestPower().power(ours / sd, n, alpha) == pytest.approx(0.8, abs=1e-6)
+    needed = batches_needed(sd, 2.0, 0.05, 0.8)
+    assert TTestPower().power(2.0 / sd, needed, 0.05) >= 0.8 > TTestPower().power(2.0 / sd, needed - 1, 0.05)
+    assert np.isnan(detectable_difference(sd, 1, alpha, 0.8))
+
+
+def test_variance_components_recover_a_known_clustered_design():
+    rng = np.random.default_rng(3)
+    between, within, size = 1.2, 5.1, 4
+    cells = []
+    for _ in range(40):
+        effects = rng.normal(0, np.sqrt(between), 50)
+        rows = [(t, effects[t] + rng.normal(0, np.sqrt(within))) for t in range(50) for _ in range(size)]
+        cells.append(pd.DataFrame(rows, columns=["trial", "d"]))
+    c = variance_components(cells, "d")
+    assert c.between == pytest.approx(between, rel=0.1) and c.within == pytest.approx(within, rel=0.05)
+    assert c.icc == pytest.approx(between / (between + within), abs=0.03)
+    assert c.batch_sd == pytest.approx(np.sqrt(between + within / size), rel=0.05)
+    assert c.design_effect == pytest.approx(1 + 3 * c.icc)
+
+
+def test_the_unit_matters_image_level_wilcoxon_passes_where_the_batch_level_test_does_not():
+    """Four batches of four images, each batch one shared shift: the 16 images look like strong
+    evidence, but they are four measurements."""
+    rng = np.random.default_rng(5)
+    shifts = np.array([-3.0, -2.0, -2.5, 1.0])
+    d = np.repeat(shifts, 4) + rng.normal(0, 0.3, 16)
+    frame = pd.DataFrame({"trial": np.repeat(np.arange(4), 4), "d": d})
+    assert stats.wilcoxon(d).pvalue < 0.05
+    batch = t_estimate(batch_means(frame, "d"), 0.95)
+    assert batch.p > 0.05 and batch.low < 0 < batch.high
+
+
+def _per_image(
+    shift: dict[str, float], trials=6, victims_of=lambda setting, trial, image: 10 * trial + image, noise_sd=0.5
+):
     rng = np.random.default_rng(1)
     rows = []
     for epoch in (0, 3):
-        base = rng.normal(25 if epoch == 0 else 12, 4, size=(4, 4))
+        base = rng.normal(25 if epoch == 0 else 12, 4, size=(trials, 4)) + rng.normal(0, 2, size=(trials, 1))
         for setting, delta in shift.items():
-            noise = rng.normal(0, 0.5, size=(4, 4))
-            for t in range(4):
+            noise = rng.normal(0, noise_sd, size=(trials, 4))
+            for t in range(trials):
                 for i in range(4):
                     rows.append(
                         {
@@ -70,6 +120,7 @@ def _per_image(shift: dict[str, float], victims_of=lambda setting, trial, image:
                             "ssim": 0.5,
                             "mse": 0.01,
                             "lpips": np.nan,
+                            "iip": float(i % 2),
                             "converged": True,
                         }
                     )
@@ -79,38 +130,88 @@ def _per_image(shift: dict[str, float], victims_of=lambda setting, trial, image:
 def _uploads(per_image: pd.DataFrame, unconverged: set = frozenset()) -> pd.DataFrame:
     u = per_image.drop_duplicates(["setting", "upload"])[["setting", "upload", "epoch", "trial"]].copy()
     u["label_accuracy"], u["gh"], u["epsilon"], u["iterations"], u["iterations_run"] = 1.0, 0.1, np.nan, 500, 500
+    u.loc[u.setting == "pure-2x", "iterations"] = 1000
     u["hyperparameters"] = "fixed"
     u["converged"] = [(s, e) not in unconverged for s, e in zip(u.setting, u.epoch)]
     return u
 
 
-def _table(per_image, uploads, baseline="pure"):
-    describe = lambda s, e, u: {"scheme": s, "test_accuracy": 0.8, "client": "B=4", "epsilon": None}  # noqa: E731
-    table = results_table(per_image, uploads, describe, EVIDENCE, ["pure", "defended", "same"])
-    return add_differences(table, per_image, baseline, lambda s: True, EVIDENCE)
+def _table(per_image, uploads, baseline="pure", copies=None, budget=None):
+    describe = lambda s, e, u: {"scheme": s, "test_accuracy": 0.8, "client": "B=4", "epsilon": None, "privacy": ""}  # noqa: E731
+    table = results_table(per_image, uploads, describe, EVIDENCE, ORDER, copies)
+    return add_family(add_differences(table, per_image, baseline, lambda s: True, EVIDENCE, budget), EVIDENCE)
 
 
-def test_cells_pair_the_same_images_and_the_verdict_reads_interval_and_p():
+TRAINING = pd.DataFrame({"scheme": ORDER, "epoch": 3, "test_accuracy": [0.9, 0.85, 0.9, 0.9, 0.9]})
+
+
+def test_cells_are_batch_means_and_the_verdict_reads_the_holm_adjusted_paired_t_test():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "same": 0.0})
     table = _table(per_image, _uploads(per_image, unconverged={("same", 3)})).set_index(["setting", "epoch"])
-    assert table.loc[("pure", 0), "n"] == 16 and table.loc[("pure", 0), "trials"] == 4
-    cell = per_image[(per_image.setting == "defended") & (per_image.epoch == 0)].psnr
-    assert table.loc[("defended", 0), "psnr"] == pytest.approx(cell.mean())
-    assert (table.loc[("defended", 0), "psnr_low"], table.loc[("defended", 0), "psnr_high"]) == mean_interval(
-        cell, EVIDENCE
-    )
+    assert table.loc[("pure", 0), "n"] == 24 and table.loc[("pure", 0), "trials"] == 6
+    cell = per_image[(per_image.setting == "defended") & (per_image.epoch == 0)]
+    means = cell.groupby("trial").psnr.mean().to_numpy()  # an independent computation of the batch means
+    ci = stats.ttest_1samp(means, 0).confidence_interval(0.95)
+    row = table.loc[("defended", 0)]
+    assert row.psnr == pytest.approx(cell.psnr.mean())
+    assert (row.psnr_low, row.psnr_high) == pytest.approx((ci.low, ci.high))
     both = paired(per_image, "defended", "pure", 0)
-    assert table.loc[("defended", 0), "p_value"] == stats.wilcoxon(both.psnr - both.psnr_baseline).pvalue
-    assert table.loc[("defended", 0), "psnr_diff"] == pytest.approx(-6.0, abs=0.5)
-    assert verdict_at(table.loc[("defended", 0)].to_frame().T.assign(epoch=0).iloc[0], 0.05).startswith("protects:")
-    assert verdict_at(table.loc[("same", 0)].to_frame().T.assign(epoch=0).iloc[0], 0.05).startswith("no detectable")
-    training = pd.DataFrame({"scheme": ["pure", "defended", "same"], "epoch": 3, "test_accuracy": [0.9, 0.85, 0.9]})
-    summary = summary_of(table.reset_index(), training, EVIDENCE, "pure").set_index("setting")
+    d = (both.psnr - both.psnr_baseline).groupby(both.trial).mean().to_numpy()
+    assert np.allclose(batch_differences(both), d)
+    test = stats.ttest_1samp(d, 0)
+    assert row.p_value == pytest.approx(test.pvalue) and row.paired_batches == 6
+    family = table[table.role == "test"]
+    assert len(family) == 4 and (table.family_size == 4).all()  # defended and same at two epochs
+    assert np.allclose(family.p_adjusted, multipletests(family.p_value, method="holm")[1])
+    assert row.effect == "protects" and row.psnr_diff == pytest.approx(-6.0, abs=0.5)
+    same = table.loc[("same", 0)]
+    assert same.effect == "none" and same.detectable == pytest.approx(
+        detectable_difference(same.diff_sd, 6, 0.05 / 4, 0.8)
+    )
+    summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
     assert summary.loc["pure", "verdict"] == "baseline"
     assert summary.loc["defended", "verdict"].startswith("epoch 0: protects: -6.")
-    assert "epoch 3: no detectable protection" in summary.loc["defended", "verdict"]
-    assert summary.loc["same", "verdict"].endswith("rests on 4 unconverged attack(s)")
+    assert "epoch 3: no detectable effect" in summary.loc["defended", "verdict"]
+    # the unconverged attacks qualify their own cell only
+    assert summary.loc["same", "verdict"].endswith("; rests on 6 unconverged attack(s)")
+    assert "unconverged" not in summary.loc["same", "verdict"].split("; epoch 3")[0]
     assert summary.loc["defended", "accuracy_cost"] == pytest.approx(0.05)
+    shown = shown_table(table.reset_index()).set_index(["setting", "epoch"])
+    assert shown.loc[("defended", 0), "verdict"] == "protects"
+    assert shown.loc[("same", 0), "verdict"].startswith("none (would detect >= ")
+
+
+def test_too_few_batches_are_marked_underpowered():
+    per_image = _per_image({"pure": 0.0, "same": 0.0}, trials=2, noise_sd=3.0)
+    table = _table(per_image, _uploads(per_image)).set_index(["setting", "epoch"])
+    assert table.loc[("same", 0), "underpowered"] and table.loc[("same", 0), "detectable"] > 2.0
+    summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
+    assert "(underpowered for 2 dB)" in summary.loc["same", "verdict"]
+
+
+def test_a_copied_cell_is_shown_once_and_stays_out_of_the_family():
+    per_image = _per_image({"pure": 0.0, "defended": -6.0, "copy": -6.0})
+    per_image = per_image[~((per_image.setting == "copy") & (per_image.epoch == 0))]  # attacked as defended's
+    table = _table(per_image, _uploads(per_image), copies={("copy", 0): "defended"}).set_index(["setting", "epoch"])
+    row = table.loc[("copy", 0)]
+    assert row.same_upload_as == "defended" and row.role == "copy" and pd.isna(row.psnr) and pd.isna(row.p_value)
+    assert (table.role == "test").sum() == 3 and table.loc[("copy", 3), "role"] == "test"
+    summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
+    assert summary.loc["copy", "verdict"].startswith("epoch 0: same upload as `defended`: measured there; epoch 3:")
+    shown = shown_summary(summary.reset_index()).set_index("setting")
+    assert shown.loc["copy", "PSNR epoch 0"] == "= defended"
+    assert shown_table(table.reset_index()).set_index(["setting", "epoch"]).loc[("copy", 0), "PSNR dB"] == (
+        "same upload as defended"
+    )
+
+
+def test_the_budget_row_states_the_attackers_gain_and_is_no_verdict():
+    per_image = _per_image({"pure": 0.0, "defended": -6.0, "pure-2x": 3.0})
+    table = _table(per_image, _uploads(per_image), budget="pure-2x").set_index(["setting", "epoch"])
+    assert table.loc[("pure-2x", 0), "role"] == "budget" and pd.isna(table.loc[("pure-2x", 0), "p_adjusted"])
+    assert (table.role == "test").sum() == 2
+    summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
+    assert summary.loc["pure-2x", "verdict"].startswith("epoch 0: the attacker at 1000 iterations gains +3.")
 
 
 def test_a_trial_that_holds_other_victims_is_not_paired():
@@ -122,10 +223,8 @@ def test_a_trial_that_holds_other_victims_is_not_paired():
 def test_without_a_baseline_the_table_has_no_paired_numbers_and_says_so():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "same": 0.0})
     table = _table(per_image, _uploads(per_image), baseline=None)
-    assert table.psnr_diff.isna().all() and table.p_value.isna().all()
-    summary = summary_of(
-        table, pd.DataFrame({"scheme": ["pure"], "epoch": [3], "test_accuracy": [0.9]}), EVIDENCE, None
-    )
+    assert table.psnr_diff.isna().all() and table.p_value.isna().all() and (table.family_size == 0).all()
+    summary = summary_of(table, TRAINING, EVIDENCE, None)
     assert set(summary.verdict) == {"no baseline (report.baseline: null): compare the intervals"}
 
 
@@ -154,37 +253,35 @@ def test_table_differences_find_a_changed_value_and_ignore_row_order_and_extra_c
 
 def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_verdict_alone():
     """Where the classic attacker ran apart (here: on `defended`, 6 dB lower) its own mean and
-    interval are shown; elsewhere the one attack is both; the verdict is the adaptive one's."""
+    interval over batches are shown; elsewhere the one attack is both; the verdict is the adaptive one's."""
     adaptive = _per_image({"pure": 0.0, "defended": 0.0}).assign(attacker="adaptive")
     classic = _per_image({"defended": -6.0}).assign(attacker="classic")
     table = add_classic(_table(adaptive, _uploads(adaptive)), pd.concat([adaptive, classic]), EVIDENCE)
     cells = table.set_index(["setting", "epoch"])
-    mine = classic[classic.epoch == 0].psnr
+    mine = classic[classic.epoch == 0]
+    ci = stats.ttest_1samp(mine.groupby("trial").psnr.mean(), 0).confidence_interval(0.95)
     assert cells.loc[("defended", 0), "classic_separate"]
-    assert cells.loc[("defended", 0), "classic_psnr"] == pytest.approx(mine.mean())
-    assert (
-        cells.loc[("defended", 0), "classic_psnr_low"],
-        cells.loc[("defended", 0), "classic_psnr_high"],
-    ) == mean_interval(mine, EVIDENCE)
+    assert cells.loc[("defended", 0), "classic_psnr"] == pytest.approx(mine.psnr.mean())
+    assert (cells.loc[("defended", 0), "classic_psnr_low"], cells.loc[("defended", 0), "classic_psnr_high"]) == (
+        pytest.approx((ci.low, ci.high))
+    )
     assert not cells.loc[("pure", 0), "classic_separate"]
     assert cells.loc[("pure", 0), "classic_psnr"] == cells.loc[("pure", 0), "psnr"]
-    training = pd.DataFrame({"scheme": ["pure", "defended"], "epoch": 3, "test_accuracy": [0.9, 0.9]})
-    summary = summary_of(table, training, EVIDENCE, "pure")
-    assert summary.set_index("setting").loc["defended", "verdict"].startswith("epoch 0: no detectable protection")
+    summary = summary_of(table, TRAINING, EVIDENCE, "pure")
+    assert summary.set_index("setting").loc["defended", "verdict"].startswith("epoch 0: no detectable effect")
     shown = shown_summary(summary).set_index("setting")
     assert shown.loc["pure", "classic epoch 0"] == "same attack"
-    assert shown.loc["defended", "classic epoch 0"].startswith(f"{mine.mean():.1f} [")
+    assert shown.loc["defended", "classic epoch 0"].startswith(f"{mine.psnr.mean():.1f} [")
 
 
 def test_the_summary_names_tuned_hyperparameters_and_only_then_has_the_column():
     assert hyperparameters_of({"tuned": None}) == "fixed"
     assert hyperparameters_of({"tuned": {"lr": 0.123456, "tv_weight": 0.001}}) == "tuned: lr 0.123, tv_weight 0.001"
     per_image = _per_image({"pure": 0.0, "defended": -6.0})
-    training = pd.DataFrame({"scheme": ["pure", "defended"], "epoch": 3, "test_accuracy": [0.9, 0.9]})
     fixed = _uploads(per_image)
-    summary = summary_of(_table(per_image, fixed), training, EVIDENCE, "pure")
+    summary = summary_of(_table(per_image, fixed), TRAINING, EVIDENCE, "pure")
     assert "attack hyper-parameters" not in shown_summary(summary)
     tuned = fixed.assign(hyperparameters=["tuned: lr 0.2" if s == "pure" else "fixed" for s in fixed.setting])
-    shown = shown_summary(summary_of(_table(per_image, tuned), training, EVIDENCE, "pure")).set_index("setting")
+    shown = shown_summary(summary_of(_table(per_image, tuned), TRAINING, EVIDENCE, "pure")).set_index("setting")
     assert shown.loc["pure", "attack hyper-parameters"] == "tuned: lr 0.2"
     assert shown.loc["defended", "attack hyper-parameters"] == "fixed"

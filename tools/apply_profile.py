@@ -3,7 +3,8 @@
     python -m tools.apply_profile profiles/tiny.yaml [--params params.yaml]
 
 A profile holds only the keys it changes; a key params.yaml does not have is refused (a
-typo would otherwise be silently ignored), and the result must validate.
+typo would otherwise be silently ignored), and the result must validate. `settings: {name: null}`
+removes that client setting.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
         name = f"{where}{key}"
         if key not in target and not open_mapping:
             raise PipelineError(f"profile sets {name!r}, which params.yaml does not have")
+        if value is None and where == "settings.":  # a profile drops a setting it has no use for
+            del target[key]
+            continue
         if key not in target:
             target[key] = value
             continue

@@ -7,8 +7,9 @@ combined by each rule asked for, then scored against the truth.
 
 Run after `dvc repro` (it reads uploads/<setting> and truth/<setting>, writes nothing but a
 scratch folder it removes). The truth is read here only to score, as the evaluate stage does.
-With several combination rules, each after the first is paired image by image with the first
-(the same restarts, the same truth): the mean difference, its interval and Wilcoxon's p.
+Each cell's interval is a t interval over its client batches (the unit: one upload, one attack).
+With several combination rules, each after the first is paired batch by batch with the first
+(the same restarts, the same truth): the mean difference, its t interval and the paired t-test's p.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.config import load_params
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, pair_by_hungarian
-from pipeline.results import Evidence, mean_interval, wilcoxon_p
+from pipeline.statistics import t_estimate
 from pipeline.uploads import load_truth, load_upload
 
 COMBINE_RULES = ("best", "mlco")
@@ -43,7 +44,7 @@ def budget_rows(
     uploads = [u for u in uploads if epochs is None or load_upload(u).threat_model.epoch in epochs]
     if not uploads:
         raise PipelineError(f"uploads/{setting}: no uploads to attack (run `dvc repro extract@{setting}` first)")
-    evidence = Evidence(p.report.confidence, p.report.resamples, p.report.alpha, p.seed)
+    confidence = p.report.confidence
     rows = []
     for budget in iterations:
         a = p.attack_for(setting).model_copy(update={"iterations": budget, "restarts": restarts or p.attack.restarts})
@@ -61,28 +62,33 @@ def budget_rows(
                     rec = combined(u, found, a.model_copy(update={"combine": rule}), p.seed)
                     images = to_unit_range(rec.images, tm.mean, tm.std)
                     psnr = image_metrics(images[pair_by_hungarian(images, truth)], truth)["psnr"].tolist()
-                    cell = cells.setdefault((tm.epoch, rule), {"psnr": [], "unconverged": 0, "uploads": 0})
+                    cell = cells.setdefault(
+                        (tm.epoch, rule), {"psnr": [], "batches": [], "unconverged": 0, "uploads": 0}
+                    )
                     cell["psnr"] += psnr
+                    cell["batches"].append(sum(psnr) / len(psnr))
                     cell["unconverged"] += rec.converged is False
                     cell["uploads"] += 1
         for (epoch, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
-            low, high = mean_interval(cell["psnr"], evidence)
+            found = t_estimate(cell["batches"], confidence)
             row = {
                 "iterations": budget,
                 "restarts": a.restarts,
                 "combine": rule,
                 "epoch": epoch,
                 "n": len(cell["psnr"]),
+                "batches": cell["uploads"],
                 "psnr": sum(cell["psnr"]) / len(cell["psnr"]),
-                "psnr_low": low,
-                "psnr_high": high,
+                "psnr_low": found.low,
+                "psnr_high": found.high,
                 "unconverged": f"{cell['unconverged']}/{cell['uploads']}",
                 "seconds": round(seconds, 1),
             }
             if rule != combines[0]:
-                d = [x - y for x, y in zip(cell["psnr"], cells[(epoch, combines[0])]["psnr"])]
-                d_low, d_high = mean_interval(d, evidence)
-                row.update(diff=sum(d) / len(d), diff_low=d_low, diff_high=d_high, p_value=wilcoxon_p(d))
+                d = t_estimate(
+                    [x - y for x, y in zip(cell["batches"], cells[(epoch, combines[0])]["batches"])], confidence
+                )
+                row.update(diff=d.mean, diff_low=d.low, diff_high=d.high, p_value=d.p)
             rows.append(row)
     return rows
 
@@ -118,8 +124,12 @@ def main(argv: list[str]) -> None:
     except PipelineError as err:
         _fail(str(err))
     print(
-        f"{args.setting}: PSNR (dB) by attack budget, mean [interval] over n images"
-        + (f"; the difference to {combines[0]}, paired by image, and Wilcoxon's p" if len(combines) > 1 else "")
+        f"{args.setting}: PSNR (dB) by attack budget, mean [t interval over the batches] of n images"
+        + (
+            f"; the difference to {combines[0]}, paired by batch, and the paired t-test's p"
+            if len(combines) > 1
+            else ""
+        )
     )
     print(
         "| iterations | restarts | combine | epoch | n | PSNR | difference | p | unconverged | seconds |\n"

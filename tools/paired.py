@@ -5,8 +5,9 @@ same victims (tuned against fixed hyper-parameters, one code version against ano
                            [--settings pure,client-dp] [--attacker adaptive]
 
 Both files must hold the same images (the same seed, data and extract parameters: the same
-victims in every cell). Per (setting, epoch): n, each run's mean PSNR [interval], the mean of
-OTHER - BASE [interval] and Wilcoxon's p, with params.yaml's report settings for the statistics.
+victims in every cell). Per (setting, epoch): the batches and images, each run's mean PSNR [t
+interval over batches], the mean of OTHER - BASE per batch [t interval] and the paired t-test's p
+(the batch is the unit: its images share one attack), at params.yaml's report.confidence.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import pandas as pd
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
-from pipeline.results import Evidence, mean_interval, wilcoxon_p
+from pipeline.statistics import batch_means, t_estimate
 from pipeline.uploads import ADAPTIVE
 
 KEYS = ["setting", "epoch", "trial", "victim"]
 
 
-def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | None, evidence: Evidence) -> list[dict]:
+def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | None, confidence: float) -> list[dict]:
     both = base.merge(other, on=[*KEYS, "attacker"], suffixes=("_base", "_other"), validate="one_to_one")
     if len(both) != len(base) or len(both) != len(other):
         raise PipelineError(
@@ -36,16 +37,18 @@ def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | N
     for (setting, epoch), cell in both.groupby(["setting", "epoch"], sort=False):
         if settings is not None and setting not in settings:
             continue
-        d = (cell.psnr_other - cell.psnr_base).tolist()
+        b, o = batch_means(cell, "psnr_base"), batch_means(cell, "psnr_other")
+        base_e, other_e, d = (t_estimate(x, confidence) for x in (b, o, o - b))
         rows.append(
             {
                 "setting": setting,
                 "epoch": int(epoch),
+                "batches": len(b),
                 "n": len(cell),
-                "base": (cell.psnr_base.mean(), *mean_interval(cell.psnr_base, evidence)),
-                "other": (cell.psnr_other.mean(), *mean_interval(cell.psnr_other, evidence)),
-                "diff": (sum(d) / len(d), *mean_interval(d, evidence)),
-                "p": wilcoxon_p(d),
+                "base": (base_e.mean, base_e.low, base_e.high),
+                "other": (other_e.mean, other_e.low, other_e.high),
+                "diff": (d.mean, d.low, d.high),
+                "p": d.p,
             }
         )
     if not rows:
@@ -73,19 +76,19 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         r = load_params(Path("params.yaml")).report
-        evidence = Evidence(r.confidence, r.resamples, r.alpha)
         settings = None if args.settings is None else args.settings.split(",")
-        rows = paired_rows(_read(args.base, args.attacker), _read(args.other, args.attacker), settings, evidence)
+        rows = paired_rows(_read(args.base, args.attacker), _read(args.other, args.attacker), settings, r.confidence)
     except PipelineError as err:
         print(f"paired: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"PSNR (dB) per cell, mean [{r.confidence:.0%} interval]; difference other - base, paired by image")
-    print("| setting | epoch | n | base | other | difference | p (Wilcoxon) |\n|---|---|---|---|---|---|---|")
+    print(f"PSNR (dB) per cell, mean [{r.confidence:.0%} t interval over batches]; other - base, paired by batch")
+    print("| setting | epoch | batches | n | base | other | difference | p (paired t) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in (row["base"], row["other"])]
         m, lo, hi = row["diff"]
         print(
-            f"| {row['setting']} | {row['epoch']} | {row['n']} | {cells[0]} | {cells[1]} | "
+            f"| {row['setting']} | {row['epoch']} | {row['batches']} | {row['n']} | {cells[0]} | {cells[1]} | "
             f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['p']:.2g} |"
         )
 

@@ -1,0 +1,147 @@
+"""Batch-level evidence: the client batch is the unit of every interval, test and power figure.
+
+The images of one batch share one attack (one upload, one optimisation), so they rise and fall
+together; each batch gives one number (the mean over its images), and the inference runs over
+those. One procedure serves each question, so its interval and its test cannot disagree: the
+one-sample t on the batch means (`scipy.stats.ttest_1samp`, whose `confidence_interval` is the
+interval of the same statistic). Against the baseline the number per batch is the mean paired
+difference over the batch's images, and the same t makes a paired t-test of the batch means.
+The verdicts of one table are one family, adjusted by Holm (`statsmodels`); power and the
+smallest detectable difference come from statsmodels' t-test power solver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How the statistics are computed (params.yaml: report)."""
+
+    confidence: float = 0.95  # of the t intervals
+    alpha: float = 0.05  # the family's level, after Holm's adjustment
+    power: float = 0.8  # for the smallest detectable difference
+    effect: float = 2.0  # dB: the paired difference the trials are sized to detect
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The mean of per-batch values with its t interval and the two-sided p against 0."""
+
+    mean: float
+    low: float
+    high: float
+    p: float
+    batches: int
+    sd: float  # of the per-batch values
+
+
+NONE = Estimate(math.nan, math.nan, math.nan, math.nan, 0, math.nan)
+
+
+def batch_means(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """One value per client batch (trial): the mean of `column` over the batch's images."""
+    return frame.groupby("trial", sort=True)[column].mean().to_numpy(dtype=float)
+
+
+def t_estimate(values, confidence: float) -> Estimate:
+    """The one-sample t of per-batch values: mean, interval and p against 0, one procedure.
+    Below two batches there is no spread to estimate (all nan); with no spread at all the
+    interval is the value itself and p is 1 at zero, 0 elsewhere."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) < 2:
+        return Estimate(float(x[0]) if len(x) else math.nan, math.nan, math.nan, math.nan, len(x), math.nan)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    if sd == 0:
+        return Estimate(mean, mean, mean, 1.0 if mean == 0 else 0.0, len(x), 0.0)
+    test = stats.ttest_1samp(x, 0.0)
+    ci = test.confidence_interval(confidence)
+    return Estimate(mean, float(ci.low), float(ci.high), float(test.pvalue), len(x), sd)
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment of one family of p-values (statsmodels' multipletests)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    if len(p) == 0:
+        return p
+    return multipletests(p, method="holm")[1]
+
+
+def detectable_difference(sd: float, batches: int, alpha: float, power: float) -> float:
+    """The smallest mean paired difference (in the unit of `sd`) a two-sided t-test over `batches`
+    batches detects with `power` at level `alpha`, the batch SD being `sd` (statsmodels' solver)."""
+    if batches < 2 or not math.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    from statsmodels.stats.power import TTestPower
+
+    return float(sd * TTestPower().solve_power(effect_size=None, nobs=batches, alpha=alpha, power=power))
+
+
+def batches_needed(sd: float, effect: float, alpha: float, power: float) -> int:
+    """Batches a two-sided t-test needs to detect `effect` with `power` at `alpha` (rounded up)."""
+    from statsmodels.stats.power import TTestPower
+
+    n = TTestPower().solve_power(effect_size=effect / sd, nobs=None, alpha=alpha, power=power)
+    return math.ceil(float(np.atleast_1d(n)[0]) - 1e-9)
+
+
+@dataclass(frozen=True)
+class Components:
+    """Variance components of per-image values grouped in batches (one-way random effects, the
+    ANOVA estimators): between batches and within them, the intra-batch correlation, the design
+    effect of a batch of `size` images and the SD of one batch's mean."""
+
+    between: float
+    within: float
+    size: float
+    batches: int
+
+    @property
+    def icc(self) -> float:
+        total = self.between + self.within
+        return self.between / total if total > 0 else math.nan
+
+    @property
+    def design_effect(self) -> float:
+        return 1 + (self.size - 1) * self.icc
+
+    @property
+    def batch_sd(self) -> float:
+        return math.sqrt(self.between + self.within / self.size)
+
+
+def variance_components(cells: list[pd.DataFrame], column: str) -> Components:
+    """Pooled over `cells` (each with columns trial and `column`): the within-batch variance from
+    the batches' own spread, the between-batch variance from the spread of their means less what
+    the within part explains (floored at 0), each cell weighted by its degrees of freedom."""
+    within_ss = within_df = between_sum = between_df = 0.0
+    sizes, batches = [], 0
+    for cell in cells:
+        groups = [g[column].to_numpy(dtype=float) for _, g in cell.groupby("trial", sort=True)]
+        if len(groups) < 2:
+            continue
+        k = float(np.mean([len(g) for g in groups]))
+        within_ss += sum(((g - g.mean()) ** 2).sum() for g in groups)
+        within_df += sum(len(g) - 1 for g in groups)
+        means = np.array([g.mean() for g in groups])
+        between_sum += means.var(ddof=1) * (len(groups) - 1)
+        between_df += len(groups) - 1
+        sizes.append(k)
+        batches += len(groups)
+    if not between_df or not within_df:
+        return Components(math.nan, math.nan, math.nan, batches)
+    within = within_ss / within_df
+    size = float(np.mean(sizes))
+    between = max(between_sum / between_df - within / size, 0.0)
+    return Components(between, within, size, batches)

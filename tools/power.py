@@ -1,0 +1,102 @@
+"""How many client batches a verdict needs: variance components of the paired PSNR differences
+of a run, and the batches a paired t-test needs for 1, 2 and 3 dB.
+
+    python -m tools.power [reports/per_image.csv] [--family N] [--epochs 0,3]
+
+Per attacked epoch and over all, from the adaptive attacker's images of every cell paired with
+params.yaml's report.baseline (the budget setting left out): the between-batch and within-batch
+variances of the per-image difference (one-way random effects, ANOVA estimators), the intra-batch
+correlation, the design effect of a batch, the SD of one batch's mean difference, and the batches
+needed for report.power at report.alpha, uncorrected and at alpha / N (Holm's strictest step
+over a family of N tests; default: the family of reports/results.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import load_params, pairs_with
+from pipeline.errors import PipelineError
+from pipeline.results import paired
+from pipeline.statistics import batches_needed, variance_components
+from pipeline.uploads import ADAPTIVE
+
+EFFECTS = (1.0, 2.0, 3.0)
+
+
+def differences(per_image: pd.DataFrame, baseline: str, settings: list[str]) -> dict[tuple[str, int], pd.DataFrame]:
+    """Per paired (setting, epoch) cell: trial and the per-image difference d to the baseline."""
+    cells = {}
+    for (setting, epoch), _ in per_image[per_image.setting.isin(settings)].groupby(["setting", "epoch"]):
+        both = paired(per_image, setting, baseline, int(epoch))
+        cells[(setting, int(epoch))] = both.assign(d=both.psnr - both.psnr_baseline)[["trial", "d"]]
+    return cells
+
+
+def power_rows(cells: dict[tuple[str, int], pd.DataFrame], alpha: float, power: float, family: int) -> list[dict]:
+    groups = {f"epoch {e}": [c for (_, ce), c in cells.items() if ce == e] for e in sorted({e for _, e in cells})}
+    groups["all"] = list(cells.values())
+    rows = []
+    for name, group in groups.items():
+        c = variance_components(group, "d")
+        row = {
+            "cells": name,
+            "n cells": len(group),
+            "batches": c.batches,
+            "between": c.between,
+            "within": c.within,
+            "icc": c.icc,
+            "design effect": c.design_effect,
+            "batch SD": c.batch_sd,
+        }
+        for effect in EFFECTS:
+            row[f"{effect:g} dB"] = batches_needed(c.batch_sd, effect, alpha, power)
+            row[f"{effect:g} dB, alpha/{family}"] = batches_needed(c.batch_sd, effect, alpha / family, power)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.power", description=__doc__.split("\n\n")[0])
+    parser.add_argument("per_image", nargs="?", type=Path, default=Path("reports/per_image.csv"))
+    parser.add_argument("--family", type=int, help="tests in the family (default: reports/results.csv's)")
+    parser.add_argument("--epochs", help="comma-separated epochs (default: every attacked one)")
+    args = parser.parse_args(argv)
+    try:
+        p = load_params(Path("params.yaml"))
+        r = p.report
+        if r.baseline is None:
+            raise PipelineError("report.baseline is null: there are no paired differences to size")
+        try:
+            per_image = pd.read_csv(args.per_image)
+        except (OSError, pd.errors.ParserError) as err:
+            raise PipelineError(f"{args.per_image}: not a readable per-image table ({err})") from None
+        per_image = per_image[per_image.attacker == ADAPTIVE]
+        if args.epochs:
+            per_image = per_image[per_image.epoch.isin([int(e) for e in args.epochs.split(",")])]
+        base = p.setting(r.baseline)[1]
+        settings = [s for s in p.settings if s not in (r.baseline, r.budget) and pairs_with(p.setting(s)[1], base)]
+        family = args.family
+        if family is None:
+            results = Path("reports/results.csv")
+            family = int(pd.read_csv(results).family_size.iloc[0]) if results.is_file() else 1
+        if family < 1:
+            raise PipelineError(f"--family {family}: a family holds at least one test")
+        rows = power_rows(differences(per_image, r.baseline, settings), r.alpha, r.power, family)
+    except (PipelineError, ValueError) as err:
+        print(f"power: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"Paired PSNR differences to {r.baseline} (dB), variance components over batches of images; batches a "
+        f"paired t-test needs for {r.power:.0%} power at alpha {r.alpha:g}, and at alpha/{family} (Holm's "
+        "strictest step over the family)"
+    )
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
