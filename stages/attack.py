@@ -139,7 +139,9 @@ def main(stage: Stage) -> None:
     every = sorted(folder.glob("*.safetensors"))
     if not every:
         raise PipelineError(f"{folder}: no uploads to attack (run extract@{setting} first)")
-    copies = read_json(COPIES / f"{setting}.json")["copies"]  # attacked once, under the setting named there
+    # attacked once, under the setting named there (no file, as when run by hand before `copies`: none)
+    listed = COPIES / f"{setting}.json"
+    copies = read_json(listed)["copies"] if listed.is_file() else {}
     uploads = [path for path in every if path.stem not in copies]
     for name, original in copies.items():
         print(f"attack@{setting}: {name}: the same upload as {original['setting']}'s, attacked there")

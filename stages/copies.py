@@ -34,8 +34,12 @@ def main(stage: Stage) -> None:
         for setting in p.settings:
             write_json(out / f"{setting}.json", {"setting": setting, "copies": found[setting]})
     for setting in p.settings:
-        for name, original in found[setting].items():
-            print(f"copies: {setting}/{name} is {original['setting']}/{original['upload']}: attacked there once")
+        cells: dict[tuple[int, str], int] = {}
+        for original in found[setting].values():
+            cell = (original["epoch"], original["setting"])
+            cells[cell] = cells.get(cell, 0) + 1
+        for (epoch, original), count in cells.items():
+            print(f"copies: {setting} at epoch {epoch}: {count} upload(s) are {original}'s, attacked there once")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,17 @@ SCHEMES = ("pure", "ra", "dp-sgd", "clip-noise", "gh")
 SETTINGS = (*SCHEMES, "async-bn", "local-steps", "client-dp", "buffers", "label-repeat")
 STAGES = {
     "prepare",
+    "copies",
     "evaluate",
     "report",
     *(f"train@{k}" for k in SCHEMES),
     *(f"{s}@{k}" for s in ("extract", "tune", "attack") for k in SETTINGS),
 }
 TUNED = ("pure",)  # the tiny profile tunes pure's attack; every other tune@ stage only writes "fixed"
-TRACKED = STAGES - {f"tune@{k}" for k in SETTINGS if k not in TUNED}  # the stages that compute: one MLflow run each
+# the stages that compute: one MLflow run each (copies only compares digests)
+TRACKED = STAGES - {f"tune@{k}" for k in SETTINGS if k not in TUNED} - {"copies"}
+# gh's untrained checkpoint is pure's, so its epoch-0 uploads are async-bn's: attacked once, there
+COPIED = {("gh", 0): "async-bn"}
 PROJECT_FILES = [
     "pipeline",
     "stages",
@@ -97,7 +101,21 @@ def test_repro_writes_metrics_from_a_real_chain(project):
         assert notice not in log  # third-party notices dropped by their text (stages/__init__.py)
     assert "train@gh: epoch 2: test accuracy" in log  # ... and the stages' own lines kept
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert set(metrics["uploads"]) == {f"{k}/epoch-00{e}-trial-0{t}" for k in SETTINGS for e in (0, 2) for t in (0, 1)}
+    assert set(metrics["uploads"]) == {
+        f"{k}/epoch-00{e}-trial-0{t}" for k in SETTINGS for e in (0, 2) for t in (0, 1) if (k, e) not in COPIED
+    }
+    copies = json.loads((root / "copies/gh.json").read_text())["copies"]
+    assert copies == {
+        f"epoch-000-trial-0{t}": {"setting": "async-bn", "upload": f"epoch-000-trial-0{t}", "epoch": 0, "trial": t}
+        for t in (0, 1)
+    }
+    assert sorted(p.name for p in (root / "attacks/gh").glob("*.safetensors")) == [
+        "epoch-002-trial-00.safetensors",
+        "epoch-002-trial-01.safetensors",
+    ]
+    for t in (0, 1):  # the same upload under two names: the same tensor bytes
+        name = f"epoch-000-trial-0{t}.safetensors"
+        assert (root / "uploads/gh" / name).read_bytes() == (root / "uploads/async-bn" / name).read_bytes()
     for name, upload in metrics["uploads"].items():
         if not name.startswith("label-repeat/"):
             assert upload["label_accuracy"] == 1.0, name  # known labels
@@ -183,9 +201,11 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
         assert {"epoch-000-trial-01.safetensors", "epoch-002-trial-00.safetensors"} <= files(
             f"extract@{setting}", "uploads"
         )
-        assert {"epoch-000-trial-00.png", "epoch-000-trial-01.safetensors"} <= files(
+        first = 2 if (setting, 0) in COPIED else 0  # a copied cell's uploads are attacked under the original
+        assert {f"epoch-00{first}-trial-00.png", f"epoch-00{first}-trial-01.safetensors"} <= files(
             f"attack@{setting}", "reconstructions"
         )
+    assert "same_upload_as.json" in files("attack@gh")
     extract = runs[runs["tags.dvc.stage"] == "extract@local-steps"].iloc[0]
     assert extract["params.client.local_steps"] == "2" and extract["metrics.gh"] > 0
     assert extract["tags.scheme"] == "pure" and extract["tags.setting"] == "local-steps"
@@ -223,16 +243,24 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     assert summary["ra"]["accuracy_cost"] == pytest.approx(
         summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"]
     )
-    assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["n"] == 8  # 2 trials x 4 images
+    assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["trials"] == 2
     assert summary["label-repeat"]["verdict"].startswith("not paired with pure")
-    assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "p = " in summary["async-bn"]["verdict"]
+    assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "(Holm " in summary["async-bn"]["verdict"]
+    assert summary["gh"]["verdict"].startswith("epoch 0: same upload as `async-bn`: measured there; epoch 2: ")
     table = pd.read_csv(root / "reports/results.csv")
-    assert (table.trials == 2).all() and (table.n == 8).all() and (table.psnr_low <= table.psnr).all()
-    assert table[table.setting == "local-steps"].paired_n.tolist() == [8, 8]
+    attacked = table[table.same_upload_as.isna()]
+    assert (attacked.trials == 2).all() and (attacked.n == 8).all() and (attacked.psnr_low <= attacked.psnr).all()
+    assert table[table.setting == "local-steps"].paired_batches.tolist() == [2, 2]
     assert table[table.setting.isin(["pure", "label-repeat"])].p_value.isna().all()
-    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr", "gir_vs_psnr"):
+    copy = table[(table.setting == "gh") & (table.epoch == 0)].iloc[0]
+    assert copy.same_upload_as == "async-bn" and copy.role == "copy" and pd.isna(copy.psnr) and pd.isna(copy.p_value)
+    family = table[table.role == "test"]  # 8 paired settings x 2 epochs, less gh's copy
+    assert len(family) == 15 and (table.family_size == 15).all()
+    assert (family.p_adjusted >= family.p_value).all() and (attacked.iip.between(0, 1)).all()
+    assert family[family.effect == "none"].detectable.notna().all()
+    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr", "gir_vs_psnr", "privacy_utility"):
         with Image.open(root / "reports/plots" / f"{name}.png") as image:
-            assert image.size in ((600, 400), (700, 450)) and len(image.getcolors(1 << 16)) > 20  # drawn, not blank
+            assert image.size in ((600, 400), (700, 450), (1200, 500)) and len(image.getcolors(1 << 16)) > 20
     rendered = sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], root, env)
     assert (root / "plots-html" / "index.html").stat().st_size > 1000, rendered.stdout
     text = (root / "reports/results.md").read_text()
@@ -240,8 +268,19 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     for setting in SETTINGS:
         assert (root / "reports/figures" / f"{setting}.png").is_file()
         assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {
-            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1)
+            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1) if (setting, e) not in COPIED
         }
+
+
+def test_the_power_tool_sizes_the_trials_from_the_runs_paired_differences(project):
+    root, env, _, _, _ = project
+    done = sh([sys.executable, "-m", "tools.power"], root, env)
+    lines = done.stdout.splitlines()
+    assert "alpha/15" in lines[0]  # the family of reports/results.csv
+    rows = {line.split("|")[1].strip(): line for line in lines[3:]}
+    assert set(rows) == {"epoch 0", "epoch 2", "all"}
+    bad = sh([sys.executable, "-m", "tools.power", "--family", "0"], root, env, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "power: error: --family 0: a family holds at least one test"
 
 
 def test_mlflow_server_lists_the_settings_side_by_side(project):

@@ -75,6 +75,7 @@ def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(
         "upload_buffers": True,
         "attack": {"bn_prior": 0.01, "bn_statistics": "from-buffers"},
     }
+    params["report"]["budget"] = None  # pure-2x is no longer pure's client
     done = run_stage("attack", tmp_path, params, "pure")
     _assert_one_line_failure(
         done,
@@ -146,7 +147,7 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
     assert not list((tmp_path / "data").glob(".*"))
 
 
-def test_a_missing_baseline_and_zero_trials_are_refused_before_anything_is_written(tmp_path):
+def test_a_missing_baseline_too_few_trials_and_no_family_are_refused_before_anything_is_written(tmp_path):
     settings = {k: v for k, v in RAW_PARAMS["settings"].items() if k != "pure"}
     done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "settings": settings})
     _assert_one_line_failure(
@@ -156,7 +157,17 @@ def test_a_missing_baseline_and_zero_trials_are_refused_before_anything_is_writt
     _assert_one_line_failure(
         done, "prepare: error: params.yaml: extract.trials: Input should be greater than or equal to 1"
     )
-    assert not (tmp_path / "data").exists()
+    done = run_stage("extract", tmp_path, {**RAW_PARAMS, "extract": {**RAW_PARAMS["extract"], "trials": 1}}, "pure")
+    _assert_one_line_failure(
+        done, "extract: error: params.yaml: extract.trials: 1 client batch per cell leaves no spread between batches"
+    )
+    unpaired = {k: v for k, v in RAW_PARAMS["settings"].items() if k in ("pure", "label-repeat", "pure-2x")}
+    done = run_stage("report", tmp_path, {**RAW_PARAMS, "settings": unpaired})
+    _assert_one_line_failure(
+        done, "report: error: params.yaml: report.baseline: no other setting pairs with 'pure' (the same batch size"
+    )
+    assert not (tmp_path / "data").exists() and not (tmp_path / "uploads").exists()
+    assert not (tmp_path / "reports").exists()
 
 
 def test_more_trials_than_the_pool_holds_are_refused_before_an_upload_is_written(tmp_path):

@@ -94,6 +94,7 @@ def test_the_tuned_attack_takes_the_studys_best_values_and_refuses_a_fixed_recor
 def _tuned_params(**tune) -> dict:
     raw = copy.deepcopy(RAW_PARAMS)
     raw["settings"]["pure"]["attack"] = {"hyperparameters": "tuned"}
+    raw["report"]["budget"] = None  # a tuned baseline has no fixed budget to double
     raw["tune"].update(tune)
     return raw
 

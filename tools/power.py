@@ -1,10 +1,12 @@
 """How many client batches a verdict needs: variance components of the paired PSNR differences
 of a run, and the batches a paired t-test needs for 1, 2 and 3 dB.
 
-    python -m tools.power [reports/per_image.csv] [--family N] [--epochs 0,3]
+    python -m tools.power [reports/per_image.csv] [--family N] [--epochs 0,3] [--cells null|all]
 
-Per attacked epoch and over all, from the adaptive attacker's images of every cell paired with
-params.yaml's report.baseline (the budget setting left out): the between-batch and within-batch
+Per attacked epoch and over all, from the adaptive attacker's images of the cells paired with
+params.yaml's report.baseline (the budget setting left out; by default only the cells whose
+verdict in reports/results.csv is no detectable effect, since a real effect that differs from
+batch to batch inflates the spread; `--cells all` takes every paired cell): the between-batch and within-batch
 variances of the per-image difference (one-way random effects, ANOVA estimators), the intra-batch
 correlation, the design effect of a batch, the SD of one batch's mean difference, and the batches
 needed for report.power at report.alpha, uncorrected and at alpha / N (Holm's strictest step
@@ -65,6 +67,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("per_image", nargs="?", type=Path, default=Path("reports/per_image.csv"))
     parser.add_argument("--family", type=int, help="tests in the family (default: reports/results.csv's)")
     parser.add_argument("--epochs", help="comma-separated epochs (default: every attacked one)")
+    parser.add_argument("--cells", choices=("null", "all"), default="null", help="which paired cells (default: null)")
     args = parser.parse_args(argv)
     try:
         p = load_params(Path("params.yaml"))
@@ -80,18 +83,27 @@ def main(argv: list[str]) -> None:
             per_image = per_image[per_image.epoch.isin([int(e) for e in args.epochs.split(",")])]
         base = p.setting(r.baseline)[1]
         settings = [s for s in p.settings if s not in (r.baseline, r.budget) and pairs_with(p.setting(s)[1], base)]
+        results = Path("reports/results.csv")
+        table = pd.read_csv(results) if results.is_file() else None
         family = args.family
         if family is None:
-            results = Path("reports/results.csv")
-            family = int(pd.read_csv(results).family_size.iloc[0]) if results.is_file() else 1
+            family = int(table.family_size.iloc[0]) if table is not None else 1
         if family < 1:
             raise PipelineError(f"--family {family}: a family holds at least one test")
-        rows = power_rows(differences(per_image, r.baseline, settings), r.alpha, r.power, family)
+        cells = differences(per_image, r.baseline, settings)
+        if args.cells == "null":
+            if table is None:
+                raise PipelineError(f"{results}: not found; the null cells are read from it (or pass --cells all)")
+            null = {(s, int(e)) for s, e in table[table.effect == "none"][["setting", "epoch"]].itertuples(index=False)}
+            cells = {cell: frame for cell, frame in cells.items() if cell in null}
+        if not cells:
+            raise PipelineError("no paired cell to estimate the variance from")
+        rows = power_rows(cells, r.alpha, r.power, family)
     except (PipelineError, ValueError) as err:
         print(f"power: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(
-        f"Paired PSNR differences to {r.baseline} (dB), variance components over batches of images; batches a "
+        f"Paired PSNR differences to {r.baseline} (dB) in {'the cells without a verdict of effect' if args.cells == 'null' else 'every paired cell'}, variance components over batches of images; batches a "
         f"paired t-test needs for {r.power:.0%} power at alpha {r.alpha:g}, and at alpha/{family} (Holm's "
         "strictest step over the family)"
     )
