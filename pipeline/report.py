@@ -139,24 +139,38 @@ def privacy_utility_plot(path: Path, frame: pd.DataFrame, epoch: int, confidence
     """Leakage against utility, one point per setting: the scheme's final test accuracy across, the
     attack's PSNR (left) and image identifiability (right) at `epoch` up, each with its interval
     over batches. Columns: setting, test_accuracy, psnr/_low/_high, iip/_low/_high, and
-    same_upload_as (a hollow marker: that setting's upload measured under another name)."""
-    plt, fig, axes = _figure(1, 2, (12, 5))
+    same_upload_as (a hollow marker: that setting's upload, measured under another name). Points
+    at one accuracy (the client settings of one scheme) are spread a little apart to be read."""
+    plt, fig, axes = _figure(1, 2, (13, 5))
+    frame = frame.dropna(subset=["test_accuracy"]).reset_index(drop=True)
+    span = float(frame.test_accuracy.max() - frame.test_accuracy.min()) or 1.0
+    rank = frame.groupby("test_accuracy").cumcount()
+    size = frame.groupby("test_accuracy").setting.transform("count")
+    x = frame.test_accuracy + (rank - (size - 1) / 2) * 0.02 * span
+    colours = plt.get_cmap("tab10").colors
     for ax, measure, label in ((axes[0, 0], "psnr", "PSNR (dB)"), (axes[0, 1], "iip", "image identifiability")):
-        for row in frame.dropna(subset=["test_accuracy", measure]).itertuples():
-            value, low, high = (float(getattr(row, f"{measure}{s}")) for s in ("", "_low", "_high"))
+        for i, row in frame.iterrows():
+            value, low, high = (float(row[f"{measure}{s}"]) for s in ("", "_low", "_high"))
+            if value != value:
+                continue
             copy = isinstance(row.same_upload_as, str)
             ax.errorbar(
-                row.test_accuracy,
+                x[i],
                 value,
                 yerr=[[value - low], [high - value]] if low == low else None,
-                fmt="o",
+                fmt="osD^v<>p*h"[i % 10],
+                color=colours[i % len(colours)],
                 mfc="white" if copy else None,
                 capsize=3,
+                label=f"{row.setting} (= {row.same_upload_as})" if copy else row.setting,
             )
-            name = f"{row.setting} (= {row.same_upload_as})" if copy else row.setting
-            ax.annotate(name, (row.test_accuracy, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set(xlabel="test accuracy of the setting's scheme (after training)", ylabel=f"{label} at epoch {epoch}")
+        ax.set(xlabel="test accuracy of the setting's scheme after training", ylabel=f"{label} at epoch {epoch}")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_title(f"Leakage against accuracy: mean and {confidence:.0%} interval over client batches")
-    axes[0, 1].set_title("Reconstructions whose nearest image is their own")
-    _save(plt, fig, path)
+    axes[0, 0].set_title(f"Attack PSNR, mean and {confidence:.0%} interval over client batches", fontsize=10)
+    axes[0, 1].set_title("Share of reconstructions whose nearest image is their own", fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.subplots_adjust(right=0.83, wspace=0.25)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)

@@ -173,7 +173,7 @@ def add_differences(
             role = UNPAIRED
         else:
             role = BUDGET if row.setting == budget else TEST
-        if role not in (TEST, BUDGET):
+        if baseline is None or role not in (TEST, BUDGET):
             extra.append({"role": role})
             continue
         both = paired(per_image, row.setting, baseline, row.epoch)
@@ -206,7 +206,8 @@ def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
     out["family_size"] = size
     out["p_adjusted"] = math.nan
     out.loc[tests, "p_adjusted"] = holm(out.loc[tests, "p_value"].astype(float))
-    effects, detectable = [], []
+    effects: list[str | None] = []
+    detectable: list[float] = []
     for row in out.itertuples():
         if not tests[row.Index]:
             effects.append(None)

@@ -285,3 +285,18 @@ def test_the_summary_names_tuned_hyperparameters_and_only_then_has_the_column():
     shown = shown_summary(summary_of(_table(per_image, tuned), TRAINING, EVIDENCE, "pure")).set_index("setting")
     assert shown.loc["pure", "attack hyper-parameters"] == "tuned: lr 0.2"
     assert shown.loc["defended", "attack hyper-parameters"] == "fixed"
+
+
+def test_the_paired_tool_compares_two_runs_batch_by_batch():
+    from tools.paired import paired_rows
+
+    base = _per_image({"pure": 0.0}).assign(attacker="adaptive")
+    other = base.assign(psnr=base.psnr + np.repeat(np.arange(len(base) // 4) % 3, 4))  # +0, +1, +2 per batch
+    rows = paired_rows(base, other, None, 0.95)
+    cell = next(r for r in rows if r["epoch"] == 0)
+    d = (other.psnr - base.psnr)[base.epoch == 0].groupby(base.trial[base.epoch == 0]).mean()
+    test = stats.ttest_1samp(d, 0)
+    assert cell["batches"] == 6 and cell["n"] == 24
+    assert cell["diff"] == pytest.approx((d.mean(), *test.confidence_interval(0.95))) and cell["p"] == pytest.approx(
+        test.pvalue
+    )

@@ -102,9 +102,10 @@ def main(argv: list[str]) -> None:
     except (PipelineError, ValueError) as err:
         print(f"power: error: {err}", file=sys.stderr)
         sys.exit(2)
+    which = "the cells without a verdict of effect" if args.cells == "null" else "every paired cell"
     print(
-        f"Paired PSNR differences to {r.baseline} (dB) in {'the cells without a verdict of effect' if args.cells == 'null' else 'every paired cell'}, variance components over batches of images; batches a "
-        f"paired t-test needs for {r.power:.0%} power at alpha {r.alpha:g}, and at alpha/{family} (Holm's "
+        f"Paired PSNR differences to {r.baseline} (dB) in {which}, variance components over batches of images; "
+        f"batches a paired t-test needs for {r.power:.0%} power at alpha {r.alpha:g}, and at alpha/{family} (Holm's "
         "strictest step over the family)"
     )
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,6 +93,8 @@ def lock_differences(before: str, after: str) -> list[str]:
 
 def headline(results_csv: Path) -> pd.DataFrame:
     table = pd.read_csv(results_csv)
+    if "same_upload_as" in table:  # a copied cell has no numbers of its own: its original's row holds them
+        table = table[table.same_upload_as.isna()]
     return table[[c for c in (*KEYS, *DEFAULT_TOLERANCE, "hyperparameters") if c in table.columns]]
 
 
@@ -113,7 +116,7 @@ def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
         tolerance = reference["tolerance_trained"] if trained else reference["tolerance"]
         for metric, tol in tolerance.items():
             got, want = float(row[metric]), float(row[f"{metric}_ref"])
-            if abs(got - want) > tol:
+            if abs(got - want) > tol or math.isnan(got) != math.isnan(want):
                 problems.append(f"row {where}: {metric} {got:.4f} vs reference {want:.4f} (tolerance {tol})")
     return problems
 
