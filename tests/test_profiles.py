@@ -114,3 +114,13 @@ def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
     assert train["streamed"]["mode"] == "RGB" and train["channels"] == 3
     assert (root / "reports" / "results.md").is_file()
     assert sorted(p.name for p in (root / "attacks").iterdir()) == sorted(keep)
+
+
+def test_a_profile_applied_twice_gives_the_same_parameters(tmp_path):
+    """The gate applies the tiny profile to a clone that may already hold it: a dropped setting stays dropped."""
+    params = tmp_path / "params.yaml"
+    shutil.copy2(REPO / "params.yaml", params)
+    apply_profile(REPO / "profiles" / "tiny.yaml", params)
+    once = params.read_text()
+    apply_profile(REPO / "profiles" / "tiny.yaml", params)
+    assert params.read_text() == once and "pure-2x" not in yaml.safe_load(once)["settings"]

@@ -29,11 +29,11 @@ def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
     open_mapping = where.startswith("settings.") and where.count(".") >= 2
     for key, value in overrides.items():
         name = f"{where}{key}"
+        if value is None and where == "settings.":  # a profile drops a setting (gone already: nothing to do)
+            target.pop(key, None)
+            continue
         if key not in target and not open_mapping:
             raise PipelineError(f"profile sets {name!r}, which params.yaml does not have")
-        if value is None and where == "settings.":  # a profile drops a setting it has no use for
-            del target[key]
-            continue
         if key not in target:
             target[key] = value
             continue
