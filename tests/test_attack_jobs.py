@@ -294,7 +294,8 @@ def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_pat
         "from pathlib import Path\n"
         "from pipeline.attack.jobs import Job, run_jobs\n"
         "from tests.conftest import make_params\n"
-        "a = make_params(attack__iterations=10**6, attack__restarts=2, attack__processes=2, attack__threads=1).attack\n"
+        "a = make_params(attack__iterations=10**6, attack__restarts=2, attack__processes=2, attack__threads=1,"
+        " report__budget=None).attack\n"  # pure-2x at 1 000 would be no budget above 10**6
         f"run_jobs([Job(Path({str(path)!r}), r) for r in range(2)], a, 0, Path({str(tmp_path)!r}))\n"
     )
     stage = subprocess.Popen(
