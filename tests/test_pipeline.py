@@ -244,7 +244,7 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
         summary["pure"]["test_accuracy"] - summary["ra"]["test_accuracy"]
     )
     assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["trials"] == 2
-    assert summary["label-repeat"]["verdict"].startswith("not paired with pure")
+    assert summary["label-repeat"]["verdict"].startswith("epoch 0: not paired with pure")
     assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "(Holm " in summary["async-bn"]["verdict"]
     assert summary["gh"]["verdict"].startswith("epoch 0: same upload as `async-bn`: measured there; epoch 2: ")
     table = pd.read_csv(root / "reports/results.csv")
