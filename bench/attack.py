@@ -6,7 +6,7 @@ Reference (`plain_attack` below): the attack written the straightforward way, in
 with all the machine's threads: the restarts one after the other, each iteration
 `autograd.grad(create_graph=True)` of the batch loss, the cosine with the upload summed
 parameter by parameter in Python, TV, the sign of the image gradient into Adam. Ours: the
-attack stage's job runner (`pipeline.attack.jobs.run_jobs`) with `--processes` Fabric
+attack stage's service (`pipeline.attack.service.attack_uploads`) with `--processes` Fabric
 processes of `--threads` threads, the jobs sharded (`--split jobs`) or each job's dummy batch
 split (`--split batch`), timed end to end (process start-up included). Same model (train
 mode; eval for ResNet-18 at B = 1, whose train-mode BatchNorm cannot take one 32-px image),
@@ -25,17 +25,18 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from pipeline.attack.invert import pixel_box, total_variation
-from pipeline.attack.jobs import Job, run_jobs
+from pipeline.attack.objective import total_variation
+from pipeline.attack.service import attack_uploads
+from pipeline.attack.target import Victim, pixel_box
 from pipeline.checkpoints import save_checkpoint
-from pipeline.client import batch_gradient, threat_model
-from pipeline.config import AttackParams, ClientParams
+from pipeline.client import simulate_client
 from pipeline.files import load_meta
 from pipeline.nets import build_model
-from pipeline.uploads import Upload, save_upload
+from pipeline.sections import AttackParams, ClientParams, ExtractParams
+from pipeline.uploads import save_upload, upload_of
 
 # The ConvNet at the stage default; ResNet-18 shorter (the paper profile runs 15 000), long enough
-# that the workers' ~2-s start is not what is measured.
+# that the workers' start (docs/benchmarks.md) is not what is measured.
 ITERATIONS = {"convnet": 500, "resnet18": 150}
 
 
@@ -47,7 +48,7 @@ def plain_attack(
     params = list(model.parameters())
     target = [target[n] for n, _ in model.named_parameters()]
     target_norm = sum((t * t).sum() for t in target).sqrt()
-    low, high = (b.to(device) for b in pixel_box([0.3] * shape[0], [0.3] * shape[0]))  # write_upload's normalisation
+    low, high = (b.to(device) for b in pixel_box((0.3,) * shape[0], (0.3,) * shape[0]))  # write_upload's normalisation
     for restart in range(restarts):
         x = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(restart)).to(device)
         x.requires_grad_(True)
@@ -84,22 +85,12 @@ def write_upload(
     save_checkpoint(checkpoint, model, {**meta, **box, "scheme": "bench", "epoch": 0})
     gen = torch.Generator().manual_seed(1)
     images, labels = torch.randn(batch, channels, size, size, generator=gen), torch.arange(batch) % 10
-    grads = batch_gradient(model, images, labels, mode)
-    client = ClientParams(
-        batch_size=batch,
-        participants=1,
-        bn="sync",
-        local_steps=1,
-        lr=0.01,
-        mode=mode,
-        dp=None,
-        label_repetition=None,
-        participants_as="simulated",
-        upload_buffers=False,
-    )
-    threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "bench", 0, labels)
-    save_upload(folder / "upload.safetensors", Upload(grads, threat))
-    return folder / "upload.safetensors", model.train(mode == "train"), grads, labels
+    client = ClientParams.plain(batch, mode, lr=0.01)
+    update = simulate_client(model, images, labels, client, seed=0)
+    reveal = ExtractParams(epochs=[0], trials=2, reveal_labels=True, reveal_bn_statistics=False)
+    upload = upload_of(update, model, (checkpoint, load_meta(checkpoint)), client, "bench", 0, labels, reveal)
+    save_upload(folder / "upload.safetensors", upload)
+    return folder / "upload.safetensors", model.train(mode == "train"), update.gradients, labels
 
 
 def main() -> None:
@@ -160,9 +151,9 @@ def main() -> None:
                     results = folder / f"jobs-{repeat}"
                     results.mkdir()
                     start = time.perf_counter()
-                    run_jobs([Job(path, r) for r in range(args.restarts)], params, seed=0, folder=results)
+                    attack_uploads([Victim.load(path)], params, seed=0, scratch=results)
                     ours.append(time.perf_counter() - start)
-                    torch.set_num_threads(cores)  # run_jobs set this process's threads when it ran in it
+                    torch.set_num_threads(cores)  # the jobs set this process's threads when it ran in it
                     ratios.append(refs[-1] / ours[-1])
             work = iterations * args.restarts
             print(

@@ -7,7 +7,7 @@ images are seeded noise of the tiny profile's shapes (Fashion-MNIST at 32 px, 1 
 images; throughput does not depend on the pixels). Printed:
   1. training (`pipeline.train.train`, scheme pure, ConvNet, one process): images/s on the GPU
      and on the CPU;
-  2. the attack (`pipeline.attack.jobs.run_jobs`, one process, the tiny profile's 100
+  2. the attack (`pipeline.attack.service.attack_uploads`, one process, the tiny profile's 100
      iterations): restart-iterations/s on the GPU, on the CPU, and of a plain eager loop on the
      GPU (bench/attack.py's reference) — ConvNet at B = 4, and ResNet-18 at 224 px, B = 8 (the
      paper profile's model; fewer iterations on the CPU);
@@ -34,9 +34,10 @@ import torch
 import yaml
 
 from bench.attack import plain_attack, write_upload
-from pipeline.attack.jobs import Job, load_result, run_jobs
+from pipeline.attack.service import attack_uploads
+from pipeline.attack.target import Victim
 from pipeline.config import parse_params
-from pipeline.data import Split
+from pipeline.images import Split
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,9 @@ def attack_rate(upload: Path, accelerator: str, iterations: int, folder: Path) -
     ).attack
     folder.mkdir()
     started = time.perf_counter()
-    run_jobs([Job(upload, 0)], a, seed=0, folder=folder)
+    (done,) = attack_uploads([Victim.load(upload)], a, seed=0, scratch=folder)
     seconds = time.perf_counter() - started
-    return iterations / seconds, load_result(Job(upload, 0).result_path(folder)).images
+    return iterations / seconds, done.reconstruction.images
 
 
 def eager_rate(model, grads, labels, shape, iterations: int, device: str) -> float:

@@ -9,13 +9,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
 from pipeline.nets import build_model
 
-ARCH_KEYS = ("arch", "in_channels", "num_classes", "image_size", "norm", "maxpool_kernel")
+
+class Architecture(BaseModel):
+    """What rebuilds a model (pipeline.nets.build_model): the keys every checkpoint's metadata holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=1)
+    norm: str
+    maxpool_kernel: int | None
+
+
+ARCH_KEYS = tuple(Architecture.model_fields)
 
 
 def checkpoint_name(epoch: int) -> str:

@@ -23,65 +23,20 @@ import copy
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.checkpoints import ARCH_KEYS
-from pipeline.config import ClientParams
 from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, running_statistics, smallest_batchnorm_input
 from pipeline.parallel import worker_fabric
+from pipeline.sections import ClientParams
 from pipeline.seeds import Draw, generator
-from pipeline.uploads import ThreatModel, joined, split
-
-
-def choose_batches(
-    pool_labels: torch.Tensor, batch_size: int, trials: int, seed: int, label_repetition: int | None = None
-) -> list[torch.Tensor]:
-    """Positions in the victim pool of the client's batch in each trial, the same at every
-    checkpoint. The trials' batches are disjoint, drawn from one seeded order of the pool, so
-    trial t holds the same images in every setting of the same batch size without repetition.
-    With k = `label_repetition`, trial t holds k classes x B/k images that truly belong to them,
-    class by class (other images by construction: such batches pair only with themselves)."""
-    pool = len(pool_labels)
-    order = torch.randperm(pool, generator=generator(Draw.VICTIM_ORDER, seed))
-    if label_repetition is None:
-        if trials * batch_size > pool:
-            raise PipelineError(
-                f"extract.trials {trials} x batch_size {batch_size} needs {trials * batch_size} distinct "
-                f"victims, but the pool holds {pool} (raise data.victims_per_class)"
-            )
-        return [order[t * batch_size : (t + 1) * batch_size] for t in range(trials)]
-    present = torch.unique(pool_labels)
-    k, per_class = label_repetition, batch_size // label_repetition
-    if k > len(present):
-        raise PipelineError(f"label_repetition {k}: the victim pool holds only {len(present)} classes")
-    unused = {int(c): [int(i) for i in order if pool_labels[i] == c] for c in present}
-    gen = generator(Draw.REPEATED_LABELS, seed)
-    batches = []
-    for t in range(trials):
-        eligible = [c for c in unused if len(unused[c]) >= per_class]
-        if len(eligible) < k:
-            raise PipelineError(
-                f"extract.trials {trials} with label_repetition {k}: trial {t} finds only "
-                f"{len(eligible)} classes with {per_class} unused victims left, {k} needed "
-                "(raise data.victims_per_class)"
-            )
-        chosen = [eligible[i] for i in torch.randperm(len(eligible), generator=gen)[:k].tolist()]
-        batches.append(torch.tensor([unused[c].pop(0) for c in chosen for _ in range(per_class)]))
-    return batches
-
-
-def repetition_rate(labels: torch.Tensor) -> float:
-    """Share of the batch whose label repeats one already in it: 1 - distinct labels / B."""
-    return 1.0 - len(torch.unique(labels)) / len(labels)
+from pipeline.uploads import ClientUpdate, joined, split
 
 
 def step_parts(batch_size: int, participants: int, local_steps: int) -> list[list[torch.Tensor]]:
@@ -161,16 +116,6 @@ def _has_train_batchnorm(model: nn.Module) -> bool:
 
 
 Grads = dict[str, torch.Tensor]
-
-
-@dataclass
-class ClientUpdate:
-    gradients: Grads  # the upload, by parameter name
-    epsilon: float | None  # per-sample DP at the client: the guarantee for each of its samples
-    # "<layer>.mean" / "<layer>.var": what each BatchNorm normalised with, [E steps, groups, C]
-    bn_statistics: dict[str, torch.Tensor]
-    # "<layer>.running_mean" / "<layer>.running_var" after the update (client.upload_buffers); else empty
-    bn_buffers: dict[str, torch.Tensor]
 
 
 class NormalisationStatistics:
@@ -310,40 +255,6 @@ def running_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def batchnorm_momentum(model: nn.Module) -> float | None:
-    """The momentum all of the model's BatchNorm layers share (None without BatchNorm)."""
-    momenta = {m.momentum for _, m in batchnorm_layers(model) if m.running_mean is not None}
-    if len(momenta) > 1 or None in momenta:
-        raise PipelineError(
-            f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
-            "uploaded buffers need one momentum"
-        )
-    return momenta.pop() if momenta else None
-
-
-def threat_model(
-    model: nn.Module,
-    checkpoint: Path,
-    ckpt: dict[str, Any],
-    c: ClientParams,
-    setting: str,
-    trial: int,
-    revealed_labels: torch.Tensor | None = None,
-) -> ThreatModel:
-    """What the server knows of the upload of client `c` starting from `model`, the checkpoint
-    at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
-    return ThreatModel(
-        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
-        setting=setting,
-        trial=trial,
-        checkpoint=checkpoint.as_posix(),
-        checkpoint_sha256=ckpt["sha256"],
-        **c.model_dump(exclude={"participants_as"}),
-        bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
-        labels=None if revealed_labels is None else tuple(revealed_labels.tolist()),
-    )
-
-
 def _participant(
     fabric, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c: ClientParams, seed: int, out: str
 ) -> None:
@@ -384,17 +295,9 @@ def client_upload(
 
 
 def plain(c: ClientParams) -> ClientParams:
-    """The setting an attacker models: one participant, one step, synchronous BN, no DP."""
-    return c.model_copy(
-        update={
-            "participants": 1,
-            "bn": "sync",
-            "local_steps": 1,
-            "dp": None,
-            "participants_as": "simulated",
-            "upload_buffers": False,
-        }
-    )
+    """The client an attacker models by default: `c`'s batch, mode, step size and label
+    repetition, as the plain client (ClientParams.plain) runs them."""
+    return ClientParams.plain(c.batch_size, c.mode, c.lr).model_copy(update={"label_repetition": c.label_repetition})
 
 
 def information_ratio(
@@ -413,16 +316,5 @@ def batch_gradient(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mode: Literal["train", "eval"], seed: int = 0
 ) -> Grads:
     """The plain client's upload: the gradient of the batch's mean loss at the model's weights."""
-    c = ClientParams(
-        batch_size=len(labels),
-        participants=1,
-        bn="sync",
-        local_steps=1,
-        lr=1.0,
-        mode=mode,
-        dp=None,
-        label_repetition=None,
-        participants_as="simulated",
-        upload_buffers=False,
-    )
+    c = ClientParams.plain(len(labels), mode)
     return simulate_client(model, images, labels, c, seed).gradients

@@ -1,281 +1,47 @@
-"""Typed parameters: `params.yaml` parsed and validated in one place.
-
-Unknown keys and out-of-range values are refused with one line naming the key and what is
-allowed, before any stage does work.
-"""
+"""params.yaml as one typed object: its sections (pipeline.sections), the rules across them, and
+each named client setting resolved once (its scheme, its client, its attack). A bad file is one
+line naming the key."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.sections import (
+    TUNABLE_CHOICES,
+    TUNABLE_NUMBERS,
+    AttackParams,
+    ClientParams,
+    DataParams,
+    EvaluateParams,
+    ExtractParams,
+    ModelParams,
+    ReportParams,
+    SchemeParams,
+    SettingParams,
+    TrainParams,
+    TuneParams,
+    _Section,
+    pairs_with,
+)
 
 
-class _Section(BaseModel):
-    # No defaults: params.yaml is the one source of every value, and a missing key is an error.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True)
+class Setting:
+    """A named client setting as it runs: the scheme whose checkpoints it uploads from, the client
+    (the `client` section changed by the setting's keys) and the attack (`attack` changed by its
+    `attack:` keys)."""
 
-
-class DataParams(_Section):
-    source: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder"]
-    # fashion-mnist: the folder holding the four *-ubyte.gz files; cifar10 / cifar100: the
-    # extracted binary version (cifar-10-batches-bin/, cifar-100-binary/); imagefolder: a folder
-    # of class sub-folders.
-    root: str
-    image_size: int = Field(ge=8, le=1024)
-    # Deterministic subsets of the splits (null: all of it), to size runs to the machine.
-    train_size: int | None = Field(ge=1)
-    test_size: int | None = Field(ge=1)
-    # Share of an image folder held out for testing (Fashion-MNIST has its own test split).
-    test_fraction: float = Field(gt=0, lt=1)
-    victims_per_class: int = Field(ge=1)
-    # an image folder's images read as 1 (grey) or 3 (RGB) channels; null: RGB when most are colour
-    channels: Literal[1, 3] | None
-    # an image folder of more images than this is streamed (prepare writes an index, training
-    # decodes it in DataLoader workers); 0: always; null: never
-    stream_above: int | None = Field(ge=0)
-
-
-class ModelParams(_Section):
-    arch: Literal["resnet18", "vgg11", "convnet"]
-
-
-class TrainParams(_Section):
-    """What all schemes share."""
-
-    epochs: int = Field(ge=0)
-    batch_size: int = Field(ge=1)  # the global batch (over all processes) before a scheme's multiplier
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
-    lr_milestones: list[int]
-    lr_gamma: float = Field(gt=0, le=1)
-    accelerator: Literal["cpu", "gpu", "auto"]
-    devices: int = Field(ge=1)  # data-parallel processes per node
-    num_nodes: int = Field(ge=1)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]
-    loader_workers: int = Field(ge=0)  # DataLoader processes decoding a streamed image folder (0: the trainer's)
-
-
-class DPParams(_Section):
-    # per-sample: DP-SGD (clip each sample's gradient, Poisson batches, epsilon from the RDP
-    # accountant). batch: the original's "DP-SGD", the batch gradient clipped: no guarantee.
-    kind: Literal["per-sample", "batch"]
-    clip: float = Field(gt=0)
-    sigma: float = Field(ge=0)  # noise standard deviation is sigma * clip
-    delta: float | None = Field(gt=0, lt=1)  # per-sample only
-    # how per-sample gradients are computed: auto takes the faster here (bench/per_sample.py)
-    per_sample: Literal["auto", "loop", "vmap"] | None
-
-    @model_validator(mode="after")
-    def _kind(self) -> DPParams:
-        if self.kind == "per-sample" and (self.delta is None or self.per_sample is None):
-            raise ValueError("per-sample DP needs delta and per_sample (auto, loop or vmap)")
-        if self.kind == "batch" and (self.delta is not None or self.per_sample is not None):
-            raise ValueError("batch clipping has no delta and no per_sample: it gives no guarantee to account")
-        return self
-
-
-class SchemeParams(_Section):
-    """One defense scheme: how its model is normalised and trained."""
-
-    # batch-sync: BatchNorm over the global batch; batch-async: each process its own shard;
-    # group: GroupNorm (no batch statistics, as per-sample clipping needs).
-    norm: Literal["batch-sync", "batch-async", "group"]
-    batch_multiplier: int = Field(ge=1)  # the scheme's global batch is train.batch_size times this
-    maxpool_kernel: Annotated[int, Field(ge=2)] | Literal["auto"] | None  # ResNet-18's stem maxpool (RA defense)
-    dp: DPParams | None
-
-    @model_validator(mode="after")
-    def _dp_needs_group_norm(self) -> SchemeParams:
-        if self.dp is not None and self.dp.kind == "per-sample" and self.norm != "group":
-            raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
-        return self
-
-
-class ExtractParams(_Section):
-    epochs: list[int] = Field(min_length=1)  # checkpoints every setting's client uploads from
-    # client batches per setting and epoch, disjoint, drawn from the victim pool by trial: trial t
-    # holds the same images in every setting that draws its batch the same way (the pairing)
-    trials: int = Field(ge=1)
-    # Put the true labels into the threat model (the attacker's "known labels" oracle).
-    reveal_labels: bool
-    # Put into the upload the statistics the client's BatchNorm layers normalised with (per
-    # local step and shard), as a client that shares its BatchNorm state does.
-    reveal_bn_statistics: bool
-
-
-class ClientDPParams(_Section):
-    # per-sample: each sample's gradient clipped to C, noise sigma*C on every local step
-    # (epsilon reported); batch: the original's, each step's batch gradient clipped to C and
-    # noise sigma*C added once to the upload: no guarantee.
-    kind: Literal["per-sample", "batch"]
-    clip: float = Field(gt=0)
-    sigma: float = Field(ge=0)
-    delta: float | None = Field(gt=0, lt=1)  # per-sample only
-
-    @model_validator(mode="after")
-    def _kind(self) -> ClientDPParams:
-        if (self.kind == "per-sample") != (self.delta is not None):
-            raise ValueError("delta is needed by per-sample DP and meaningless for batch clipping (no guarantee)")
-        return self
-
-
-class ClientParams(_Section):
-    """What one federated client does with its batch before uploading (docs/schemes-and-settings.md)."""
-
-    batch_size: int = Field(ge=1)
-    participants: int = Field(ge=1)  # W: the batch is split into W contiguous shards
-    bn: Literal["sync", "async"]  # BatchNorm statistics of the whole batch, or of each shard
-    local_steps: int = Field(ge=1)  # E: the upload is (theta_0 - theta_E) / (lr * E)
-    lr: float = Field(gt=0)  # the local SGD step size
-    mode: Literal["train", "eval"]  # train: batch statistics and dropout on; eval: running statistics
-    dp: ClientDPParams | None
-    label_repetition: Annotated[int, Field(ge=1)] | None  # k: the batch holds k classes x B/k images each
-    participants_as: Literal["simulated", "processes"]  # one process, or W real (Lightning Fabric) ones
-    # the upload carries the BatchNorm running statistics after the update, as FedAvg sends the whole state
-    upload_buffers: bool
-
-    @model_validator(mode="after")
-    def _splits(self) -> ClientParams:
-        b, w, e = self.batch_size, self.participants, self.local_steps
-        if b % w:
-            raise ValueError(f"batch_size {b} does not split into {w} equal participant shards")
-        if (b // w) % e:
-            raise ValueError(f"a shard of {b // w} images does not split into {e} equal local steps")
-        if self.label_repetition is not None and b % self.label_repetition:
-            raise ValueError(f"batch_size {b} does not split into {self.label_repetition} classes of equal size")
-        if self.upload_buffers and w > 1 and (self.bn == "async" or self.participants_as == "processes"):
-            raise ValueError(
-                "upload_buffers: the buffers of one client model are uploaded; W participants with "
-                "bn: async, or run as processes, each hold their own (use participants: 1 or bn: sync, "
-                "simulated)"
-            )
-        return self
-
-
-class SettingParams(BaseModel):
-    """A named client setting: the scheme whose checkpoints it uploads from, what it changes
-    from the `client` section (any of its keys), and from the `attack` section (under `attack:`)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
     scheme: str
-    attack: dict[str, Any] = Field(default_factory=dict)
-
-
-class AttackParams(_Section):
-    labels: Literal["known", "llg", "llg-original", "idlg", "counts"]
-    iterations: int = Field(ge=1)
-    restarts: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    lr_min: float = Field(ge=0)
-    tv_weight: float = Field(ge=0)
-    # exact: the adaptive attacker, modelling what the threat model says of the client: its
-    # async BatchNorm over W shards, its E local steps at its step size, unrolled; plain: one
-    # full-batch gradient with common statistics, the classic attacker.
-    client_model: Literal["exact", "plain"]
-    # with exact: attack each upload the exact model treats otherwise a second time, with plain,
-    # so the table shows both attackers (attacks/<setting>/classic/)
-    classic: bool
-    objective: Literal["cosine", "l2"]  # 1 - cosine, or squared L2, over all parameters
-    layer_weights: Literal["equal", "linear"]  # linear: layer l of L weighs (L - l) / L
-    bn_prior: float = Field(ge=0)  # weight of the BatchNorm-statistics prior (0: off)
-    # the prior's reference: running: the model's running statistics; exact: those the client
-    # normalised with, from the upload (needs extract.reveal_bn_statistics); from-buffers: derived
-    # from the running statistics the client uploaded after its update (needs client.upload_buffers)
-    bn_statistics: Literal["running", "exact", "from-buffers"]
-    tv_target: float | None = Field(gt=0)  # stop a restart once its best iterate's TV is under this
-    # cpu; gpu: one process per CUDA device (processes of them; NCCL between them); auto: gpu
-    # where torch sees enough CUDA devices, else cpu
-    accelerator: Literal["cpu", "gpu", "auto"]
-    processes: int = Field(ge=1)
-    # jobs: the jobs (upload x restart) sharded over the processes; batch: every process on
-    # every job, each with its part of the dummy batch, the dummy gradients all-reduced.
-    split: Literal["jobs", "batch"]
-    threads: int = Field(ge=1)  # torch threads in each process
-    # the attack step as one torch.compile'd function: faster per step on the ConvNet, a compile
-    # of tens of seconds first (inductor's cache after); no BatchNorm prior, no batch split
-    compile: bool
-    # the restarts of an upload made one reconstruction: best: the restart of lowest gradient loss;
-    # mlco: E2EGI's image-by-image combination of them (pipeline.attack.invert.min_loss_combination)
-    combine: Literal["best", "mlco"]
-    # fixed: these values; tuned: lr, tv_weight, ... as tune@<setting> chose them on the attacker's
-    # own surrogate uploads (tuning/<setting>.json; the classic attacker keeps the fixed ones)
-    hyperparameters: Literal["fixed", "tuned"]
-
-
-# The attack's keys a study may search: numbers between low and high, or one of some choices.
-TUNABLE_NUMBERS = ("lr", "lr_min", "tv_weight", "bn_prior", "iterations")
-TUNABLE_CHOICES = ("objective", "layer_weights")
-
-
-class SearchRange(BaseModel):
-    """One key's range in tune.space: {low, high, log} for a number, {choices} for a choice."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    low: float | None = None
-    high: float | None = None
-    log: bool = False  # sample on a log scale (low > 0)
-    choices: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> SearchRange:
-        if self.choices is not None:
-            if self.low is not None or self.high is not None or self.log:
-                raise ValueError("takes choices, or low and high, not both")
-            if not self.choices:
-                raise ValueError("choices is empty")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("needs low and high (or choices)")
-        if self.low > self.high:
-            raise ValueError(f"low {self.low:g} is above high {self.high:g}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log needs low > 0 (has {self.low:g})")
-        return self
-
-
-class TuneParams(_Section):
-    """The study tune@<setting> runs for each setting whose attack has hyperparameters: tuned."""
-
-    trials: int = Field(ge=1)  # finished trials per study (pruned ones count), the fixed attack the first
-    batches: int = Field(ge=1)  # surrogate client batches, attacked at every extract epoch
-    objective: Literal["psnr", "grad_loss"]  # surrogate images' mean PSNR, or the mean gradient loss
-    startup_trials: int = Field(ge=0)  # random trials before TPE models the history; none pruned before
-    space: dict[str, SearchRange] = Field(min_length=1)
-
-
-class EvaluateParams(_Section):
-    # AlexNet ImageNet weights for LPIPS (torchvision's alexnet-owt-7be5be79.pth); null: torchvision's
-    # cache if the file is there, else the LPIPS column says n/a
-    lpips_backbone: str | None
-
-
-class ReportParams(_Section):
-    # the setting every other is paired with, batch by batch (null: no paired columns)
-    baseline: str | None
-    # the baseline's client attacked at a larger budget (null: none): how far from its plateau the
-    # attacker stopped, shown beside the verdicts and never one of them
-    budget: str | None
-    confidence: float = Field(gt=0, lt=1)  # of the t intervals over batches
-    alpha: float = Field(gt=0, lt=1)  # the family's level, on Holm-adjusted p
-    power: float = Field(gt=0, lt=1)  # of the smallest detectable difference
-    effect: float = Field(gt=0)  # dB: the paired difference the trials are sized for (underpowered above)
-
-
-def pairs_with(client: ClientParams, baseline_client: ClientParams) -> bool:
-    """Whether a setting's trials draw the baseline's images: same batch size, no label repetition
-    (a repeated-label batch is chosen class by class, other images by construction)."""
-    return (
-        client.batch_size == baseline_client.batch_size
-        and client.label_repetition is None
-        and baseline_client.label_repetition is None
-    )
+    client: ClientParams
+    attack: AttackParams
 
 
 class Params(_Section):
@@ -291,6 +57,7 @@ class Params(_Section):
     tune: TuneParams
     evaluate: EvaluateParams
     report: ReportParams
+    _settings: dict[str, Setting] = PrivateAttr(default_factory=dict)  # each setting resolved once
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -322,6 +89,8 @@ class Params(_Section):
                     f"params.yaml defines {', '.join(self.schemes)}"
                 )
             client = self._resolve(name)
+            attack, where = self._attack(name), f"settings.{name}.attack" if setting.attack else "attack"
+            self._settings[name] = Setting(name, setting.scheme, client, attack)
             if (
                 client.dp is not None
                 and client.dp.kind == "per-sample"
@@ -332,7 +101,6 @@ class Params(_Section):
                     f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
                     "ties the samples together (use mode: eval or a scheme with norm: group)"
                 )
-            attack, where = self._attack(name), f"settings.{name}.attack" if setting.attack else "attack"
             if attack.labels == "idlg" and client.batch_size != 1:
                 raise ValueError(f"{where}.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
             if setting.attack:
@@ -351,14 +119,14 @@ class Params(_Section):
                     f"report.baseline: {baseline!r} is not a setting, so nothing can be paired with it; "
                     f"params.yaml defines {', '.join(self.settings)} (null: a table without paired columns)"
                 )
-            if self._resolve(baseline).label_repetition is not None:
+            if self._settings[baseline].client.label_repetition is not None:
                 raise ValueError(
                     f"report.baseline: {baseline!r} repeats labels, so its batches pair with no other setting's"
                 )
             self._check_budget(baseline, self.report.budget)
-            base_client = self._resolve(baseline)
+            base_client = self._settings[baseline].client
             if not any(
-                pairs_with(self._resolve(name), base_client)
+                pairs_with(self._settings[name].client, base_client)
                 for name in self.settings
                 if name not in (baseline, self.report.budget)
             ):
@@ -386,10 +154,11 @@ class Params(_Section):
             raise ValueError(
                 f"report.budget: {budget!r} is not a setting; params.yaml defines {', '.join(self.settings)}"
             )
-        ours, theirs = self._attack(budget).model_dump(), self._attack(baseline).model_dump()
+        mine, base = self._settings[budget], self._settings[baseline]
+        ours, theirs = mine.attack.model_dump(), base.attack.model_dump()
         if (
-            self.settings[budget].scheme != self.settings[baseline].scheme
-            or self._resolve(budget) != self._resolve(baseline)
+            mine.scheme != base.scheme
+            or mine.client != base.client
             or {k for k in ours if ours[k] != theirs[k]} != {"iterations"}
             or ours["iterations"] <= theirs["iterations"]
         ):
@@ -445,11 +214,15 @@ class Params(_Section):
             return self.attack
         return _changed(self.attack, overrides, f"settings.{name}.attack", "it changes keys of attack")
 
+    def resolved(self, name: str) -> Setting:
+        """A named setting as it runs (resolved and checked when the parameters were)."""
+        if name not in self._settings:
+            raise PipelineError(f"unknown setting {name!r}; params.yaml defines {', '.join(self.settings)}")
+        return self._settings[name]
+
     def attack_for(self, name: str) -> AttackParams:
         """The attack parameters a named setting is attacked with: `attack`, changed by its own `attack:` keys."""
-        if name not in self.settings:
-            raise PipelineError(f"unknown setting {name!r}; params.yaml defines {', '.join(self.settings)}")
-        return self._attack(name)
+        return self.resolved(name).attack
 
     def _resolve(self, name: str) -> ClientParams:
         return _changed(
@@ -461,9 +234,8 @@ class Params(_Section):
 
     def setting(self, name: str) -> tuple[str, ClientParams]:
         """The scheme a named setting uploads from and its complete client parameters."""
-        if name not in self.settings:
-            raise PipelineError(f"unknown setting {name!r}; params.yaml defines {', '.join(self.settings)}")
-        return self.settings[name].scheme, self._resolve(name)
+        s = self.resolved(name)
+        return s.scheme, s.client
 
     def scheme(self, name: str) -> SchemeParams:
         if name not in self.schemes:

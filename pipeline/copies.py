@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import digest, load_meta
+from pipeline.errors import PipelineError
+from pipeline.files import digest, load_meta, read_json
 
 # Which setting, scheme and checkpoint file an upload came from: names, not what was measured.
 _NAMES = ("setting", "scheme", "checkpoint", "sha256")
@@ -49,3 +50,18 @@ def find_copies(
                 "trial": meta["trial"],
             }
     return found
+
+
+def copied_cells(folder: Path, settings: list[str]) -> dict[tuple[str, int], str]:
+    """The (setting, epoch) cells whose uploads are another setting's (`folder`/<setting>.json, as
+    stages.copies wrote them), each with that setting; a cell must be a copy whole or not at all."""
+    cells: dict[tuple[str, int], set[str]] = {}
+    for setting in settings:
+        for original in read_json(folder / f"{setting}.json")["copies"].values():
+            cells.setdefault((setting, original["epoch"]), set()).add(original["setting"])
+    for (setting, epoch), originals in cells.items():
+        if len(originals) > 1:
+            raise PipelineError(
+                f"{setting} at epoch {epoch}: its uploads repeat several settings' ({sorted(originals)})"
+            )
+    return {cell: originals.pop() for cell, originals in cells.items()}

@@ -28,7 +28,8 @@ PER_SAMPLE_METHODS = ("loop", "vmap")
 
 def per_sample_method(choice: str, arch: str) -> str:
     """`auto`: torch.func's vmap on the small ConvNet, a loop of backward passes on the large
-    models, where vmap's per-sample weights copies make it 2.7x slower (bench/per_sample.py)."""
+    models, where vmap's per-sample copies of the weights make it the slower (bench/per_sample.py;
+    its figures in docs/benchmarks.md)."""
     if choice != "auto":
         return choice
     return "vmap" if arch == "convnet" else "loop"
@@ -40,7 +41,7 @@ def per_sample_gradients(
     """Gradient of each sample's loss, stacked on a leading batch axis, by parameter name.
 
     The model must not couple samples (no train-mode BatchNorm). `vmap` (torch.func) is the
-    faster on small models, `loop` on ResNet-18 here (see bench/per_sample.py).
+    faster on small models, `loop` on ResNet-18 (bench/per_sample.py; docs/benchmarks.md).
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -45,6 +45,11 @@ def image_metrics(reconstructions: torch.Tensor, truth: torch.Tensor) -> dict[st
     return {"mse": mse, "psnr": psnr, "ssim": ssim}
 
 
+def paired_scores(reconstructions: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    """image_metrics of a batch's reconstructions, each paired with its truth by pair_by_hungarian."""
+    return image_metrics(reconstructions[pair_by_hungarian(reconstructions, truth)], truth)
+
+
 def identified(reconstructions: torch.Tensor, own: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Image identifiability: for each reconstruction (paired, [B, C, H, W] in [0, 1]), whether its
     nearest candidate by MSE is its own true image; `own[i]` is that image's row of `candidates`

@@ -59,30 +59,26 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def line_plot(path: Path, frame: pd.DataFrame, x: str, y: str, by: str, title: str, ylabel: str) -> None:
-    """One line of `y` against `x` per value of `by`, in the order the frame lists them."""
-    plt, fig, axes = _figure()
-    ax = axes[0, 0]
-    for name, part in frame.groupby(by, sort=False):
-        part = part.sort_values(x)
-        ax.plot(part[x], part[y], marker="o", label=str(name))
-    ax.set(title=title, xlabel=x, ylabel=ylabel)
-    ax.set_xticks(sorted(frame[x].unique()))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    _save(plt, fig, path)
-
-
-def band_plot(
-    path: Path, frame: pd.DataFrame, x: str, y: str, low: str, high: str, by: str, title: str, ylabel: str
+def line_plot(
+    path: Path,
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    by: str,
+    title: str,
+    ylabel: str,
+    band: tuple[str, str] | None = None,
 ) -> None:
-    """`line_plot` with each line's interval [low, high] shaded behind it."""
-    plt, fig, axes = _figure(size=(7, 4.5))
+    """One line of `y` against `x` per value of `by`, in the order the frame lists them; with
+    `band` (two columns: low, high), each line's interval shaded behind it."""
+    plt, fig, axes = _figure(size=(6, 4) if band is None else (7, 4.5))
     ax = axes[0, 0]
     for name, part in frame.groupby(by, sort=False):
         part = part.sort_values(x)
         (line,) = ax.plot(part[x], part[y], marker="o", label=str(name))
-        ax.fill_between(part[x], part[low].astype(float), part[high].astype(float), color=line.get_color(), alpha=0.12)
+        if band is not None:
+            low, high = (part[column].astype(float) for column in band)
+            ax.fill_between(part[x], low, high, color=line.get_color(), alpha=0.12)
     ax.set(title=title, xlabel=x, ylabel=ylabel)
     ax.set_xticks(sorted(frame[x].unique()))
     ax.grid(alpha=0.3)

@@ -18,34 +18,20 @@ classic's PSNR is shown beside it (`add_classic`).
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.files import load_tensors, read_json
 from pipeline.statistics import Evidence, batch_means, detectable_difference, holm, t_estimate
 from pipeline.uploads import CLASSIC
 
+if TYPE_CHECKING:
+    pass
+
 SCORES = ("psnr", "ssim", "mse", "lpips")
 MEASURES = (*SCORES, "iip")  # iip: image identifiability, 1 where the reconstruction's nearest image is its own
-# The columns both tables have: the one built from the DVC outputs and the one rebuilt from MLflow.
-SHARED = [
-    "setting",
-    "scheme",
-    "epoch",
-    "test_accuracy",
-    "epsilon",
-    "gh",
-    "label_accuracy",
-    "psnr",
-    "ssim",
-    "mse",
-    "lpips",
-    "iterations_run",
-    "unconverged",
-]
 # What a row is to the verdicts: the baseline; a test against it (one of the family); the baseline's
 # client attacked at a larger budget (how far the attacker is from its plateau); the same upload as
 # another setting's cell; a setting drawing other images (no pairing).
@@ -262,84 +248,6 @@ def verdict(cells: pd.DataFrame, evidence: Evidence, baseline: str | None) -> st
     return "; ".join(f"epoch {int(r.epoch)}: {cell_verdict(r, evidence, baseline)}" for r in cells.itertuples())
 
 
-def privacy_of(checkpoint: dict) -> str:
-    if "epsilon" in checkpoint:
-        return f"({checkpoint['epsilon']:.2f}, {checkpoint['delta']:g})-DP"
-    return "no privacy guarantee" if "guarantee" in checkpoint else ""
-
-
-def training_table(models: Path, schemes: list[str]) -> pd.DataFrame:
-    """Test accuracy (and epsilon) per scheme and checkpoint epoch."""
-    rows = []
-    for scheme in schemes:
-        for path in sorted((models / scheme).glob("epoch-*.json")):
-            c = read_json(path)
-            rows.append(
-                {
-                    "scheme": scheme,
-                    "epoch": c["epoch"],
-                    "test_accuracy": c["test_accuracy"],
-                    "epsilon": c.get("epsilon"),
-                    "privacy": privacy_of(c),
-                    "bn": c["bn"],
-                    "global_batch": c["global_batch"],
-                    "maxpool_kernel": c["maxpool_kernel"],
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def client_summary(c) -> str:
-    """The client setting in a few words, for the table."""
-    parts = [
-        f"B={c.batch_size}",
-        f"W={c.participants} {c.bn} BN" if c.participants > 1 else "",
-        f"E={c.local_steps}" if c.local_steps > 1 else "",
-        c.mode,
-        f"k={c.label_repetition} classes" if c.label_repetition else "",
-        f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else "",
-        "BN buffers uploaded" if c.upload_buffers else "",
-    ]
-    return ", ".join(x for x in parts if x)
-
-
-def hyperparameters_of(attack_meta: dict) -> str:
-    """Which hyper-parameters an attack ran with, in a few words: fixed, or the values tuned."""
-    tuned = attack_meta.get("tuned")
-    if not tuned:
-        return "fixed"
-    return "tuned: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in tuned.items())
-
-
-def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
-    """One row per attacked upload: what the client stage measured (GH, ...), the attack's
-    bookkeeping (labels method, iterations, convergence) and the label accuracy."""
-    rows = []
-    for key, m in metrics.items():
-        setting, name = key.split("/")
-        measured = read_json(client / f"{setting}.json")["uploads"][name]
-        _, rec = load_tensors(attacks / setting / f"{name}.safetensors", expected={"images", "labels"})
-        rows.append(
-            {
-                "setting": setting,
-                "upload": name,
-                "epoch": m["epoch"],
-                "trial": m["trial"],
-                "label_accuracy": m["label_accuracy"],
-                **{
-                    k: measured[k] for k in ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
-                },
-                "labels": rec["labels_method"],
-                "iterations": rec["iterations"],
-                "iterations_run": rec["iterations_run"],
-                "converged": rec["converged"],
-                "grad_loss": rec["grad_loss"],
-                "hyperparameters": hyperparameters_of(rec),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
 def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
     """The classic attacker's PSNR per cell, mean and t interval over its batches, where it ran as a
     separate attack; else the adaptive attacker's (`classic_separate` False: the same attack)."""
@@ -409,129 +317,3 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
         )
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _interval(mean, low, high, digits: int = 1) -> str:
-    if mean is None or pd.isna(mean):
-        return ""
-    if low is None or pd.isna(low):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
-def _p(value) -> str:
-    return f"{value:.2g}" if value is not None and not pd.isna(value) else ""
-
-
-def shown_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The cells as a reader takes them: "mean [interval]" per measure, the paired difference, raw
-    and adjusted p and the cell's verdict (or the copy it is)."""
-    out = table[["setting", "epoch", "test_accuracy", "client", "trials"]].copy()
-    out["trials"] = out.trials.astype("Int64")
-    copy = table.same_upload_as.notna()
-    out["PSNR dB"] = [
-        f"same upload as {r.same_upload_as}" if c else _interval(r.psnr, r.psnr_low, r.psnr_high)
-        for r, c in zip(table.itertuples(), copy)
-    ]
-    if "classic_psnr" in table:
-        out["classic attacker"] = [
-            ""
-            if c
-            else (
-                _interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high)
-                if r.classic_separate
-                else "same attack"
-            )
-            for r, c in zip(table.itertuples(), copy)
-        ]
-    out["IIP"] = [_interval(r.iip, r.iip_low, r.iip_high, 2) for r in table.itertuples()]
-    out["SSIM"] = [_interval(r.ssim, r.ssim_low, r.ssim_high, 2) for r in table.itertuples()]
-    out["LPIPS"] = [
-        ""
-        if c
-        else (
-            _interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None and not pd.isna(r.lpips) else "n/a"
-        )
-        for r, c in zip(table.itertuples(), copy)
-    ]
-    out["labels"] = table.label_accuracy.round(2)
-    out["GH"] = table.gh.round(4)
-    if "psnr_diff" in table:
-        out["vs baseline dB"] = [_interval(r.psnr_diff, r.psnr_diff_low, r.psnr_diff_high) for r in table.itertuples()]
-        out["p"] = [_p(p) for p in table.p_value]
-        out["p (Holm)"] = [_p(p) for p in table.p_adjusted]
-        out["verdict"] = [_cell_word(r) for r in table.itertuples()]
-    out["unconverged"] = table.unconverged.astype("Int64")
-    out["epsilon"] = table.epsilon
-    out["privacy"] = table.privacy
-    return out
-
-
-def _cell_word(row) -> str:
-    """A cell's verdict in a few words, for the table of every cell."""
-    if row.role == TEST:
-        if row.effect != "none":
-            return row.effect
-        return f"none (would detect >= {row.detectable:.1f} dB{', underpowered' if row.underpowered else ''})"
-    return {BASELINE: "baseline", BUDGET: "budget check", COPY: "same upload", UNPAIRED: "not paired"}.get(row.role, "")
-
-
-def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    epochs = [c for c in summary.columns if c.startswith("psnr_epoch_") and not c.endswith("_ci")]
-    out = summary[["setting", "scheme", "trials"]].copy()
-    out["trials"] = out.trials.astype("Int64")
-    if (summary.hyperparameters != "fixed").any():  # else every attack ran with params.yaml's values
-        out["attack hyper-parameters"] = summary.hyperparameters
-    for column in epochs:
-        epoch = column.removeprefix("psnr_epoch_")
-        same = summary[f"same_upload_epoch_{epoch}"]
-        out[f"PSNR epoch {epoch}"] = [
-            f"= {s}" if isinstance(s, str) else _interval(m, *ci)
-            for m, ci, s in zip(summary[column], summary[f"{column}_ci"], same)
-        ]
-        out[f"IIP epoch {epoch}"] = [
-            "" if isinstance(s, str) or v is None or pd.isna(v) else f"{v:.2f}"
-            for v, s in zip(summary[f"iip_epoch_{epoch}"], same)
-        ]
-    if "classic_separate" in summary:
-        for column in epochs:
-            epoch = column.removeprefix("psnr_epoch_")
-            classic = f"classic_{column}"
-            out[f"classic epoch {epoch}"] = [
-                "" if isinstance(s, str) else (_interval(m, *ci) if separate else "same attack")
-                for m, ci, separate, s in zip(
-                    summary[classic],
-                    summary[f"{classic}_ci"],
-                    summary.classic_separate,
-                    summary[f"same_upload_epoch_{epoch}"],
-                )
-            ]
-    out["test accuracy"] = summary.test_accuracy
-    out["cost vs baseline"] = summary.accuracy_cost
-    out["verdict"] = summary.verdict
-    return out
-
-
-def table_differences(ours: pd.DataFrame, theirs: pd.DataFrame) -> list[str]:
-    """Where two results tables disagree on the shared columns (rows matched by setting and epoch)."""
-    a, b = (
-        t[SHARED].astype({"epoch": int}).sort_values(["setting", "epoch"]).reset_index(drop=True)
-        for t in (ours, theirs)
-    )
-    if a[["setting", "epoch"]].values.tolist() != b[["setting", "epoch"]].values.tolist():
-        return [
-            f"rows differ: {sorted(map(tuple, a[['setting', 'epoch']].values))} vs "
-            f"{sorted(map(tuple, b[['setting', 'epoch']].values))}"
-        ]
-    problems = []
-    for column in SHARED[1:]:
-        for i in range(len(a)):
-            x, y = a.at[i, column], b.at[i, column]
-            same = (pd.isna(x) and pd.isna(y)) or (
-                not pd.isna(x)
-                and not pd.isna(y)
-                and (x == y if isinstance(x, str) else abs(float(x) - float(y)) <= 1e-9)
-            )
-            if not same:
-                problems.append(f"{a.at[i, 'setting']} epoch {a.at[i, 'epoch']}: {column} {x} vs {y}")
-    return problems

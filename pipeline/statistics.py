@@ -22,12 +22,12 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class Evidence:
-    """How the statistics are computed (params.yaml: report)."""
+    """How the statistics are computed: params.yaml's report section, its values and nothing else."""
 
-    confidence: float = 0.95  # of the t intervals
-    alpha: float = 0.05  # the family's level, after Holm's adjustment
-    power: float = 0.8  # for the smallest detectable difference
-    effect: float = 2.0  # dB: the paired difference the trials are sized to detect
+    confidence: float  # of the t intervals
+    alpha: float  # the family's level, after Holm's adjustment
+    power: float  # for the smallest detectable difference
+    effect: float  # dB: the paired difference the trials are sized to detect
 
 
 @dataclass(frozen=True)

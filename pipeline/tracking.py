@@ -207,3 +207,30 @@ def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str |
                 }
             )
     return pd.DataFrame(rows)
+
+
+def log_setting_runs(mlflow: Any, table: Any) -> None:
+    """One child run per setting with the same metric names (step = epoch): the UI's compare view
+    then lines the settings up side by side."""
+    import pandas as pd
+
+    numbers = [
+        c
+        for c in table.columns
+        if c != "epoch" and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+    ]
+    for setting, part in table.groupby("setting", sort=False):
+        with mlflow.start_run(
+            run_name=f"results@{setting}",
+            nested=True,
+            tags={"setting": setting, "scheme": part.scheme.iloc[0], "pipeline.role": "results"},
+        ):
+            mlflow.log_params(
+                {
+                    "scheme": part.scheme.iloc[0],
+                    "client": part.client.iloc[0],
+                    "attack_hyperparameters": part.hyperparameters.iloc[0],
+                }
+            )
+            for _, row in part.iterrows():
+                mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.epoch))

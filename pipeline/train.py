@@ -29,12 +29,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.bn import CrossProcessSyncBatchNorm
 from pipeline.checkpoints import checkpoint_name, save_checkpoint
-from pipeline.config import Params, SchemeParams, TrainParams
-from pipeline.data import ImageIndex, Split, StreamedImages, normalise
+from pipeline.config import Params
+from pipeline.data import normalise
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
 from pipeline.files import read_json
+from pipeline.images import ImageIndex, Images, Split, StreamedImages
 from pipeline.nets import build_model
 from pipeline.parallel import resolve_accelerator, threads_per_process
+from pipeline.sections import SchemeParams, TrainParams
 from pipeline.seeds import Draw, generator
 
 RESUME = "resume.ckpt"  # the full training state, beside the checkpoints until training ends
@@ -242,14 +244,13 @@ def strategy_options(train: TrainParams, scheme: SchemeParams) -> dict[str, Any]
     return options
 
 
-def dataset_of(
-    split: Split | ImageIndex, mean: list[float], std: list[float], augment: bool
-) -> TensorDataset | StreamedImages:
+def dataset_of(split: Images, mean: list[float], std: list[float], augment: bool) -> TensorDataset | StreamedImages:
     """Images in memory, normalised once; or a streamed index, decoded (and, `augment`, cropped at
     random) as batches are drawn."""
-    if isinstance(split, ImageIndex):
-        return StreamedImages(split, mean, std, augment)
-    return TensorDataset(normalise(split.images, mean, std), split.labels)
+    if isinstance(split, Split):
+        return TensorDataset(normalise(split.images, mean, std), split.labels)
+    assert isinstance(split, ImageIndex)
+    return StreamedImages(split, mean, std, augment)
 
 
 def architecture(
@@ -267,8 +268,8 @@ def architecture(
 
 
 def train(
-    train_split: Split | ImageIndex,
-    test_split: Split | ImageIndex,
+    train_split: Images,
+    test_split: Images,
     data_meta: dict[str, Any],
     params: Params,
     scheme_name: str,

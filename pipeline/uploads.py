@@ -11,32 +11,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from torch import nn
 
-from pipeline.checkpoints import ARCH_KEYS
-from pipeline.config import ClientDPParams, one_line
+from pipeline.checkpoints import ARCH_KEYS, Architecture
+from pipeline.config import one_line
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, save_tensors
+from pipeline.nets import batchnorm_layers
+from pipeline.sections import ClientParams, ClientProtocol, ExtractParams
 
 
-class ThreatModel(BaseModel):
-    """What the server knows of one upload: the client's exact model (architecture, checkpoint,
-    normalisation) and its protocol, as the client states it; written beside the upload's tensors
-    and refused whole when a key is missing, unknown or of the wrong type."""
+class ThreatModel(Architecture, ClientProtocol):
+    """What the server knows of one upload: the client's exact model (its architecture, the
+    checkpoint it started from, the data's normalisation) and its protocol, as the client states
+    it; written beside the upload's tensors (flat, one key each) and refused whole when a key is
+    missing, unknown or of the wrong type."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # the client's model: ARCH_KEYS, the checkpoint it started from, the data's normalisation
-    arch: str
-    in_channels: int = Field(ge=1)
-    num_classes: int = Field(ge=2)
-    image_size: int = Field(ge=1)
-    norm: str
-    maxpool_kernel: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     checkpoint: str
@@ -46,16 +42,6 @@ class ThreatModel(BaseModel):
     # which upload of which setting
     setting: str
     trial: int = Field(ge=0)
-    # the client's protocol (ClientParams, less how its participants run)
-    batch_size: int = Field(ge=1)
-    participants: int = Field(ge=1)
-    bn: Literal["sync", "async"]
-    local_steps: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    mode: Literal["train", "eval"]
-    dp: ClientDPParams | None
-    label_repetition: int | None
-    upload_buffers: bool
     bn_momentum: float | None = Field(gt=0, le=1)  # with upload_buffers and BatchNorm layers
     labels: tuple[int, ...] | None  # revealed (extract.reveal_labels), else None
 
@@ -175,3 +161,68 @@ def load_truth(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     if meta.get("kind") != "truth":
         raise PipelineError(f"{path}: not a ground-truth file (kind is {meta.get('kind')!r})")
     return tensors["images"], tensors["labels"], meta
+
+
+@dataclass
+class ClientUpdate:
+    """What the client's run produced: the upload's gradient, what BatchNorm normalised with and
+    its buffers after the update (what reaches the server is `upload_of`'s choice), and its DP guarantee."""
+
+    gradients: dict[str, torch.Tensor]  # the upload, by parameter name
+    epsilon: float | None  # per-sample DP at the client: the guarantee for each of its samples
+    # "<layer>.mean" / "<layer>.var": what each BatchNorm normalised with, [E steps, groups, C]
+    bn_statistics: dict[str, torch.Tensor]
+    # "<layer>.running_mean" / "<layer>.running_var" after the update (client.upload_buffers); else empty
+    bn_buffers: dict[str, torch.Tensor]
+
+
+def batchnorm_momentum(model: nn.Module) -> float | None:
+    """The momentum all of the model's BatchNorm layers share (None without BatchNorm)."""
+    momenta = {m.momentum for _, m in batchnorm_layers(model) if m.running_mean is not None}
+    if len(momenta) > 1 or None in momenta:
+        raise PipelineError(
+            f"the model's BatchNorm layers update their running statistics by momenta {sorted(map(str, momenta))}: "
+            "uploaded buffers need one momentum"
+        )
+    return momenta.pop() if momenta else None
+
+
+def threat_model(
+    model: nn.Module,
+    checkpoint: Path,
+    ckpt: dict[str, Any],
+    c: ClientParams,
+    setting: str,
+    trial: int,
+    revealed_labels: torch.Tensor | None = None,
+) -> ThreatModel:
+    """What the server knows of the upload of client `c` starting from `model`, the checkpoint
+    at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
+    return ThreatModel(
+        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
+        setting=setting,
+        trial=trial,
+        checkpoint=checkpoint.as_posix(),
+        checkpoint_sha256=ckpt["sha256"],
+        **c.model_dump(exclude={"participants_as"}),
+        bn_momentum=batchnorm_momentum(model) if c.upload_buffers else None,
+        labels=None if revealed_labels is None else tuple(revealed_labels.tolist()),
+    )
+
+
+def upload_of(
+    update: ClientUpdate,
+    model: nn.Module,
+    checkpoint: tuple[Path, dict[str, Any]],
+    c: ClientParams,
+    setting: str,
+    trial: int,
+    labels: torch.Tensor,
+    reveal: ExtractParams,
+) -> Upload:
+    """What client `c` uploads after `update` from `model` (the checkpoint at its path, with its
+    metadata): the gradient, the threat model, and what `reveal` says the server learns."""
+    path, ckpt = checkpoint
+    threat = threat_model(model, path, ckpt, c, setting, trial, labels if reveal.reveal_labels else None)
+    statistics = update.bn_statistics if reveal.reveal_bn_statistics else {}
+    return Upload(update.gradients, threat, statistics, update.bn_buffers)

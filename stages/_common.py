@@ -178,7 +178,7 @@ def run(
         import torch
 
         # = use_deterministic_algorithms(True) for eager kernels, without the import of
-        # torch._inductor that call makes (about 2 s of every stage's start here)
+        # torch._inductor that call makes (seconds of every stage's start: docs/benchmarks.md)
         torch.set_deterministic_debug_mode("error")
         stage = Stage(name, params, Path(os.environ.get("DVC_ROOT", ".")).resolve(), scheme, setting)
         logged = _sections(params.model_dump(), tuple(key.format(scheme=scheme, setting=setting) for key in reads))

@@ -9,21 +9,13 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 from pathlib import Path
 
 from pipeline.checkpoints import checkpoint_name, load_checkpoint
-from pipeline.client import (
-    check_batchnorm_batch,
-    choose_batches,
-    client_upload,
-    information_ratio,
-    plain,
-    repetition_rate,
-    simulate_client,
-    threat_model,
-)
+from pipeline.client import check_batchnorm_batch, client_upload, information_ratio, plain, simulate_client
 from pipeline.data import in_memory, load_split, normalise
 from pipeline.files import atomic_dir, write_json
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.rank_analysis import model_ra_index, rank_analysis
-from pipeline.uploads import Upload, save_truth, save_upload, upload_name
+from pipeline.trials import choose_batches, repetition_rate
+from pipeline.uploads import save_truth, save_upload, upload_name, upload_of
 from stages._common import Stage, run
 
 DATA = Path("data/prepared")
@@ -48,11 +40,9 @@ def main(stage: Stage) -> None:
                 update = client_upload(model, inputs, labels, c, p.seed)
                 modelled = simulate_client(model, inputs, labels, plain(c), p.seed).gradients
                 gir = information_ratio(model, inputs, labels, c.mode, p.seed)
-                revealed_labels = labels if p.extract.reveal_labels else None
-                threat = threat_model(model, path, ckpt, c, setting, trial, revealed_labels)
                 name = upload_name(epoch, trial)
-                revealed = update.bn_statistics if p.extract.reveal_bn_statistics else {}
-                save_upload(uploads / name, Upload(update.gradients, threat, revealed, update.bn_buffers))
+                upload = upload_of(update, model, (path, ckpt), c, setting, trial, labels, p.extract)
+                save_upload(uploads / name, upload)
                 save_truth(
                     truth / name,
                     images,

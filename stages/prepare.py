@@ -3,8 +3,9 @@
 import tempfile
 from pathlib import Path
 
-from pipeline.data import ImageIndex, prepare, save_prepared
+from pipeline.data import prepare, save_prepared
 from pipeline.files import atomic_dir
+from pipeline.images import ImageIndex
 from pipeline.report import save_grid
 from stages._common import Stage, run
 

@@ -12,8 +12,8 @@ nothing else runs (no MLflow run either). Each trial is a nested MLflow run; a k
 import tempfile
 from pathlib import Path
 
-from pipeline.config import AttackParams
 from pipeline.files import write_json
+from pipeline.sections import AttackParams
 from stages._common import Stage, run
 
 OWN = Path("data/prepared")  # only its attacker.* files are read
@@ -50,14 +50,14 @@ def tune(stage: Stage, a: AttackParams, out: Path) -> None:
         p.tune.model_dump(),
         a.model_dump(),
         c.model_dump(),
-        p.extract.reveal_labels,
+        p.extract.model_dump(exclude={"epochs", "trials"}),  # what the surrogate uploads reveal
         sha256(OWN / "attacker.safetensors"),
         {epoch: sha256(path) for epoch, path in checkpoints.items()},
         code_digest("stages.tune"),
     )
     with resumable_scratch(out, inputs) as scratch:
         surrogates = make_surrogates(
-            own, meta, c, setting, checkpoints, p.tune.batches, p.extract.reveal_labels, p.seed, scratch / "surrogates"
+            own, meta, c, setting, checkpoints, p.tune.batches, p.extract, p.seed, scratch / "surrogates"
         )
         space = ", ".join(p.tune.space)
         print(

@@ -5,7 +5,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import AttackParams, Params, parse_params
+from pipeline.config import Params, parse_params
+from pipeline.sections import AttackParams
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -63,12 +64,22 @@ def fashion_root() -> Path:
 @pytest.fixture(scope="session")
 def fashion_images(fashion_root):
     """A few real Fashion-MNIST test images at 32 px, normalised, with labels and normalisation."""
-    from pipeline.data import _resize, load_fashion_mnist, normalise
+    from pipeline.data import _resize, normalise
+    from pipeline.sources import load_fashion_mnist
 
     _, test, _ = load_fashion_mnist(fashion_root)
     small = _resize(type(test)(test.images[:64], test.labels[:64]), 32)
     mean, std = [0.286], [0.353]
     return normalise(small.images, mean, std), small.labels, mean, std
+
+
+@pytest.fixture
+def upload_file(tmp_path) -> Path:
+    """A plain client's upload of two random images (tmp_path/up.safetensors), its checkpoint
+    beside it (tmp_path/ckpt.safetensors): the threat model stated, nothing else revealed."""
+    from tests.helpers import two_image_upload  # here: tests.helpers imports this module
+
+    return two_image_upload(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -5,15 +5,24 @@ a CUDA device and are skipped, with one line saying so, without one."""
 import pytest
 import torch
 
-from pipeline.attack.jobs import Job, load_result, run_jobs
+from pipeline.attack.jobs import Job
+from pipeline.attack.restarts import load_reconstruction
 from pipeline.checkpoints import load_checkpoint
-from pipeline.data import Split
 from pipeline.errors import PipelineError
+from pipeline.images import Split
 from pipeline.parallel import resolve_accelerator
 from pipeline.train import strategy_options, train
 from tests.conftest import RAW_PARAMS, make_params
-from tests.test_attack_jobs import MEAN, STD, attack_params, make_upload, psnr
-from tests.test_stages import _assert_one_line_failure, run_stage
+from tests.helpers import (
+    MEAN,
+    STD,
+    assert_one_line_failure,
+    attack_params,
+    make_upload,
+    psnr,
+    run_stage,
+    run_upload_jobs,
+)
 
 CUDA = torch.cuda.is_available()
 no_cuda = pytest.mark.skipif(CUDA, reason="this machine has a CUDA device: nothing to refuse")
@@ -39,7 +48,7 @@ def test_a_stage_asked_for_a_gpu_here_stops_before_any_work(tmp_path, stage, sec
     if stage == "tune":
         params["attack"]["hyperparameters"] = "tuned"
     done = run_stage(stage, tmp_path, params, argument)
-    _assert_one_line_failure(done, f"{stage}: error: {section}.accelerator: gpu, but torch (")
+    assert_one_line_failure(done, f"{stage}: error: {section}.accelerator: gpu, but torch (")
     assert "sees no CUDA device here; use cpu or auto" in done.stderr
 
 
@@ -51,8 +60,10 @@ def test_auto_attacks_on_the_cpu_here_and_gives_the_cpu_bytes(tmp_path, fashion_
     for accelerator in ("cpu", "auto"):
         folder = tmp_path / accelerator
         folder.mkdir()
-        run_jobs(jobs, attack_params(attack__accelerator=accelerator, attack__iterations=20), seed=0, folder=folder)
-        results[accelerator] = load_result(jobs[0].result_path(folder))
+        run_upload_jobs(
+            jobs, attack_params(attack__accelerator=accelerator, attack__iterations=20), seed=0, folder=folder
+        )
+        results[accelerator] = load_reconstruction(jobs[0].result_path(folder))
     if not CUDA:
         assert torch.equal(results["cpu"].images, results["auto"].images)
         assert results["cpu"].grad_loss == results["auto"].grad_loss
@@ -93,8 +104,8 @@ def test_the_attack_on_a_gpu_matches_the_cpu_within_float_tolerance(tmp_path):
         folder = tmp_path / f"{accelerator}-{iterations}"
         folder.mkdir()
         params = attack_params(attack__accelerator=accelerator, attack__iterations=iterations, attack__restarts=1)
-        run_jobs([Job(upload, 0)], params, seed=0, folder=folder)
-        found[accelerator, iterations] = load_result(Job(upload, 0).result_path(folder))
+        run_upload_jobs([Job(upload, 0)], params, seed=0, folder=folder)
+        found[accelerator, iterations] = load_reconstruction(Job(upload, 0).result_path(folder))
     assert found["gpu", 10].images.device.type == "cpu"  # results come back to the CPU
     assert torch.allclose(found["cpu", 10].images, found["gpu", 10].images, atol=1e-3)
     assert abs(psnr(found["gpu", 200], images) - psnr(found["cpu", 200], images)) < 2.0
@@ -111,9 +122,9 @@ def test_jobs_sharded_over_two_gpus_give_the_one_gpu_bytes(tmp_path):
     for processes in (1, 2):
         (tmp_path / str(processes)).mkdir()
         params = attack_params(attack__accelerator="gpu", attack__processes=processes, attack__restarts=1)
-        run_jobs(jobs, params, seed=0, folder=tmp_path / str(processes))
+        run_upload_jobs(jobs, params, seed=0, folder=tmp_path / str(processes))
     for job in jobs:
-        one, two = (load_result(job.result_path(tmp_path / str(p))) for p in (1, 2))
+        one, two = (load_reconstruction(job.result_path(tmp_path / str(p))) for p in (1, 2))
         assert torch.equal(one.images, two.images)
 
 

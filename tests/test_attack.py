@@ -8,28 +8,21 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.attack import invert, recover_labels
-from pipeline.attack.invert import (
-    BatchNormPrior,
-    GradientMatch,
-    LocalSteps,
-    Reconstruction,
-    best_of,
-    check_compiled,
-    dummy_gradient,
-    gradient_loss,
-    min_loss_combination,
-    pixel_box,
-    pooled_statistics,
-    total_variation,
-    unrolled_update,
-)
+from pipeline.attack.bn_prior import BatchNormPrior, pooled_statistics
+from pipeline.attack.client_model import LocalSteps, dummy_gradient, unrolled_update
+from pipeline.attack.compiled import check_compiled
 from pipeline.attack.labels import mean_prediction
-from pipeline.client import ClientParams, batch_gradient, simulate_client, step_parts
+from pipeline.attack.objective import GradientMatch, gradient_loss, total_variation
+from pipeline.attack.restarts import Reconstruction, best_of, min_loss_combination
+from pipeline.attack.target import pixel_box
+from pipeline.client import batch_gradient, simulate_client, step_parts
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
 from pipeline.metrics import image_metrics, label_accuracy, pair_by_hungarian
 from pipeline.nets import build_model, classifier_weight_name, crop_dead_taps
+from pipeline.sections import ClientParams
 from tests.conftest import REPO, inversion_params
+from tests.helpers import plain_client, target_of
 
 
 def _fc_grad(model, images, labels, mode="eval"):
@@ -114,7 +107,7 @@ def test_convnet_single_image_reconstruction_reaches_25db(fashion_images):
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, x, y, "train")
     settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1)
-    rec = invert(model, target, y, (1, 32, 32), mean, std, settings, 0, progress=False)
+    rec = invert(target_of(model, target, y, mean, std), settings, 0, progress=False)
     got, truth = to_unit_range(rec.images, mean, std), to_unit_range(x, mean, std)
     psnr = float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"][0])
     assert psnr >= 25.0, psnr
@@ -128,7 +121,7 @@ def test_an_attack_cut_short_is_flagged_as_not_converged(fashion_images):
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
     settings = inversion_params(iterations=40, lr=0.1, lr_min=0.1, tv_weight=1e-2, restarts=1)
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
+    rec = invert(target_of(model, target, labels[:1], mean, std), settings, 0, progress=False)
     first, before, last = rec.tail
     assert rec.converged is False and before - last > 0.01 * (first - last)
     assert rec.grad_loss == last
@@ -139,8 +132,8 @@ def test_attack_is_deterministic_for_a_seed(fashion_images):
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:2], labels[:2], "train")
     settings = inversion_params(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=2)
-    a = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, 3, progress=False)
-    b = invert(model, target, labels[:2], (1, 32, 32), mean, std, settings, 3, progress=False)
+    a = invert(target_of(model, target, labels[:2], mean, std), settings, 3, progress=False)
+    b = invert(target_of(model, target, labels[:2], mean, std), settings, 3, progress=False)
     assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss
     # the kept iterate is the one with the lowest gradient loss over the whole run
     assert a.grad_loss <= min(loss for _, loss in a.curve)
@@ -151,7 +144,7 @@ def test_reconstruction_stays_in_the_pixel_box(fashion_images):
     model = build_model("convnet", 1, 10, 32).eval()
     target = {n: g for n, g in batch_gradient(model, images[:1], labels[:1], "eval").items()}
     settings = inversion_params(iterations=10, lr=0.5, lr_min=1e-3, tv_weight=0, restarts=1)
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
+    rec = invert(target_of(model, target, labels[:1], mean, std), settings, 0, progress=False)
     pixels = rec.images * std[0] + mean[0]
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
     assert F.cosine_similarity(rec.images.flatten(), images[:1].flatten(), dim=0) > -1  # a number, not NaN
@@ -162,7 +155,7 @@ def test_a_zero_upload_leaves_the_attacker_its_starting_guess():
     model = build_model("convnet", 1, 10, 32).eval()
     zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     settings = inversion_params(iterations=50, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1)
-    rec = invert(model, zeros, torch.tensor([1]), (1, 32, 32), [0.3], [0.3], settings, 0, progress=False)
+    rec = invert(target_of(model, zeros, torch.tensor([1]), [0.3], [0.3]), settings, 0, progress=False)
     assert rec.note == "the upload is all zeros: nothing to invert"
     assert rec.grad_loss == 1.0 and torch.isfinite(rec.images).all()
 
@@ -273,7 +266,7 @@ def test_the_l2_objective_also_brings_an_image_back(fashion_images):
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
     settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, objective="l2")
-    rec = invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
+    rec = invert(target_of(model, target, labels[:1], mean, std), settings, 0, progress=False)
     got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:1], mean, std)
     assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0
 
@@ -299,7 +292,7 @@ def test_the_batchnorm_prior_is_small_for_images_like_the_running_statistics(fas
     target = batch_gradient(model.eval(), images[:1], labels[:1], "eval")
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     settings = inversion_params(iterations=20, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, bn_prior=0.1)
-    rec = invert(model.train(), target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
+    rec = invert(target_of(model.train(), target, labels[:1], mean, std), settings, 0, progress=False)
     assert torch.isfinite(rec.images).all()
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
@@ -313,7 +306,7 @@ def test_the_tv_target_stops_a_restart_once_its_best_iterate_is_smooth_enough(fa
         settings = inversion_params(
             iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, tv_target=tv_target
         )
-        return invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False)
+        return invert(target_of(model, target, labels[:1], mean, std), settings, 0, progress=False)
 
     assert run(100.0).iterations_run == 1  # boxed noise (TV about 1.8) is under 100 at once
     rec = run(0.3)  # a real image's TV is about 0.22
@@ -327,24 +320,13 @@ def test_a_prior_without_batchnorm_layers_and_no_tv_leaves_the_gradient_term_alo
     target = batch_gradient(model, images[:1], labels[:1], "train")
     plain = inversion_params(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1)
     with_prior = inversion_params(iterations=10, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=1, bn_prior=0.1)
-    a = invert(model, target, labels[:1], (1, 32, 32), mean, std, plain, 0, progress=False)
-    b = invert(model, target, labels[:1], (1, 32, 32), mean, std, with_prior, 0, progress=False)
+    a = invert(target_of(model, target, labels[:1], mean, std), plain, 0, progress=False)
+    b = invert(target_of(model, target, labels[:1], mean, std), with_prior, 0, progress=False)
     assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss < 1.0
 
 
 def async_client(batch_size: int, participants: int) -> ClientParams:
-    return ClientParams(
-        batch_size=batch_size,
-        participants=participants,
-        bn="async" if participants > 1 else "sync",
-        local_steps=1,
-        lr=0.01,
-        mode="train",
-        dp=None,
-        label_repetition=None,
-        participants_as="simulated",
-        upload_buffers=False,
-    )
+    return plain_client(batch_size, lr=0.01, participants=participants, bn="async" if participants > 1 else "sync")
 
 
 def test_pooled_statistics_are_those_of_the_pooled_activations():
@@ -386,19 +368,8 @@ def test_the_exact_batchnorm_prior_brings_back_more_than_no_prior(fashion_images
 
     def psnr(bn_prior: float) -> float:
         settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, bn_prior=bn_prior)
-        rec = invert(
-            model,
-            upload.gradients,
-            labels[:4],
-            (1, 32, 32),
-            mean,
-            std,
-            settings,
-            0,
-            progress=False,
-            shards=2,
-            bn_statistics=upload.bn_statistics,
-        )
+        target = target_of(model, upload.gradients, labels[:4], mean, std, shards=2, bn_statistics=upload.bn_statistics)
+        rec = invert(target, settings, 0, progress=False)
         got, truth = to_unit_range(rec.images, mean, std), to_unit_range(images[:4], mean, std)
         return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
 
@@ -426,18 +397,7 @@ def test_the_unrolled_client_model_at_the_truth_gives_the_clients_upload(fashion
     images, labels, _, _ = fashion_images
     batch = 12  # 2 participants x 3 steps x 2 images
     model = build_model("convnet", 1, 10, 32).train()
-    client = ClientParams(
-        batch_size=batch,
-        participants=participants,
-        bn=bn,
-        local_steps=local_steps,
-        lr=0.05,
-        mode="train",
-        dp=None,
-        label_repetition=None,
-        participants_as="simulated",
-        upload_buffers=False,
-    )
+    client = plain_client(batch, lr=0.05, participants=participants, bn=bn, local_steps=local_steps)
     upload = simulate_client(model, images[:batch], labels[:batch], client, seed=0).gradients
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     steps = LocalSteps(step_parts(batch, participants, local_steps), separate=bn == "async", lr=0.05)
@@ -481,25 +441,29 @@ def test_a_restart_through_dropout_depends_on_the_seed_and_restart_alone(fashion
     for history in (1, 2):
         torch.manual_seed(history)
         before = torch.get_rng_state()
-        runs.append(invert(vgg, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False, restarts=[1]))
+        runs.append(invert(target_of(vgg, target, labels[:1], mean, std), settings, 0, restarts=[1], progress=False))
         assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(runs[0].images, runs[1].images) and runs[0].grad_loss == runs[1].grad_loss
 
 
 COMPILED_GRADIENT = """
-import copy, sys, torch
-from pipeline.attack.invert import GradientMatch, compiled_step, dummy_gradient, total_variation
+import torch
+from pipeline.attack.compiled import compiled_step
+from pipeline.attack.objective import Objective, total_variation
 from pipeline.client import batch_gradient
 from pipeline.nets import build_model
+from tests.conftest import inversion_params
+from tests.helpers import target_of
 torch.manual_seed(0)
 model = build_model("convnet", 1, 10, 32).train()
 images, labels = torch.randn(1, 1, 32, 32), torch.tensor([3])
-match = GradientMatch(model, batch_gradient(model, images, labels, "train"), "cosine", "equal")
+target = target_of(model, batch_gradient(model, images, labels, "train"), labels)
+objective = Objective(target, inversion_params(iterations=1, lr=0.1, lr_min=0.0, tv_weight=1e-2, restarts=1))
 x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-term = match.differentiable(dummy_gradient(model, x, labels))
+term = objective.match.differentiable(objective.dummy_upload(x))
 (eager,) = torch.autograd.grad(term + 1e-2 * total_variation(x), x)
-step = compiled_step(copy.deepcopy(model), match, labels, 1, 1e-2, lambda _: (eager, float(term)))
-compiled, _ = step(x)
+objective.image_gradient = lambda _: (eager, float(term))  # the compiled step is held against this, not checked
+compiled, _ = compiled_step(objective)(x)
 print(float((compiled - eager).abs().max() / eager.abs().max()))
 """
 
@@ -539,22 +503,12 @@ def test_the_compiled_attack_brings_an_image_back_with_the_same_bytes_for_a_seed
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, images[:1], labels[:1], "train")
     settings = inversion_params(iterations=300, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=1, compile=True)
-    runs = [invert(model, target, labels[:1], (1, 32, 32), mean, std, settings, 0, progress=False) for _ in range(2)]
+    runs = [invert(target_of(model, target, labels[:1], mean, std), settings, 0, progress=False) for _ in range(2)]
     assert torch.equal(runs[0].images, runs[1].images)  # the same seed, the same bytes
     got, truth = to_unit_range(runs[0].images, mean, std), to_unit_range(images[:1], mean, std)
     assert float(image_metrics(got, truth)["psnr"][0]) >= 25.0  # measured 29.5-29.9 dB (eager: 31.6)
-    with pytest.raises(ValueError, match="the compiled step takes neither the BatchNorm prior"):
-        invert(
-            model,
-            target,
-            labels[:1],
-            (1, 32, 32),
-            mean,
-            std,
-            settings.model_copy(update={"bn_prior": 0.1}),
-            0,
-            progress=False,
-        )
+    with pytest.raises(PipelineError, match="the compiled step takes neither the BatchNorm prior"):
+        invert(target_of(model, target, labels[:1], mean, std), settings.model_copy(update={"bn_prior": 0.1}), 0)
 
 
 def test_mlco_puts_the_truth_together_from_restarts_that_each_hold_part_of_it(fashion_images):
@@ -567,7 +521,7 @@ def test_mlco_puts_the_truth_together_from_restarts_that_each_hold_part_of_it(fa
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, x, y, "train")
     a = inversion_params(iterations=1, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=3)
-    loss = lambda batch: gradient_loss(model, target, batch, y, a, 0)  # noqa: E731
+    loss = lambda batch: gradient_loss(target_of(model, target, y, mean, std), batch, a, 0)  # noqa: E731
     noise = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     first, second = x.clone(), x.clone()
     first[0] += 0.5 * noise[0]
@@ -589,8 +543,8 @@ def test_mlco_of_real_restarts_is_never_worse_than_the_best_one(fashion_images):
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, x, y, "train")
     a = inversion_params(iterations=60, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=4)
-    found = [invert(model, target, y, (1, 32, 32), mean, std, a, 0, progress=False, restarts=[r]) for r in range(4)]
-    loss = lambda batch: gradient_loss(model, target, batch, y, a, 0)  # noqa: E731
+    found = [invert(target_of(model, target, y, mean, std), a, 0, restarts=[r], progress=False) for r in range(4)]
+    loss = lambda batch: gradient_loss(target_of(model, target, y, mean, std), batch, a, 0)  # noqa: E731
     for rec in found:
         assert loss(rec.images) == pytest.approx(rec.grad_loss, rel=1e-4)
     combined = min_loss_combination(found, loss)

@@ -12,78 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.attack.invert import best_of
-from pipeline.attack.jobs import Job, check_upload, load_result, run_job, run_jobs, target_of
-from pipeline.checkpoints import save_checkpoint
-from pipeline.client import ClientParams, simulate_client, threat_model
-from pipeline.data import to_unit_range
+from pipeline.attack.jobs import Job
+from pipeline.attack.restarts import best_of, load_reconstruction
+from pipeline.attack.target import Target, Victim
 from pipeline.errors import PipelineError
-from pipeline.files import load_meta, load_tensors, save_tensors
-from pipeline.metrics import image_metrics, pair_by_hungarian
-from pipeline.nets import build_model
-from pipeline.uploads import Upload, load_upload, save_upload
-from tests.conftest import REPO, make_params
-
-MEAN, STD = [0.286], [0.353]
-
-
-def make_upload(
-    folder: Path,
-    images,
-    labels,
-    norm="batch",
-    maxpool_kernel=None,
-    participants=1,
-    bn="sync",
-    name="epoch-000",
-    mode="train",
-    reveal_bn_statistics=False,
-    local_steps=1,
-    lr=0.01,
-    upload_buffers=False,
-) -> Path:
-    arch = {
-        "arch": "convnet",
-        "in_channels": 1,
-        "num_classes": 10,
-        "image_size": 32,
-        "norm": norm,
-        "maxpool_kernel": maxpool_kernel,
-    }
-    torch.manual_seed(0)
-    model = build_model(**arch)
-    checkpoint = folder / f"{name}.checkpoint.safetensors"
-    save_checkpoint(checkpoint, model, {**arch, "mean": MEAN, "std": STD, "scheme": "s", "epoch": 0})
-    client = ClientParams(
-        batch_size=len(labels),
-        participants=participants,
-        bn=bn,
-        local_steps=local_steps,
-        lr=lr,
-        mode=mode,
-        dp=None,
-        label_repetition=None,
-        participants_as="simulated",
-        upload_buffers=upload_buffers,
-    )
-    update = simulate_client(model, images, labels, client, seed=0)
-    threat = threat_model(model, checkpoint, load_meta(checkpoint), client, "s", 0, labels)
-    path = folder / f"{name}.safetensors"
-    save_upload(
-        path, Upload(update.gradients, threat, update.bn_statistics if reveal_bn_statistics else {}, update.bn_buffers)
-    )
-    return path
-
-
-def attack_params(**changes):
-    return make_params(
-        **{"attack__iterations": 60, "attack__restarts": 2, "attack__processes": 1, "attack__threads": 1, **changes}
-    ).attack
-
-
-def psnr(rec, images) -> float:
-    got, truth = to_unit_range(rec.images, MEAN, STD), to_unit_range(images, MEAN, STD)
-    return float(image_metrics(got[pair_by_hungarian(got, truth)], truth)["psnr"].mean())
+from pipeline.files import load_tensors, save_tensors
+from pipeline.uploads import load_upload
+from tests.conftest import REPO
+from tests.helpers import attack_one, attack_params, make_upload, psnr, run_upload_jobs
 
 
 def test_two_fabric_processes_give_the_reconstructions_of_one(tmp_path, fashion_images):
@@ -95,20 +31,22 @@ def test_two_fabric_processes_give_the_reconstructions_of_one(tmp_path, fashion_
     jobs = [Job(u, r) for u in uploads for r in range(2)]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    run_jobs(jobs, attack_params(), seed=0, folder=one)
-    run_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
+    run_upload_jobs(jobs, attack_params(), seed=0, folder=one)
+    run_upload_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
     for job in jobs:
-        a, b = load_result(job.result_path(one)), load_result(job.result_path(two))
+        a, b = load_reconstruction(job.result_path(one)), load_reconstruction(job.result_path(two))
         assert torch.equal(a.images, b.images) and a.grad_loss == b.grad_loss, job
     # and each restart is the restart the whole attack would have run
-    best = best_of([load_result(Job(uploads[0], r).result_path(one)) for r in range(2)])
-    assert best.grad_loss == min(load_result(Job(uploads[0], r).result_path(two)).grad_loss for r in range(2))
+    best = best_of([load_reconstruction(Job(uploads[0], r).result_path(one)) for r in range(2)])
+    assert best.grad_loss == min(load_reconstruction(Job(uploads[0], r).result_path(two)).grad_loss for r in range(2))
     # a job already done in the folder (a killed run's) is not run again; the others are
     written = [job.result_path(two).stat().st_mtime_ns for job in jobs]
     job.result_path(two).with_suffix(".json").unlink()
-    run_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
+    run_upload_jobs(jobs, attack_params(attack__processes=2), seed=0, folder=two)
     assert [j.result_path(two).stat().st_mtime_ns == t for j, t in zip(jobs, written)] == [True, True, True, False]
-    assert torch.equal(load_result(job.result_path(two)).images, load_result(job.result_path(one)).images)
+    assert torch.equal(
+        load_reconstruction(job.result_path(two)).images, load_reconstruction(job.result_path(one)).images
+    )
 
 
 @pytest.mark.parametrize("norm, kernel", [("batch", 25), ("group", None)])
@@ -116,7 +54,7 @@ def test_the_attacker_rebuilds_the_schemes_architecture(tmp_path, fashion_images
     """An RA upload (maxpool kernel 25) and a GroupNorm (dp-sgd) upload are attacked with their own model."""
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:1], labels[:1], norm=norm, maxpool_kernel=kernel)
-    rec = run_job(Job(path, 0), attack_params(attack__iterations=150), seed=0, progress=False)
+    rec = attack_one(path, attack_params(attack__iterations=150))
     assert rec.grad_loss < 0.5 and rec.images.shape == (1, 1, 32, 32)
     if norm == "group":
         assert psnr(rec, images[:1]) > 20  # GroupNorm leaks as BatchNorm does at initialisation
@@ -126,14 +64,14 @@ def test_the_attacker_rebuilds_the_schemes_architecture(tmp_path, fashion_images
     meta["maxpool_kernel"], meta["norm"] = (None, "batch") if kernel else (3, "group")
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(PipelineError, match="checkpoint has (maxpool_kernel|norm)="):
-        run_job(Job(path, 0), attack_params(), seed=0, progress=False)
+        attack_one(path, attack_params())
 
 
 def test_the_exact_attacker_models_async_batchnorm_over_the_shards(tmp_path, fashion_images):
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4], participants=2, bn="async")
-    exact = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="exact"), 0, False)
-    plain = run_job(Job(path, 0), attack_params(attack__iterations=200, attack__client_model="plain"), 0, False)
+    exact = attack_one(path, attack_params(attack__iterations=200, attack__client_model="exact"))
+    plain = attack_one(path, attack_params(attack__iterations=200, attack__client_model="plain"))
     assert exact.grad_loss < plain.grad_loss
     assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 1
 
@@ -144,10 +82,14 @@ def test_the_exact_attacker_unrolls_the_clients_local_steps(tmp_path, fashion_im
     images, labels, _, _ = fashion_images
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
     # at 200 iterations the two are 0.5-1.5 dB apart (seeds 0-2); at 400, 4.1-4.5 dB
-    exact = run_job(Job(path, 0), attack_params(attack__iterations=400, attack__client_model="exact"), 0, False)
-    plain = run_job(Job(path, 0), attack_params(attack__iterations=400, attack__client_model="plain"), 0, False)
+    exact = attack_one(path, attack_params(attack__iterations=400, attack__client_model="exact"))
+    plain = attack_one(path, attack_params(attack__iterations=400, attack__client_model="plain"))
     assert exact.grad_loss < plain.grad_loss
     assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 2
+
+
+def _check(path, a, processes: int) -> None:
+    Target.of(Victim.load(path), a).check(a, processes)
 
 
 def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashion_images):
@@ -156,12 +98,12 @@ def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashi
     tensors, meta = load_tensors(path)
     save_tensors(path, tensors, {k: v for k, v in meta.items() if k != "lr"})
     with pytest.raises(PipelineError, match=r"^\S+epoch-000.safetensors: threat model: missing key 'lr'$"):
-        check_upload(path, attack_params(), processes=1)
+        _check(path, attack_params(), 1)
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2, name="epoch-001")
     with pytest.raises(PipelineError, match="unrolled local steps train on parts of the whole dummy batch"):
-        check_upload(path, attack_params(attack__split="batch", attack__processes=2), processes=2)
-    with pytest.raises(PipelineError, match="does not unroll"):
-        check_upload(path, attack_params().model_copy(update={"compile": True}), processes=1)
+        _check(path, attack_params(attack__split="batch", attack__processes=2), 2)
+    with pytest.raises(PipelineError, match="nor the client's unrolled local steps"):
+        _check(path, attack_params().model_copy(update={"compile": True}), 1)
 
 
 @pytest.mark.parametrize("client", [dict(participants=2, bn="async"), dict(mode="eval")])
@@ -178,14 +120,14 @@ def test_a_dummy_batch_split_over_two_processes_gives_the_one_process_reconstruc
     # into a full step the other way: the gap grows with the iterations (at 150, under 1e-4 on
     # an AVX-512 Xeon, 7e-3 on an AMD EPYC with AVX2 kernels). So: the same images after a few
     # steps, and a reconstruction, not noise, after many.
-    run_jobs(jobs, attack_params(attack__iterations=10), seed=0, folder=one)
-    run_jobs(jobs, attack_params(attack__iterations=10, attack__processes=2, attack__split="batch"), 0, two)
+    run_upload_jobs(jobs, attack_params(attack__iterations=10), seed=0, folder=one)
+    run_upload_jobs(jobs, attack_params(attack__iterations=10, attack__processes=2, attack__split="batch"), 0, two)
     for job in jobs:
-        a, b = load_result(job.result_path(one)), load_result(job.result_path(two))
+        a, b = load_reconstruction(job.result_path(one)), load_reconstruction(job.result_path(two))
         torch.testing.assert_close(b.images, a.images, atol=1e-4, rtol=0)
         assert b.grad_loss == pytest.approx(a.grad_loss, abs=1e-5)
-    run_jobs(jobs, attack_params(attack__iterations=150, attack__processes=2, attack__split="batch"), 0, long)
-    a = load_result(jobs[0].result_path(long))
+    run_upload_jobs(jobs, attack_params(attack__iterations=150, attack__processes=2, attack__split="batch"), 0, long)
+    a = load_reconstruction(jobs[0].result_path(long))
     assert psnr(a, images[:4]) > 15  # and it is a reconstruction, not noise
 
 
@@ -195,7 +137,7 @@ def test_a_batch_that_batchnorm_normalises_together_is_not_split(tmp_path, fashi
     with pytest.raises(
         PipelineError, match="epoch-000.safetensors: attack.split batch: train-mode BatchNorm normalises 1 shard"
     ):
-        run_jobs([Job(path, 0)], attack_params(attack__processes=2, attack__split="batch"), 0, tmp_path)
+        run_upload_jobs([Job(path, 0)], attack_params(attack__processes=2, attack__split="batch"), 0, tmp_path)
 
 
 def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(tmp_path, fashion_images):
@@ -211,10 +153,10 @@ def test_the_exact_batchnorm_prior_needs_an_upload_that_reveals_the_statistics(t
         PipelineError,
         match="epoch-000.safetensors: attack.bn_statistics 'exact', but the upload reveals no BatchNorm statistics",
     ):
-        run_jobs([Job(revealed, 0), Job(hidden, 0)], a, 0, tmp_path)
+        run_upload_jobs([Job(revealed, 0), Job(hidden, 0)], a, 0, tmp_path)
     assert not list(tmp_path.glob("*.restart-*"))  # refused before any job ran
-    exact = run_job(Job(revealed, 0), a, 0, False)
-    running = run_job(Job(revealed, 0), attack_params(attack__iterations=20, attack__bn_prior=0.01), 0, False)
+    exact = attack_one(revealed, a)
+    running = attack_one(revealed, attack_params(attack__iterations=20, attack__bn_prior=0.01))
     assert torch.isfinite(exact.images).all() and not torch.equal(exact.images, running.images)
 
 
@@ -228,12 +170,12 @@ def test_statistics_derived_from_the_uploaded_buffers_are_those_the_client_norma
     a = attack_params(attack__iterations=200, attack__restarts=1)
     from_buffers = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "from-buffers"})
     revealed = a.model_copy(update={"bn_prior": 0.01, "bn_statistics": "exact"})
-    derived = target_of(Job(path, 0), from_buffers).bn_statistics
+    derived = Target.of(Victim.load(path), from_buffers).bn_statistics
     assert set(derived) == set(upload.bn_statistics)
     for name, truth in upload.bn_statistics.items():
         torch.testing.assert_close(derived[name], truth, rtol=1e-4, atol=1e-4)
-    got, want = run_job(Job(path, 0), from_buffers, 0, False), run_job(Job(path, 0), revealed, 0, False)
-    running = run_job(Job(path, 0), a.model_copy(update={"bn_prior": 0.01}), 0, False)
+    got, want = attack_one(path, from_buffers), attack_one(path, revealed)
+    running = attack_one(path, a.model_copy(update={"bn_prior": 0.01}))
     # the same references to 1e-7, so the same attack up to the sign steps' amplification of rounding
     assert abs(psnr(got, images[:4]) - psnr(want, images[:4])) < 0.5
     assert psnr(got, images[:4]) > psnr(running, images[:4]) + 1
@@ -247,7 +189,7 @@ def test_a_prior_from_buffers_needs_an_upload_that_carries_them(tmp_path, fashio
         PipelineError,
         match="epoch-000.safetensors: attack.bn_statistics 'from-buffers', but the upload carries no BatchNorm buffers",
     ):
-        run_jobs([Job(bare, 0)], a, 0, tmp_path)
+        run_upload_jobs([Job(bare, 0)], a, 0, tmp_path)
     assert not list(tmp_path.glob("*.restart-*"))
 
 
@@ -257,7 +199,7 @@ def test_counts_recover_the_repeated_labels_of_an_upload(tmp_path, fashion_image
     first_two = [c for c in torch.unique(labels[:64]) if (labels[:64] == c).sum() >= 2][:4]
     chosen = torch.cat([order[labels[:64][order] == c][:2] for c in first_two])  # 4 classes x 2
     path = make_upload(tmp_path, images[chosen], labels[chosen])
-    got = target_of(Job(path, 0), attack_params().model_copy(update={"labels": "counts"})).labels
+    got = Target.of(Victim.load(path), attack_params().model_copy(update={"labels": "counts"})).labels
     assert got.tolist() == sorted(labels[chosen].tolist())
 
 
@@ -292,11 +234,12 @@ def test_attack_workers_end_when_the_process_that_started_them_is_killed(tmp_pat
     path = make_upload(tmp_path, images[:2], labels[:2])
     script = (
         "from pathlib import Path\n"
-        "from pipeline.attack.jobs import Job, run_jobs\n"
+        "from pipeline.attack.jobs import Job\n"
+        "from tests.helpers import run_upload_jobs\n"
         "from tests.conftest import make_params\n"
         "a = make_params(attack__iterations=10**6, attack__restarts=2, attack__processes=2, attack__threads=1,"
         " report__budget=None).attack\n"  # pure-2x at 1 000 would be no budget above 10**6
-        f"run_jobs([Job(Path({str(path)!r}), r) for r in range(2)], a, 0, Path({str(tmp_path)!r}))\n"
+        f"run_upload_jobs([Job(Path({str(path)!r}), r) for r in range(2)], a, 0, Path({str(tmp_path)!r}))\n"
     )
     stage = subprocess.Popen(
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

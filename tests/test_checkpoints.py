@@ -5,15 +5,7 @@ from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.files import sha256
 from pipeline.nets import build_model
-
-ARCH = {
-    "arch": "convnet",
-    "in_channels": 1,
-    "num_classes": 10,
-    "image_size": 32,
-    "norm": "batch",
-    "maxpool_kernel": None,
-}
+from tests.helpers import ARCH
 
 
 def test_round_trip_is_exact_and_byte_stable(tmp_path):

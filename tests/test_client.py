@@ -8,14 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.client import (
-    ClientParams,
     batch_gradient,
     check_batchnorm_batch,
-    choose_batches,
     client_upload,
     information_ratio,
     plain,
-    repetition_rate,
     simulate_client,
     step_parts,
 )
@@ -23,24 +20,15 @@ from pipeline.dp import epsilon
 from pipeline.errors import PipelineError
 from pipeline.metrics import gradient_heterogeneity
 from pipeline.nets import build_model
+from pipeline.sections import ClientParams
+from pipeline.trials import choose_batches, repetition_rate
 from tests.conftest import make_params
-
-PLAIN = dict(
-    batch_size=8,
-    participants=1,
-    bn="sync",
-    local_steps=1,
-    lr=0.05,
-    mode="train",
-    dp=None,
-    label_repetition=None,
-    participants_as="simulated",
-    upload_buffers=False,
-)
+from tests.helpers import plain_client
 
 
 def client(**changes) -> ClientParams:
-    return ClientParams(**{**PLAIN, **changes})
+    """The plain client of eight images at step 0.05, with `changes`."""
+    return plain_client(**{"batch_size": 8, "lr": 0.05, **changes})
 
 
 def batch(n=8, seed=1, size=16):

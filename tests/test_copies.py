@@ -4,7 +4,6 @@ import shutil
 
 from pipeline.copies import find_copies
 from pipeline.files import read_json, write_json
-from tests.test_uploads import upload_file  # noqa: F401 (the fixture)
 
 ATTACK = {"iterations": 500, "lr": 0.1}
 
@@ -21,7 +20,7 @@ def _as(path, folder, setting, scheme):
     return dst
 
 
-def test_an_identical_upload_under_another_name_is_a_copy_of_the_first(upload_file, tmp_path):  # noqa: F811
+def test_an_identical_upload_under_another_name_is_a_copy_of_the_first(upload_file, tmp_path):
     a = _as(upload_file, tmp_path / "async-bn", "async-bn", "pure")
     b = _as(upload_file, tmp_path / "gh", "gh", "gh")
     found = find_copies({"async-bn": [a], "gh": [b]}, {"async-bn": ATTACK, "gh": ATTACK})
@@ -31,7 +30,7 @@ def test_an_identical_upload_under_another_name_is_a_copy_of_the_first(upload_fi
     }
 
 
-def test_another_attack_client_or_a_tuned_attack_makes_no_copy(upload_file, tmp_path):  # noqa: F811
+def test_another_attack_client_or_a_tuned_attack_makes_no_copy(upload_file, tmp_path):
     a = _as(upload_file, tmp_path / "pure", "pure", "pure")
     b = _as(upload_file, tmp_path / "pure-2x", "pure-2x", "pure")
     assert (

@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import load_split, prepare, read_idx, save_prepared
+from pipeline.data import load_split, prepare, save_prepared
 from pipeline.errors import PipelineError
-from tests.conftest import make_params
+from pipeline.sources import read_idx
+from tests.conftest import RAW_PARAMS, make_params
+from tests.helpers import assert_one_line_failure, folder_params, image_folder, mixed_folder, run_stage
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -45,17 +47,8 @@ def test_fashion_mnist_prepare_is_deterministic_and_stratified(fashion_root, tmp
     assert prepare(params.data, seed=6).victim_indices.tolist() != a.victim_indices.tolist()
 
 
-def _image_folder(root, classes=("cat", "dog"), per_class=5, mode="RGB", size=(40, 30)):
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
-
-
 def test_image_folder_prepare(tmp_path):
-    _image_folder(tmp_path / "imgs")
+    image_folder(tmp_path / "imgs")
     params = make_params(
         data__source="imagefolder",
         data__root=str(tmp_path / "imgs"),
@@ -85,10 +78,10 @@ def test_image_folder_errors(tmp_path, case, message):
     if case == "no-classes":
         root.mkdir()
     elif case == "empty-class":
-        _image_folder(root, classes=("cat",))
+        image_folder(root, classes=("cat",))
         (root / "dog").mkdir()
     elif case == "corrupt":
-        _image_folder(root)
+        image_folder(root)
         (root / "dog" / "bad.png").write_bytes(b"\x89PNG not really")
     params = make_params(data__source="imagefolder", data__root=str(root), data__victims_per_class=1)
     with pytest.raises(PipelineError, match=message):
@@ -131,7 +124,7 @@ def _write_cifar(root, source: str, per_file: int = 3, seed: int = 0):
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100"])
 def test_cifar_binary_records_read_back_exactly(tmp_path, source):
-    from pipeline.data import CIFAR, load_cifar
+    from pipeline.sources import CIFAR, load_cifar
 
     written, class_names = _write_cifar(tmp_path / "cifar", source)
     train, test, classes = load_cifar(tmp_path / "cifar", source)
@@ -170,8 +163,6 @@ def test_cifar_prepares_with_its_own_test_split(tmp_path):
     ],
 )
 def test_a_damaged_cifar_folder_is_refused_in_one_line(tmp_path, damage, message):
-    from tests.test_stages import _assert_one_line_failure, run_stage
-
     root = tmp_path / "cifar"
     _write_cifar(root, "cifar10")
     if damage == "truncate":
@@ -181,37 +172,16 @@ def test_a_damaged_cifar_folder_is_refused_in_one_line(tmp_path, damage, message
         (root / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(9)))
     else:
         (root / "test_batch.bin").unlink()
-    from tests.conftest import RAW_PARAMS
-
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "source": "cifar10", "root": str(root), "image_size": 32}}
-    _assert_one_line_failure(run_stage("prepare", tmp_path, params), message)
+    assert_one_line_failure(run_stage("prepare", tmp_path, params), message)
     assert not (tmp_path / "data").exists()
 
 
-def _mixed_folder(root, per_class=6):
-    """Mostly colour PNGs, two grey ones and one CMYK JPEG, as ImageNet's training set mixes them."""
-    _image_folder(root, classes=("cat", "dog"), per_class=per_class)
-    rng = np.random.default_rng(1)
-    grey = rng.integers(0, 255, (30, 40), dtype=np.uint8)
-    Image.fromarray(grey, "L").save(root / "cat" / "grey-0.png")
-    Image.fromarray(grey[::-1].copy(), "L").save(root / "dog" / "grey-1.png")
-    cmyk = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), "RGB").convert("CMYK")
-    cmyk.save(root / "dog" / "cmyk.jpg", quality=95)
-    return grey
-
-
-def _folder_params(root, **changes):
-    base = dict(
-        data__source="imagefolder", data__root=str(root), data__image_size=16, data__test_fraction=0.2,
-        data__victims_per_class=2, data__train_size=None, data__test_size=None,
-    )  # fmt: skip
-    return make_params(**{**base, **changes})
-
-
 def test_a_mostly_colour_folder_reads_grey_and_cmyk_as_rgb_and_counts_them(tmp_path):
-    from pipeline.data import list_image_folder, read_image
+    from pipeline.images import read_image
+    from pipeline.sources import list_image_folder
 
-    grey = _mixed_folder(tmp_path / "imgs")
+    grey = mixed_folder(tmp_path / "imgs")
     listing = list_image_folder(tmp_path / "imgs", None)
     assert listing.mode == "RGB" and listing.conversions() == {"CMYK": 1, "L": 2}
     as_rgb = read_image(tmp_path / "imgs" / "cat" / "grey-0.png", "RGB")
@@ -219,20 +189,20 @@ def test_a_mostly_colour_folder_reads_grey_and_cmyk_as_rgb_and_counts_them(tmp_p
     cmyk = read_image(tmp_path / "imgs" / "dog" / "cmyk.jpg", "RGB")
     with Image.open(tmp_path / "imgs" / "dog" / "cmyk.jpg") as img:  # PIL's own conversion, as torchvision's loader
         assert torch.equal(cmyk, torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1))
-    data = prepare(_folder_params(tmp_path / "imgs").data, seed=0)
+    data = prepare(folder_params(tmp_path / "imgs").data, seed=0)
     assert data.victims.images.shape[1] == 3 and data.converted == {"CMYK": 1, "L": 2}
     save_prepared(tmp_path / "out", data, "imagefolder")
     _, meta = load_split(tmp_path / "out", "train")
     assert meta["converted"] == {"CMYK": 1, "L": 2} and meta["channels"] == 3
-    forced = prepare(_folder_params(tmp_path / "imgs", data__channels=1).data, seed=0)
+    forced = prepare(folder_params(tmp_path / "imgs", data__channels=1).data, seed=0)
     assert forced.victims.images.shape[1] == 1 and forced.converted == {"CMYK": 1, "RGB": 12}
 
 
 def test_a_mostly_grey_folder_is_read_grey_and_fashion_mnist_refuses_three_channels(tmp_path):
-    from pipeline.data import list_image_folder
+    from pipeline.sources import list_image_folder
 
-    _image_folder(tmp_path / "imgs", mode="L")
-    _image_folder(tmp_path / "imgs", classes=("bird",), per_class=1)  # one colour image
+    image_folder(tmp_path / "imgs", mode="L")
+    image_folder(tmp_path / "imgs", classes=("bird",), per_class=1)  # one colour image
     assert list_image_folder(tmp_path / "imgs", None).mode == "L"
     with pytest.raises(PipelineError, match="data.channels is 3, but fashion-mnist has 1"):
         prepare(make_params(data__channels=3, data__train_size=64, data__test_size=16).data, seed=0)
@@ -242,17 +212,18 @@ def test_a_streamed_folder_indexes_what_the_materialised_one_holds(tmp_path):
     """stream_above 0 (always) against null (never): the same split, the same victims bytes, the
     test images decoded from the index equal to those prepared in memory, the same normalisation
     (the sample covers this small training split whole)."""
-    from pipeline.data import ImageIndex, StreamedImages, images_at, normalise
+    from pipeline.data import normalise
+    from pipeline.images import ImageIndex, StreamedImages
 
-    _mixed_folder(tmp_path / "imgs")
-    kept = prepare(_folder_params(tmp_path / "imgs", data__stream_above=None).data, seed=0)
-    streamed = prepare(_folder_params(tmp_path / "imgs", data__stream_above=0).data, seed=0)
+    mixed_folder(tmp_path / "imgs")
+    kept = prepare(folder_params(tmp_path / "imgs", data__stream_above=None).data, seed=0)
+    streamed = prepare(folder_params(tmp_path / "imgs", data__stream_above=0).data, seed=0)
     assert isinstance(streamed.train, ImageIndex) and isinstance(streamed.test, ImageIndex)
     assert torch.equal(streamed.train.labels, kept.train.labels) and torch.equal(streamed.test.labels, kept.test.labels)
     assert torch.equal(streamed.victims.images, kept.victims.images)
     assert torch.equal(streamed.victim_indices, kept.victim_indices)
     positions = torch.arange(len(kept.test.labels))
-    assert torch.equal(images_at(streamed.test, positions), kept.test.images)
+    assert torch.equal(streamed.test.images_at(positions), kept.test.images)
     assert streamed.mean == pytest.approx(kept.mean, abs=1e-6) and streamed.std == pytest.approx(kept.std, abs=1e-6)
     save_prepared(tmp_path / "out", streamed, "imagefolder")
     train, meta = load_split(tmp_path / "out", "train")

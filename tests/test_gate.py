@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_pipeline import copy_project, sh
+from tests.helpers import copy_project, sh
 from tools.repro_gate import lock_differences, metric_differences
 
 LOCK = """schema: '2.0'

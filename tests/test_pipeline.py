@@ -4,7 +4,6 @@ metrics and plots, the MLflow runs and the table rebuilt from them.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.parallel import LAUNCHER_VARIABLES
 from tests.conftest import REPO
+from tests.helpers import copy_project, sh
 from tools.repro_gate import gate
 
 pytestmark = pytest.mark.slow
@@ -35,44 +34,6 @@ TUNED = ("pure",)  # the tiny profile tunes pure's attack; every other tune@ sta
 TRACKED = STAGES - {f"tune@{k}" for k in SETTINGS if k not in TUNED} - {"copies"}
 # gh's untrained checkpoint is pure's, so its epoch-0 uploads are async-bn's: attacked once, there
 COPIED = {("gh", 0): "async-bn"}
-PROJECT_FILES = [
-    "pipeline",
-    "stages",
-    "tools",
-    "profiles",
-    "params.yaml",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "pyproject.toml",
-]
-
-
-def sh(args, cwd, env, check=True):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and done.returncode:
-        raise AssertionError(f"{args} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done
-
-
-def copy_project(root: Path) -> dict:
-    """The project's files in `root`, the tiny profile applied, committed; returns the environment to run in."""
-    for name in PROJECT_FILES:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_")) and k not in LAUNCHER_VARIABLES}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
-    sh([sys.executable, "-m", "tools.apply_profile", "profiles/tiny.yaml"], root, env)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    sh(git + ["init", "-q"], root, env)
-    sh(git + ["add", "-A"], root, env)
-    sh(git + ["commit", "-qm", "tiny project"], root, env)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +189,7 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
 
 def test_table_rebuilt_from_mlflow_equals_the_dvc_table(project):
     root, env, _, _, _ = project
-    done = sh([sys.executable, "-m", "stages.report", "--from-mlflow", "--check"], root, env)
+    done = sh([sys.executable, "-m", "tools.from_mlflow", "--check"], root, env)
     assert "the table rebuilt from MLflow equals reports/results.csv" in done.stdout
     assert done.stdout.count("| label-repeat ") == 2  # one row per attacked epoch
 

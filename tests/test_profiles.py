@@ -73,7 +73,7 @@ def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
     """profiles/paper.yaml with its epochs, iterations, checkpoints and batch cut down, on the
     CPU, over a streamed folder of 224-px JPEGs: `dvc repro` runs every stage; the RA scheme's
     ResNet-18 has the 19 x 19 stem maxpool of the original's ImageNet setting."""
-    from tests.test_pipeline import PROJECT_FILES, sh
+    from tests.helpers import PROJECT_FILES, sh
 
     _jpeg_folder(tmp_path / "imagenet")
     root = tmp_path / "project"

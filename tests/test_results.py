@@ -11,19 +11,16 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import hyperparameters_of
+from pipeline.presentation import shown_summary, shown_table
 from pipeline.results import (
-    SHARED,
     add_classic,
     add_differences,
     add_family,
     batch_differences,
-    hyperparameters_of,
     paired,
     results_table,
-    shown_summary,
-    shown_table,
     summary_of,
-    table_differences,
 )
 from pipeline.statistics import (
     Evidence,
@@ -34,6 +31,7 @@ from pipeline.statistics import (
     t_estimate,
     variance_components,
 )
+from tools.from_mlflow import SHARED, table_differences
 
 EVIDENCE = Evidence(confidence=0.95, alpha=0.05, power=0.8, effect=2.0)
 ORDER = ["pure", "defended", "same", "copy", "pure-2x"]

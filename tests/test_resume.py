@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline import copy_project, sh
+from tests.helpers import copy_project, sh
 
 pytestmark = pytest.mark.slow
 

@@ -3,39 +3,24 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
 from tests.conftest import RAW_PARAMS, REPO
-
-
-def run_stage(stage: str, cwd: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
-
-
-def _assert_one_line_failure(done: subprocess.CompletedProcess, expected: str) -> None:
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert expected in lines[0]
+from tests.helpers import assert_one_line_failure, make_upload, run_stage
 
 
 def test_unknown_key(tmp_path):
     params = {**RAW_PARAMS, "train": {**RAW_PARAMS["train"], "epoch": 3}}
     done = run_stage("prepare", tmp_path, params)
-    _assert_one_line_failure(done, "prepare: error: params.yaml: unknown key 'train.epoch'")
+    assert_one_line_failure(done, "prepare: error: params.yaml: unknown key 'train.epoch'")
     assert not (tmp_path / "data").exists()
 
 
 def test_missing_dataset(tmp_path):
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "root": str(tmp_path / "absent")}}
     done = run_stage("prepare", tmp_path, params)
-    _assert_one_line_failure(done, "Fashion-MNIST not found at")
+    assert_one_line_failure(done, "Fashion-MNIST not found at")
     assert "apt-get install dataset-fashion-mnist" in done.stderr
     assert not (tmp_path / "data").exists()
 
@@ -47,21 +32,19 @@ def test_empty_image_folder_keeps_the_previous_output(tmp_path):
     (finished / "train.json").write_text("{}\n")  # the output of an earlier, good run
     params = {**RAW_PARAMS, "data": {**RAW_PARAMS["data"], "source": "imagefolder", "root": str(tmp_path / "imgs")}}
     done = run_stage("prepare", tmp_path, params)
-    _assert_one_line_failure(done, "cats: class folder holds no images")
+    assert_one_line_failure(done, "cats: class folder holds no images")
     assert [p.name for p in finished.iterdir()] == ["train.json"]
     assert not list((tmp_path / "data").glob(".*partial"))
 
 
 def test_attack_without_uploads(tmp_path):
     done = run_stage("attack", tmp_path, RAW_PARAMS, "pure")
-    _assert_one_line_failure(done, "attack: error: uploads/pure: no uploads to attack (run extract@pure first)")
+    assert_one_line_failure(done, "attack: error: uploads/pure: no uploads to attack (run extract@pure first)")
 
 
 def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(tmp_path, fashion_images):
     """The setting asks for buffers, but its uploads were extracted before it did."""
     import copy
-
-    from tests.test_attack_jobs import make_upload
 
     images, labels, _, _ = fashion_images
     (tmp_path / "made").mkdir()
@@ -77,7 +60,7 @@ def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(
     }
     params["report"]["budget"] = None  # pure-2x is no longer pure's client
     done = run_stage("attack", tmp_path, params, "pure")
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done,
         "epoch-000-trial-00.safetensors: attack.bn_statistics 'from-buffers', but the "
         "upload carries no BatchNorm buffers",
@@ -86,23 +69,23 @@ def test_a_prior_from_buffers_on_uploads_without_them_is_refused_before_any_job(
 
 
 def test_scheme_stages_need_a_known_scheme(tmp_path):
-    _assert_one_line_failure(
+    assert_one_line_failure(
         run_stage("train", tmp_path, RAW_PARAMS),
         "train: error: usage: python -m stages.train <scheme> (one of pure, ra, dp-sgd, clip-noise, gh)",
     )
-    _assert_one_line_failure(
+    assert_one_line_failure(
         run_stage("train", tmp_path, RAW_PARAMS, "gradient"),
         "train: error: unknown scheme 'gradient'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh",
     )
 
 
 def test_setting_stages_need_a_known_setting(tmp_path):
-    _assert_one_line_failure(
+    assert_one_line_failure(
         run_stage("extract", tmp_path, RAW_PARAMS, "sync"),
         "extract: error: unknown setting 'sync'; params.yaml defines pure, ra, dp-sgd, clip-noise, gh, ",
     )
     bad = {**RAW_PARAMS, "settings": {**RAW_PARAMS["settings"], "w3": {"scheme": "pure", "participants": 3}}}
-    _assert_one_line_failure(
+    assert_one_line_failure(
         run_stage("extract", tmp_path, bad, "w3"),
         "extract: error: params.yaml: settings.w3: batch_size 4 does not split into 3 equal participant shards",
     )
@@ -115,7 +98,7 @@ def test_unreachable_mlflow_server_fails_fast_before_any_work(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
-    _assert_one_line_failure(done, "prepare: error: MLflow tracking server http://127.0.0.1:9 is unreachable")
+    assert_one_line_failure(done, "prepare: error: MLflow tracking server http://127.0.0.1:9 is unreachable")
     assert not (tmp_path / "data").exists()
 
 
@@ -140,7 +123,7 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
         timeout=120,
         preexec_fn=small_disk,
     )
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done, "prepare: error: cannot write data/.prepared.partial/train.safetensors: File too large"
     )
     assert not (tmp_path / "data" / "prepared").exists()
@@ -150,20 +133,20 @@ def test_full_disk_during_a_write_leaves_nothing_that_looks_finished(tmp_path):
 def test_a_missing_baseline_too_few_trials_and_no_family_are_refused_before_anything_is_written(tmp_path):
     settings = {k: v for k, v in RAW_PARAMS["settings"].items() if k != "pure"}
     done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "settings": settings})
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done, "prepare: error: params.yaml: report.baseline: 'pure' is not a setting, so nothing can be paired with it"
     )
     done = run_stage("prepare", tmp_path, {**RAW_PARAMS, "extract": {**RAW_PARAMS["extract"], "trials": 0}})
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done, "prepare: error: params.yaml: extract.trials: Input should be greater than or equal to 1"
     )
     done = run_stage("extract", tmp_path, {**RAW_PARAMS, "extract": {**RAW_PARAMS["extract"], "trials": 1}}, "pure")
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done, "extract: error: params.yaml: extract.trials: 1 client batch per cell leaves no spread between batches"
     )
     unpaired = {k: v for k, v in RAW_PARAMS["settings"].items() if k in ("pure", "label-repeat", "pure-2x")}
     done = run_stage("report", tmp_path, {**RAW_PARAMS, "settings": unpaired})
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done, "report: error: params.yaml: report.baseline: no other setting pairs with 'pure' (the same batch size"
     )
     assert not (tmp_path / "data").exists() and not (tmp_path / "uploads").exists()
@@ -175,7 +158,7 @@ def test_more_trials_than_the_pool_holds_are_refused_before_an_upload_is_written
     assert run_stage("prepare", tmp_path, params).returncode == 0
     params["extract"] = {**RAW_PARAMS["extract"], "trials": 6}
     done = run_stage("extract", tmp_path, params, "pure")
-    _assert_one_line_failure(
+    assert_one_line_failure(
         done,
         "extract: error: extract.trials 6 x batch_size 4 needs 24 distinct victims, but the "
         "pool holds 20 (raise data.victims_per_class)",

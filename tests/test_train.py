@@ -93,15 +93,15 @@ def test_training_killed_by_a_signal_resumes_to_the_same_weights(fashion_root, t
 def test_a_streamed_folder_trains_in_loader_workers_and_repeats_its_bytes(tmp_path):
     """Random crops and flips drawn in two DataLoader workers, seeded by Lightning: the same seed
     gives the same checkpoint bytes; the crops make it differ from training on the centre crops."""
-    from pipeline.data import ImageIndex
-    from tests.test_data import _folder_params, _mixed_folder
+    from pipeline.images import ImageIndex
+    from tests.helpers import folder_params, mixed_folder
 
-    _mixed_folder(tmp_path / "imgs", per_class=20)
+    mixed_folder(tmp_path / "imgs", per_class=20)
     changes = dict(
         model__arch="convnet", train__epochs=1, train__batch_size=8, train__devices=1, train__loader_workers=2,
         extract__epochs=[0, 1],
     )  # fmt: skip
-    params = _folder_params(tmp_path / "imgs", data__stream_above=0, **changes)
+    params = folder_params(tmp_path / "imgs", data__stream_above=0, **changes)
     data = prepare(params.data, params.seed)
     assert isinstance(data.train, ImageIndex)
     meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 3, "image_size": 16}
@@ -109,7 +109,7 @@ def test_a_streamed_folder_trains_in_loader_workers_and_repeats_its_bytes(tmp_pa
         written = train(data.train, data.test, meta, params, "pure", tmp_path / name)
     assert [m["epoch"] for m in written] == [0, 1]
     assert sha256(tmp_path / "a" / "epoch-001.safetensors") == sha256(tmp_path / "b" / "epoch-001.safetensors")
-    centre = prepare(_folder_params(tmp_path / "imgs", data__stream_above=None, **changes).data, params.seed)
+    centre = prepare(folder_params(tmp_path / "imgs", data__stream_above=None, **changes).data, params.seed)
     train(centre.train, centre.test, meta, params, "pure", tmp_path / "centre")
     assert sha256(tmp_path / "centre" / "epoch-000.safetensors") == sha256(tmp_path / "a" / "epoch-000.safetensors")
     assert sha256(tmp_path / "centre" / "epoch-001.safetensors") != sha256(tmp_path / "a" / "epoch-001.safetensors")

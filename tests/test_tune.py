@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
+from pipeline.attack.target import Victim
 from pipeline.attack.tune import Surrogate, run_study, surrogate_batches, tuned_attack
-from pipeline.config import TuneParams
 from pipeline.data import attacker_split, prepare
 from pipeline.errors import PipelineError
+from pipeline.sections import TuneParams
 from tests.conftest import RAW_PARAMS, REPO, make_params
-from tests.test_attack_jobs import make_upload
-from tests.test_stages import _assert_one_line_failure, run_stage
+from tests.helpers import assert_one_line_failure, make_upload, run_stage
 
 
 def test_the_attackers_images_are_the_training_split_less_every_victim(fashion_root):
@@ -48,9 +48,13 @@ def _surrogates(tmp_path, fashion_images) -> list[Surrogate]:
     made = []
     for epoch in (0, 1):
         path = make_upload(
-            tmp_path, images[epoch * 2 : epoch * 2 + 2], labels[epoch * 2 : epoch * 2 + 2], name=f"s{epoch}"
+            tmp_path,
+            images[epoch * 2 : epoch * 2 + 2],
+            labels[epoch * 2 : epoch * 2 + 2],
+            name=f"s{epoch}",
+            epoch=epoch,
         )
-        made.append(Surrogate(path, epoch, ((images[epoch * 2 : epoch * 2 + 2] * 0.353) + 0.286).clamp(0, 1)))
+        made.append(Surrogate(Victim.load(path), ((images[epoch * 2 : epoch * 2 + 2] * 0.353) + 0.286).clamp(0, 1)))
     return made
 
 
@@ -113,13 +117,13 @@ def _tuned_params(**tune) -> dict:
 )
 def test_a_bad_search_space_is_refused_in_one_line(tmp_path, space, expected):
     done = run_stage("tune", tmp_path, _tuned_params(space=space), "pure")
-    _assert_one_line_failure(done, expected)
+    assert_one_line_failure(done, expected)
     assert not (tmp_path / "tuning").exists()
 
 
 def test_a_tuned_attack_without_its_study_is_refused_in_one_line(tmp_path):
     done = run_stage("attack", tmp_path, _tuned_params(), "pure")
-    _assert_one_line_failure(done, "attack: error: tuning/pure.json: not found, but attack.hyperparameters is tuned")
+    assert_one_line_failure(done, "attack: error: tuning/pure.json: not found, but attack.hyperparameters is tuned")
 
 
 def test_a_fixed_setting_only_writes_that_down(tmp_path):

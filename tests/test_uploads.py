@@ -6,45 +6,11 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.client import ClientParams, batch_gradient, threat_model
 from pipeline.errors import PipelineError
 from pipeline.files import load_meta, sha256, write_json
 from pipeline.nets import build_model
-from pipeline.uploads import Upload, check_fits, load_truth, load_upload, save_truth, save_upload
-
-ARCH = {
-    "arch": "convnet",
-    "in_channels": 1,
-    "num_classes": 10,
-    "image_size": 32,
-    "norm": "batch",
-    "maxpool_kernel": None,
-}
-
-
-CLIENT = ClientParams(
-    batch_size=2,
-    participants=1,
-    bn="sync",
-    local_steps=1,
-    lr=0.01,
-    mode="train",
-    dp=None,
-    label_repetition=None,
-    participants_as="simulated",
-    upload_buffers=False,
-)
-
-
-@pytest.fixture
-def upload_file(tmp_path):
-    model = build_model(**ARCH)
-    checkpoint = tmp_path / "ckpt.safetensors"
-    save_checkpoint(checkpoint, model, {**ARCH, "mean": [0.3], "std": [0.3], "scheme": "pure", "epoch": 0})
-    threat = threat_model(model, checkpoint, load_meta(checkpoint), CLIENT, "pure", 0)
-    grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")
-    save_upload(tmp_path / "up.safetensors", Upload(grads, threat))
-    return tmp_path / "up.safetensors"
+from pipeline.uploads import Upload, check_fits, load_truth, load_upload, save_truth, save_upload, threat_model
+from tests.helpers import ARCH, CLIENT
 
 
 def test_upload_round_trip_keeps_gradients_and_threat_model(upload_file):

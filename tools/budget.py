@@ -20,13 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.attack.jobs import Job, combined, load_result, run_jobs
+from pipeline.attack.service import attack_uploads, combine
+from pipeline.attack.target import Victim
 from pipeline.config import load_params
 from pipeline.data import to_unit_range
 from pipeline.errors import PipelineError
-from pipeline.metrics import image_metrics, pair_by_hungarian
+from pipeline.metrics import paired_scores
 from pipeline.statistics import t_estimate
-from pipeline.uploads import load_truth, load_upload
+from pipeline.uploads import load_truth
 
 COMBINE_RULES = ("best", "mlco")
 
@@ -40,35 +41,32 @@ def budget_rows(
 ) -> list[dict]:
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
-    uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
-    uploads = [u for u in uploads if epochs is None or load_upload(u).threat_model.epoch in epochs]
-    if not uploads:
+    victims = [Victim.load(u) for u in sorted(Path("uploads", setting).glob("*.safetensors"))]
+    victims = [v for v in victims if epochs is None or v.threat_model.epoch in epochs]
+    if not victims:
         raise PipelineError(f"uploads/{setting}: no uploads to attack (run `dvc repro extract@{setting}` first)")
+    truths = {v.path: load_truth(Path("truth", setting, v.path.name))[0].float() / 255 for v in victims}
     confidence = p.report.confidence
     rows = []
     for budget in iterations:
-        a = p.attack_for(setting).model_copy(update={"iterations": budget, "restarts": restarts or p.attack.restarts})
+        a = p.attack_for(setting).model_copy(
+            update={"iterations": budget, "restarts": restarts or p.attack.restarts, "combine": combines[0]}
+        )
         cells: dict[tuple[int, str], dict] = {}
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
-            run_jobs([Job(u, r) for u in uploads for r in range(a.restarts)], a, p.seed, Path(scratch))
+            attacked = attack_uploads(victims, a, p.seed, Path(scratch))
             seconds = time.perf_counter() - started
-            for u in uploads:
-                tm = load_upload(u).threat_model
-                found = [load_result(Job(u, r).result_path(Path(scratch))) for r in range(a.restarts)]
-                truth_u8, _, _ = load_truth(Path("truth", setting, u.name))
-                truth = truth_u8.float() / 255
-                for rule in combines:
-                    rec = combined(u, found, a.model_copy(update={"combine": rule}), p.seed)
-                    images = to_unit_range(rec.images, tm.mean, tm.std)
-                    psnr = image_metrics(images[pair_by_hungarian(images, truth)], truth)["psnr"].tolist()
-                    cell = cells.setdefault(
-                        (tm.epoch, rule), {"psnr": [], "batches": [], "unconverged": 0, "uploads": 0}
-                    )
-                    cell["psnr"] += psnr
-                    cell["batches"].append(sum(psnr) / len(psnr))
-                    cell["unconverged"] += rec.converged is False
-                    cell["uploads"] += 1
+        for done in attacked:
+            tm, truth = done.victim.threat_model, truths[done.victim.path]
+            for rule in combines:
+                rec = combine(done.target, done.restarts, a.model_copy(update={"combine": rule}), p.seed)
+                psnr = paired_scores(to_unit_range(rec.images, list(tm.mean), list(tm.std)), truth)["psnr"].tolist()
+                cell = cells.setdefault((tm.epoch, rule), {"psnr": [], "batches": [], "unconverged": 0, "uploads": 0})
+                cell["psnr"] += psnr
+                cell["batches"].append(sum(psnr) / len(psnr))
+                cell["unconverged"] += rec.converged is False
+                cell["uploads"] += 1
         for (epoch, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
             found = t_estimate(cell["batches"], confidence)
             row = {

@@ -13,28 +13,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.attack.jobs import Job, target_of
 from pipeline.attack.labels import LABEL_METHODS
+from pipeline.attack.target import Target, Victim
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.metrics import label_accuracy
-from pipeline.uploads import load_truth, load_upload
+from pipeline.uploads import load_truth
 
 
 def label_rows(setting: str, methods: list[str]) -> list[dict]:
     """One row per (method, checkpoint epoch): mean label accuracy over the uploads and how many were exact."""
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
-    uploads = sorted(Path("uploads", setting).glob("*.safetensors"))
-    if not uploads:
+    victims = [Victim.load(u) for u in sorted(Path("uploads", setting).glob("*.safetensors"))]
+    if not victims:
         raise PipelineError(f"uploads/{setting}: no uploads (run `dvc repro extract@{setting}` first)")
     cells: dict[tuple[str, int], list[float]] = {}
     for method in methods:
         a = p.attack_for(setting).model_copy(update={"labels": method})
-        for u in uploads:
-            got = target_of(Job(u, 0), a).labels
-            _, truth, _ = load_truth(Path("truth", setting, u.name))
-            cells.setdefault((method, load_upload(u).threat_model.epoch), []).append(label_accuracy(got, truth))
+        for v in victims:
+            got = Target.of(v, a).labels
+            _, truth, _ = load_truth(Path("truth", setting, v.path.name))
+            cells.setdefault((method, v.threat_model.epoch), []).append(label_accuracy(got, truth))
     return [
         {"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
         for (m, e), v in cells.items()

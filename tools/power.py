@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import load_params, pairs_with
+from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.results import paired
+from pipeline.sections import pairs_with
 from pipeline.statistics import batches_needed, variance_components
 from pipeline.uploads import ADAPTIVE
 

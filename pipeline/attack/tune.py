@@ -28,15 +28,18 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.attack.jobs import Job, combined, load_result, run_jobs
+from pipeline.attack.service import attack_uploads
+from pipeline.attack.target import Victim
 from pipeline.checkpoints import load_checkpoint
-from pipeline.client import check_batchnorm_batch, choose_batches, simulate_client, threat_model
-from pipeline.config import TUNABLE_CHOICES, AttackParams, ClientParams, TuneParams
-from pipeline.data import ImageIndex, Split, images_at, normalise, to_unit_range
+from pipeline.client import check_batchnorm_batch, simulate_client
+from pipeline.data import normalise
 from pipeline.errors import PipelineError
-from pipeline.metrics import image_metrics, pair_by_hungarian
+from pipeline.images import Images
+from pipeline.metrics import paired_scores
+from pipeline.sections import TUNABLE_CHOICES, AttackParams, ClientParams, ExtractParams, TuneParams
 from pipeline.seeds import Draw, mix
-from pipeline.uploads import Upload, load_upload, save_upload, upload_name
+from pipeline.trials import choose_batches
+from pipeline.uploads import save_upload, upload_name, upload_of
 
 # a study's direction per objective: the surrogate images' mean PSNR, or the reconstructions'
 # mean gradient loss (the attack's own criterion, no images needed)
@@ -47,29 +50,33 @@ DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {"psnr": "maximize", "g
 class Surrogate:
     """One surrogate upload the attacker made, and the images it made it from ([0, 1] pixels)."""
 
-    path: Path
-    epoch: int
+    victim: Victim
     images: torch.Tensor
 
+    @property
+    def epoch(self) -> int:
+        return self.victim.threat_model.epoch
 
-def surrogate_batches(own: Split | ImageIndex, c: ClientParams, batches: int, seed: int) -> list[torch.Tensor]:
+
+def surrogate_batches(own: Images, c: ClientParams, batches: int, seed: int) -> list[torch.Tensor]:
     """Positions in the attacker's own images of its surrogate batches: drawn as the victims'
     are (the same batch size, the same label repetition), from another seeded order."""
     return choose_batches(own.labels, c.batch_size, batches, mix(Draw.SURROGATE_BATCHES, seed), c.label_repetition)
 
 
 def make_surrogates(
-    own: Split | ImageIndex,
+    own: Images,
     meta: dict[str, Any],
     c: ClientParams,
     setting: str,
     checkpoints: dict[int, Path],
     batches: int,
-    reveal_labels: bool,
+    reveal: ExtractParams,
     seed: int,
     folder: Path,
 ) -> list[Surrogate]:
-    """The attacker's surrogate uploads into `folder`: each batch at each checkpoint epoch."""
+    """The attacker's surrogate uploads into `folder`: each batch at each checkpoint epoch,
+    revealing what the setting's uploads reveal (`reveal`: extract's parameters)."""
     folder.mkdir(parents=True, exist_ok=True)
     chosen = surrogate_batches(own, c, batches, seed)
     client_seed = mix(Draw.SURROGATE_CLIENT, seed)
@@ -78,12 +85,11 @@ def make_surrogates(
         model, ckpt = load_checkpoint(path)
         check_batchnorm_batch(model, c, ckpt["in_channels"], ckpt["image_size"])
         for trial, positions in enumerate(chosen):
-            images, labels = images_at(own, positions), own.labels[positions]
+            images, labels = own.images_at(positions), own.labels[positions]
             update = simulate_client(model, normalise(images, meta["mean"], meta["std"]), labels, c, client_seed)
-            threat = threat_model(model, path, ckpt, c, setting, trial, labels if reveal_labels else None)
             name = folder / upload_name(epoch, trial)
-            save_upload(name, Upload(update.gradients, threat, {}, update.bn_buffers))
-            made.append(Surrogate(name, epoch, images.float() / 255))
+            save_upload(name, upload_of(update, model, (path, ckpt), c, setting, trial, labels, reveal))
+            made.append(Surrogate(Victim.load(name), images.float() / 255))
     return made
 
 
@@ -134,17 +140,12 @@ class TrialRecord:
 def score(surrogates: list[Surrogate], a: AttackParams, seed: int, folder: Path, objective: str) -> list[float]:
     """Attack these surrogate uploads with `a` (jobs over its processes, results in `folder`); per
     image its PSNR against the surrogate image (objective psnr), or per upload its gradient loss."""
-    jobs = [Job(s.path, r) for s in surrogates for r in range(a.restarts)]
-    run_jobs(jobs, a, seed, folder)
     found = []
-    for s in surrogates:
-        rec = combined(s.path, [load_result(Job(s.path, r).result_path(folder)) for r in range(a.restarts)], a, seed)
+    for s, done in zip(surrogates, attack_uploads([s.victim for s in surrogates], a, seed, folder)):
         if objective == "grad_loss":
-            found.append(rec.grad_loss)
-            continue
-        tm = load_upload(s.path).threat_model
-        images = to_unit_range(rec.images, list(tm.mean), list(tm.std))
-        found += image_metrics(images[pair_by_hungarian(images, s.images)], s.images)["psnr"].tolist()
+            found.append(done.reconstruction.grad_loss)
+        else:
+            found += paired_scores(done.images, s.images)["psnr"].tolist()
     return found
 
 

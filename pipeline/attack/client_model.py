@@ -1,0 +1,60 @@
+"""The client as the attacker models it: the dummy batch's gradient, forwarded in the client's
+normalisation shards, or the client's E local steps unrolled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, shards: int = 1) -> list[torch.Tensor]:
+    """The batch gradient of `images`, one tensor per trainable parameter, differentiable with
+    respect to them.
+
+    With `shards` > 1 the batch is forwarded in that many contiguous shards, each normalised by
+    its own statistics: the client's asynchronous BatchNorm over W participants, modelled.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = torch.cat([model(part) for part in images.chunk(shards)])
+    return list(torch.autograd.grad(F.cross_entropy(logits, labels), params, create_graph=True))
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    """The client's E local steps as the attacker models them: which dummy positions each step
+    trains on, per participant (pipeline.client.step_parts), whether each participant's part is
+    normalised on its own (asynchronous BatchNorm in train mode), and the step size."""
+
+    parts: list[list[torch.Tensor]]
+    separate: bool
+    lr: float
+
+
+def unrolled_update(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: LocalSteps
+) -> list[torch.Tensor]:
+    """(theta_0 - theta_E) / (lr * E) of the dummy batch, differentiable with respect to it: the
+    client's E SGD steps taken through torch.func.functional_call at the weights each step
+    reached, step e's loss the mean over the images it trains on (DDP's average of the
+    participants' means), computed as the mean of the step gradients as the client does."""
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    current: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+    taken: list[tuple[torch.Tensor, ...]] = []
+    for parts in steps.parts:
+        groups = parts if steps.separate else [torch.cat(parts)]
+        state = {**fixed, **dict(zip(names, current))}
+        summed = sum(
+            F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum") for g in groups
+        )
+        loss = cast(torch.Tensor, summed) / sum(len(g) for g in groups)
+        grads = torch.autograd.grad(loss, current, create_graph=True)
+        taken.append(grads)
+        current = [p - steps.lr * g for p, g in zip(current, grads)]
+    return [torch.stack(per_step).mean(0) for per_step in zip(*taken)]

@@ -1,0 +1,186 @@
+"""The results as a reader takes them: the table of every cell and the summary as text
+("mean [interval]", p values, verdicts in words), and results.md around them. Every number
+comes from pipeline.results; only the wording is decided here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from pipeline.report import markdown_table
+from pipeline.results import BASELINE, BUDGET, COPY, TEST, UNPAIRED
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
+
+
+def _interval(mean, low, high, digits: int = 1) -> str:
+    if mean is None or pd.isna(mean):
+        return ""
+    if low is None or pd.isna(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _p(value) -> str:
+    return f"{value:.2g}" if value is not None and not pd.isna(value) else ""
+
+
+def shown_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The cells as a reader takes them: "mean [interval]" per measure, the paired difference, raw
+    and adjusted p and the cell's verdict (or the copy it is)."""
+    out = table[["setting", "epoch", "test_accuracy", "client", "trials"]].copy()
+    out["trials"] = out.trials.astype("Int64")
+    copy = table.same_upload_as.notna()
+    out["PSNR dB"] = [
+        f"same upload as {r.same_upload_as}" if c else _interval(r.psnr, r.psnr_low, r.psnr_high)
+        for r, c in zip(table.itertuples(), copy)
+    ]
+    if "classic_psnr" in table:
+        out["classic attacker"] = [
+            ""
+            if c
+            else (
+                _interval(r.classic_psnr, r.classic_psnr_low, r.classic_psnr_high)
+                if r.classic_separate
+                else "same attack"
+            )
+            for r, c in zip(table.itertuples(), copy)
+        ]
+    out["IIP"] = [_interval(r.iip, r.iip_low, r.iip_high, 2) for r in table.itertuples()]
+    out["SSIM"] = [_interval(r.ssim, r.ssim_low, r.ssim_high, 2) for r in table.itertuples()]
+    out["LPIPS"] = [
+        ""
+        if c
+        else (
+            _interval(r.lpips, r.lpips_low, r.lpips_high, 2) if r.lpips is not None and not pd.isna(r.lpips) else "n/a"
+        )
+        for r, c in zip(table.itertuples(), copy)
+    ]
+    out["labels"] = table.label_accuracy.round(2)
+    out["GH"] = table.gh.round(4)
+    if "psnr_diff" in table:
+        out["vs baseline dB"] = [_interval(r.psnr_diff, r.psnr_diff_low, r.psnr_diff_high) for r in table.itertuples()]
+        out["p"] = [_p(p) for p in table.p_value]
+        out["p (Holm)"] = [_p(p) for p in table.p_adjusted]
+        out["verdict"] = [_cell_word(r) for r in table.itertuples()]
+    out["unconverged"] = table.unconverged.astype("Int64")
+    out["epsilon"] = table.epsilon
+    out["privacy"] = table.privacy
+    return out
+
+
+def _cell_word(row) -> str:
+    """A cell's verdict in a few words, for the table of every cell."""
+    if row.role == TEST:
+        if row.effect != "none":
+            return row.effect
+        return f"none (would detect >= {row.detectable:.1f} dB{', underpowered' if row.underpowered else ''})"
+    return {BASELINE: "baseline", BUDGET: "budget check", COPY: "same upload", UNPAIRED: "not paired"}.get(row.role, "")
+
+
+def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    epochs = [c for c in summary.columns if c.startswith("psnr_epoch_") and not c.endswith("_ci")]
+    out = summary[["setting", "scheme", "trials"]].copy()
+    out["trials"] = out.trials.astype("Int64")
+    if (summary.hyperparameters != "fixed").any():  # else every attack ran with params.yaml's values
+        out["attack hyper-parameters"] = summary.hyperparameters
+    for column in epochs:
+        epoch = column.removeprefix("psnr_epoch_")
+        same = summary[f"same_upload_epoch_{epoch}"]
+        out[f"PSNR epoch {epoch}"] = [
+            f"= {s}" if isinstance(s, str) else _interval(m, *ci)
+            for m, ci, s in zip(summary[column], summary[f"{column}_ci"], same)
+        ]
+        out[f"IIP epoch {epoch}"] = [
+            "" if isinstance(s, str) or v is None or pd.isna(v) else f"{v:.2f}"
+            for v, s in zip(summary[f"iip_epoch_{epoch}"], same)
+        ]
+    if "classic_separate" in summary:
+        for column in epochs:
+            epoch = column.removeprefix("psnr_epoch_")
+            classic = f"classic_{column}"
+            out[f"classic epoch {epoch}"] = [
+                "" if isinstance(s, str) else (_interval(m, *ci) if separate else "same attack")
+                for m, ci, separate, s in zip(
+                    summary[classic],
+                    summary[f"{classic}_ci"],
+                    summary.classic_separate,
+                    summary[f"same_upload_epoch_{epoch}"],
+                )
+            ]
+    out["test accuracy"] = summary.test_accuracy
+    out["cost vs baseline"] = summary.accuracy_cost
+    out["verdict"] = summary.verdict
+    return out
+
+
+def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
+    r = p.report
+    lpips = "" if table.lpips.notna().any() else " LPIPS n/a: no AlexNet weights on this machine (see README)."
+    family = int(table.family_size.iloc[0]) if "family_size" in table else 0
+    paired = (
+        "no baseline is set (report.baseline: null), so there are no paired columns: compare the intervals."
+        if baseline is None
+        else f"Every setting is paired with `{baseline}` batch by batch (same epoch and trial: the same victims); "
+        "a setting whose batches are chosen otherwise (label repetition, another batch size) is not paired. "
+        "'vs baseline' is the mean over the batches of each batch's mean paired PSNR difference, with its t "
+        f"interval; p is the paired t-test of the same batch means (scipy.stats.ttest_1samp), so the interval "
+        f"and the test are one procedure. The family is every paired cell of the table ({family} tests; the "
+        f"budget row and the cells that are another setting's upload are not in it): p adjusted by Holm "
+        f"(statsmodels). Verdict, per cell: **protects** when the Holm-adjusted p < {r.alpha:g} and the "
+        "difference is negative; **leaks more** when it is positive; else **no detectable effect**, with the "
+        f"smallest difference the design would detect with {r.power:.0%} power at Holm's strictest level "
+        f"(alpha / {family}), from that cell's batch SD (statsmodels' t-test power); **underpowered** where "
+        f"that exceeds {r.effect:g} dB."
+    )
+    budget = (
+        f" `{r.budget}` is `{baseline}` attacked at {p.attack_for(r.budget).iterations} iterations instead of "
+        f"{p.attack_for(baseline).iterations}: its difference is how much more the attacker gets with twice the "
+        "budget, not a verdict (every verdict is a bound of this attacker)."
+        if r.budget and baseline  # (a budget needs a baseline: pipeline.config)
+        else ""
+    )
+    return (
+        f"Each cell: {p.extract.trials} client batches (trials) of the setting's batch size, disjoint, drawn "
+        "from the victim pool. The batch is the unit: its images share one attack, so every interval and test "
+        f"runs over the batch means ({r.confidence:.0%} t intervals); the PSNR median is over images, as "
+        f"description. {paired}{budget} A cell whose uploads are byte for byte another setting's (the same "
+        "checkpoint and client) was attacked once and reads 'same upload as'. IIP: the share of "
+        "reconstructions whose nearest image by MSE, among the victim pool and as many of the attacker's own "
+        "images, is their own. An attack counts as unconverged when its best gradient loss over the last 10 % "
+        "of iterations is more than 1 % under the best of the 10 % before (pipeline.attack.invert."
+        "still_falling); a cell's verdict says when it rests on any of its own or of the baseline's cell at "
+        "that epoch. The attack runs with params.yaml's hyper-parameters (fixed) unless the summary names "
+        "tuned ones: chosen by tune@<setting> on the attacker's own images, never a victim's (the classic "
+        f"attacker keeps the fixed ones).{lpips}\n"
+    )
+
+
+def results_markdown(p: Params, table: pd.DataFrame, summary: pd.DataFrame, training: pd.DataFrame, baseline) -> str:
+    """reports/results.md: how to read it, the summary, every cell, training."""
+    return (
+        "# Results\n\n"
+        + intro(p, table, baseline)
+        + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked epoch as mean [interval over batches] "
+        "and IIP, against the "
+        "adaptive attacker (it models the client's asynchronous-BatchNorm shards and unrolls its local steps, as "
+        "the threat model states them) and, where that differs, the classic attacker (one full-batch gradient; "
+        "'same attack' where there is nothing to adapt to); the test accuracy of the setting's scheme after the "
+        "last epoch, with its cost against the baseline's scheme (positive: the defense costs accuracy); the "
+        "verdict against the baseline, read against the adaptive attacker.\n\n"
+        + markdown_table(shown_summary(summary))
+        + "\n## Every cell\n\nOne row per client setting x training epoch. GH = 1 - cos(upload, the single-step "
+        "full-batch sync-BN gradient the attacker models), the mean over the trials; epsilon: the DP-SGD model's, "
+        "or the DP client's. Every number and per-image score: `reports/results.csv`, `reports/per_image.csv`.\n\n"
+        + markdown_table(shown_table(table))
+        + "\n## Training\n\nTest accuracy per scheme and epoch; epsilon where the scheme is DP-SGD.\n\n"
+        + markdown_table(
+            training.pivot(index="epoch", columns="scheme", values="test_accuracy")[list(p.schemes)]
+            .reset_index()
+            .astype({"epoch": str})
+        )
+        + "\n"
+        + markdown_table(training[training.epsilon.notna()][["scheme", "epoch", "epsilon", "privacy"]])
+    )
