@@ -5,7 +5,7 @@
 #   ./run.sh gate     the reproducibility gate alone (tools/repro_gate.py)
 #   ./run.sh lint     ruff's checks and formatting and mypy's types, as CI runs them first
 #   ./run.sh setup    only create .venv and install the default dataset
-#   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs
+#   ./run.sh ui       MLflow UI on http://127.0.0.1:${PORT:-5000} over this project's runs; prints the address of its runs page
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=.venv
@@ -67,6 +67,21 @@ case "${1:-repro}" in
     python -m tools.repro_gate ;;
   ui)
     setup_env
+    # MLflow 3.17's experiment page (#/experiments/<id>) lands on the GenAI overview; #/experiments/<id>/runs
+    # shows the runs. So print that page of the experiment the stages log to (pipeline/tracking.py),
+    # its id read from mlflow.db; without the db or the experiment, the plain address.
+    python -c '
+import os, sqlite3, sys
+from pipeline.tracking import EXPERIMENT
+address, name = sys.argv[1], os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+try:
+    db = sqlite3.connect("file:mlflow.db?mode=ro", uri=True)
+    query = "SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = ?"
+    found = db.execute(query, (name, "active")).fetchone()
+except sqlite3.Error:
+    found = None
+print(f"run.sh: MLflow UI at {address}/#/experiments/{found[0]}/runs" if found else f"run.sh: MLflow UI at {address}")
+' "http://127.0.0.1:${PORT:-5000}" || echo "run.sh: MLflow UI at http://127.0.0.1:${PORT:-5000}"
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     exec mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
       --host 127.0.0.1 --port "${PORT:-5000}" --workers 1 ;;

@@ -49,9 +49,9 @@ def _timed_job(job: Job, target: Target, a: AttackParams, seed: int, progress: b
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep memory freed at the top of its heap (up to 1 GiB) and serve
     blocks up to 32 MiB from there, instead of handing them back to the system and faulting
-    them in again. An attack step builds and frees the same tensors every iteration: on the
-    ConvNet at B = 8, 3 000 page faults a step, a seventh of its time. False where the C library
-    is not glibc (its own policy stands)."""
+    them in again. An attack step builds and frees the same tensors every iteration, and each
+    handed back is faulted in again the next (docs/benchmarks.md). False where the C library is
+    not glibc (its own policy stands)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -33,9 +33,9 @@ class GradientMatch:
     parameters, each layer's entries weighted (equal weights: the plain global cosine).
 
     Called on the dummy gradient (one tensor per parameter), it returns the term's value and its
-    gradient with respect to each of those tensors, written out rather than left to autograd:
-    on ResNet-18 (11 M parameters) autograd's copies, norms and divisions of the whole gradient
-    vector took half of each attack step (bench/attack.py).
+    gradient with respect to each of those tensors, written out rather than left to autograd,
+    whose copies, norms and divisions of the whole gradient vector cost a large share of each
+    step on a large model (docs/benchmarks.md).
 
     `crops` (from pipeline.nets.crop_dead_taps) names the weights of `model` cut to their live
     taps: the full model's gradient is zero on the others, so the term is the full one.
