@@ -521,7 +521,7 @@ def test_mlco_puts_the_truth_together_from_restarts_that_each_hold_part_of_it(fa
     model = build_model("convnet", 1, 10, 32).train()
     target = batch_gradient(model, x, y, "train")
     a = inversion_params(iterations=1, lr=0.1, lr_min=1e-3, tv_weight=0.0, restarts=3)
-    loss = lambda batch: gradient_loss(target_of(model, target, y, mean, std), batch, a, 0)  # noqa: E731
+    loss = gradient_loss(target_of(model, target, y, mean, std), a, 0)
     noise = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     first, second = x.clone(), x.clone()
     first[0] += 0.5 * noise[0]
@@ -544,7 +544,7 @@ def test_mlco_of_real_restarts_is_never_worse_than_the_best_one(fashion_images):
     target = batch_gradient(model, x, y, "train")
     a = inversion_params(iterations=60, lr=0.1, lr_min=1e-3, tv_weight=1e-2, restarts=4)
     found = [invert(target_of(model, target, y, mean, std), a, 0, restarts=[r], progress=False) for r in range(4)]
-    loss = lambda batch: gradient_loss(target_of(model, target, y, mean, std), batch, a, 0)  # noqa: E731
+    loss = gradient_loss(target_of(model, target, y, mean, std), a, 0)
     for rec in found:
         assert loss(rec.images) == pytest.approx(rec.grad_loss, rel=1e-4)
     combined = min_loss_combination(found, loss)

@@ -5,6 +5,7 @@ process or over the processes that split the dummy batch."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -165,11 +166,16 @@ class Objective:
         return grad, float(g_loss)
 
 
-def gradient_loss(target: Target, images: torch.Tensor, a: AttackParams, seed: int) -> float:
-    """The attack's gradient term (no TV, no prior) of the dummy batch `images` against `target`,
-    as `invert` computes it; the attacker's own dropout drawn from `seed` alone, so that every
-    batch compared with it sees the same masks."""
+def gradient_loss(target: Target, a: AttackParams, seed: int) -> Callable[[torch.Tensor], float]:
+    """images -> the attack's gradient term (no TV, no prior) of that dummy batch against
+    `target`, as `invert` computes it; the attacker's own dropout drawn from `seed` alone, so that
+    every batch compared with it sees the same masks. One objective (one copy of the model) serves
+    every batch: MLCO asks for one loss per candidate image."""
     objective = Objective(target, a.model_copy(update={"bn_prior": 0.0}))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mix(Draw.LOSS_DROPOUT, seed))
-        return float(objective.match(objective.dummy_upload(images.detach().clone().requires_grad_(True)))[0])
+
+    def loss(images: torch.Tensor) -> float:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(Draw.LOSS_DROPOUT, seed))
+            return float(objective.match(objective.dummy_upload(images.detach().clone().requires_grad_(True)))[0])
+
+    return loss

@@ -83,7 +83,7 @@ def combine(target: Target, found: list[Reconstruction], a: AttackParams, seed: 
     best), or their image-by-image combination (mlco), its loss that of the attacker `a`."""
     if a.combine == "best" or len(found) < 2:
         return best_of(found)
-    return min_loss_combination(found, lambda images: gradient_loss(target, images, a, seed))
+    return min_loss_combination(found, gradient_loss(target, a, seed))
 
 
 def classic_of(a: AttackParams) -> AttackParams:
