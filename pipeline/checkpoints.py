@@ -33,8 +33,30 @@ class Architecture(BaseModel):
 ARCH_KEYS = tuple(Architecture.model_fields)
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"epoch-{epoch:03d}.safetensors"
+def epoch_checkpoint(epoch: int) -> str:
+    """The checkpoint written after `epoch` epochs (0: before training): its name, the key that
+    pairs settings at it, and the stem of its files."""
+    return f"epoch-{epoch:03d}"
+
+
+def step_checkpoint(step: int) -> str:
+    """The checkpoint written after `step` optimizer steps (train.checkpoint_steps)."""
+    return f"step-{step:06d}"
+
+
+def checkpoint_name(checkpoint: str) -> str:
+    return f"{checkpoint}.safetensors"
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    """How tables name a checkpoint: "epoch 3", "step 16"."""
+    kind, number = checkpoint.split("-")
+    return f"{kind} {int(number)}"
+
+
+def extracted(epochs: list[int], steps: list[int]) -> list[str]:
+    """The checkpoints extract.epochs and extract.steps name, epochs first."""
+    return [epoch_checkpoint(e) for e in epochs] + [step_checkpoint(s) for s in steps]
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:

@@ -143,6 +143,16 @@ class Params(_Section):
             )
         if len(set(self.extract.epochs)) != len(self.extract.epochs):
             raise ValueError("extract.epochs: an epoch is listed twice")
+        if len(set(self.extract.steps)) != len(self.extract.steps):
+            raise ValueError("extract.steps: a step is listed twice")
+        if not self.extract.epochs and not self.extract.steps:
+            raise ValueError("extract: no checkpoint to upload from (extract.epochs and extract.steps are empty)")
+        unwritten = [s for s in self.extract.steps if s not in self.train.checkpoint_steps]
+        if unwritten:
+            raise ValueError(
+                f"extract.steps: step {unwritten[0]} is not one train writes (train.checkpoint_steps is "
+                f"{self.train.checkpoint_steps})"
+            )
         return self
 
     def _check_budget(self, baseline: str, budget: str | None) -> None:

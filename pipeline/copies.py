@@ -27,7 +27,7 @@ def find_copies(
     uploads: dict[str, list[Path]], attacks: dict[str, dict[str, Any] | None]
 ) -> dict[str, dict[str, dict]]:
     """Per setting, its uploads whose measurement an earlier setting (in the order of `uploads`)
-    already holds: {upload name: {"setting", "upload", "epoch", "trial"} of the one attacked}. A
+    already holds: {upload name: {"setting", "upload", "checkpoint", "trial"} of the one attacked}. A
     setting whose attack is None (hyper-parameters tuned on its own surrogates) is neither."""
     first: dict[str, tuple[str, Path]] = {}
     found: dict[str, dict[str, dict]] = {}
@@ -46,22 +46,20 @@ def find_copies(
             found[setting][path.stem] = {
                 "setting": original,
                 "upload": their_path.stem,
-                "epoch": meta["epoch"],
+                "checkpoint": Path(meta["checkpoint"]).stem,
                 "trial": meta["trial"],
             }
     return found
 
 
-def copied_cells(folder: Path, settings: list[str]) -> dict[tuple[str, int], str]:
-    """The (setting, epoch) cells whose uploads are another setting's (`folder`/<setting>.json, as
+def copied_cells(folder: Path, settings: list[str]) -> dict[tuple[str, str], str]:
+    """The (setting, checkpoint) cells whose uploads are another setting's (`folder`/<setting>.json, as
     stages.copies wrote them), each with that setting; a cell must be a copy whole or not at all."""
-    cells: dict[tuple[str, int], set[str]] = {}
+    cells: dict[tuple[str, str], set[str]] = {}
     for setting in settings:
         for original in read_json(folder / f"{setting}.json")["copies"].values():
-            cells.setdefault((setting, original["epoch"]), set()).add(original["setting"])
-    for (setting, epoch), originals in cells.items():
+            cells.setdefault((setting, original["checkpoint"]), set()).add(original["setting"])
+    for (setting, at), originals in cells.items():
         if len(originals) > 1:
-            raise PipelineError(
-                f"{setting} at epoch {epoch}: its uploads repeat several settings' ({sorted(originals)})"
-            )
+            raise PipelineError(f"{setting} at {at}: its uploads repeat several settings' ({sorted(originals)})")
     return {cell: originals.pop() for cell, originals in cells.items()}

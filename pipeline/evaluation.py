@@ -1,7 +1,9 @@
 """Scoring one reconstruction against its truth: each reconstructed image paired with a true one
 (Hungarian on MSE), PSNR, SSIM, MSE, LPIPS and identifiability (IIP: whether its nearest image
 by MSE, among the victim pool and as many of the attacker's own images, is its own), and the
-label accuracy. Only evaluation reads the truth."""
+label accuracy; and chance: the PSNR of the truth against as many of the attacker's own images,
+paired the same way, what an attack that learnt nothing of the batch would score. Only evaluation
+reads the truth."""
 
 from __future__ import annotations
 
@@ -25,18 +27,27 @@ def score_summary(values) -> dict[str, float] | None:
     return {"mean": round(float(values.mean()), 6), "std": round(float(values.std(ddof=0)), 6)}
 
 
-def identification_pool(data: Path) -> torch.Tensor:
+def identification_pool(data: Path) -> tuple[torch.Tensor, int]:
     """The images a reconstruction is identified among ([0, 1]): the victim pool's, in its order
-    (row = victim position), then as many of the attacker's own."""
+    (row = victim position), then as many of the attacker's own; and the victim count."""
     victims = in_memory(load_split(data, "victims")[0], data / "victims.safetensors").images
     own, _ = load_split(data, "attacker")
     count = min(len(victims), len(own.labels))
     others = own.images_at(torch.arange(count))
-    return torch.cat([victims, others]).float() / 255
+    return torch.cat([victims, others]).float() / 255, len(victims)
+
+
+def chance_psnr(truth: torch.Tensor, own: torch.Tensor, trial: int) -> torch.Tensor:
+    """Per true image, the PSNR of the attacker's own image it is paired with (Hungarian, as a
+    reconstruction is), from the batch of `len(truth)` own images the trial's position picks:
+    what an attack that recovered nothing of the batch, but draws real images of the data,
+    scores."""
+    picked = own[(trial * len(truth) + torch.arange(len(truth))) % len(own)]
+    return image_metrics(picked[pair_by_hungarian(picked, truth)], truth)["psnr"]
 
 
 def evaluate_upload(
-    path: Path, truths: Path, lpips: Lpips, pool: torch.Tensor, attacker: str = ADAPTIVE
+    path: Path, truths: Path, lpips: Lpips, pool: tuple[torch.Tensor, int], attacker: str = ADAPTIVE
 ) -> tuple[list[dict], dict]:
     """Per-image rows and the upload's summary for one reconstruction file, scored against its
     truth in `truths`/<setting>/; `pool`: the identification candidates (identification_pool)."""
@@ -50,14 +61,17 @@ def evaluate_upload(
     paired = rec["images"][order]
     scores = image_metrics(paired, truth)
     scores["lpips"] = lpips(paired, truth) if lpips.available else torch.full((len(truth),), float("nan"))
-    scores["iip"] = identified(paired, torch.as_tensor(truth_meta["victim_positions"]), pool).double()
+    images, victims = pool
+    scores["iip"] = identified(paired, torch.as_tensor(truth_meta["victim_positions"]), images).double()
+    scores["chance_psnr"] = chance_psnr(truth, images[victims:], meta["trial"])
     rows = [
         {
             "setting": setting,
             "attacker": attacker,
             "scheme": meta["scheme"],
             "upload": path.stem,
-            "epoch": meta["epoch"],
+            "checkpoint": meta["checkpoint"],
+            "step": meta["step"],
             "trial": meta["trial"],
             "image": i,
             "victim": truth_meta["victim_positions"][i],
@@ -73,7 +87,8 @@ def evaluate_upload(
     summary = {
         "setting": setting,
         "scheme": meta["scheme"],
-        "epoch": meta["epoch"],
+        "checkpoint": meta["checkpoint"],
+        "step": meta["step"],
         "trial": meta["trial"],
         "converged": meta["converged"],
         "label_accuracy": label_accuracy(rec["labels"], truth_labels),

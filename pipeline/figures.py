@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.files import load_tensors
-from pipeline.report import line_plot, overview_figure, privacy_utility_plot, save_grid, scatter_plot
+from pipeline.report import curve_plot, line_plot, overview_figure, privacy_utility_plot, save_grid, scatter_plot
 from pipeline.uploads import load_truth
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def write_figures(
     reconstructions and truth they were scored on."""
     table, summary, training, per_image, uploads = tables
     figures, overview, plots = out / "figures", out / "reconstructions.png", out / "plots"
-    panels: dict[tuple[str, int], tuple] = {}
+    panels: dict[tuple[str, str], tuple] = {}
     for u in uploads.itertuples():
         rec, _ = load_tensors(attacks / u.setting / f"{u.upload}.safetensors", expected={"images", "labels"})
         truth_u8, _, _ = load_truth(truths / u.setting / f"{u.upload}.safetensors")
@@ -39,51 +40,54 @@ def write_figures(
         save_grid(figures / u.setting / f"{u.upload}.png", [truth, paired])  # truth over reconstruction
         if u.trial == 0:  # the overviews show the first trial of each cell
             gh = "n/a" if pd.isna(u.gh) else f"{u.gh:.3f}"
-            title = f"{u.setting} epoch {u.epoch} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB"
-            panels[(u.setting, int(u.epoch))] = (title, truth, paired)
+            at = checkpoint_label(u.checkpoint)
+            title = f"{u.setting} {at} trial 0: GH {gh}, PSNR {mine.psnr.mean():.1f} dB"
+            panels[(u.setting, u.checkpoint)] = (title, truth, paired)
     for row in table[table.same_upload_as.notna()].itertuples():  # the original's panel, named so
-        _, truth, paired = panels[(row.same_upload_as, int(row.epoch))]
-        panels[(row.setting, int(row.epoch))] = (
-            f"{row.setting} epoch {row.epoch}: the same upload as {row.same_upload_as}",
+        _, truth, paired = panels[(row.same_upload_as, row.checkpoint)]
+        panels[(row.setting, row.checkpoint)] = (
+            f"{row.setting} {checkpoint_label(row.checkpoint)}: the same upload as {row.same_upload_as}",
             truth,
             paired,
         )
-    ordered = [[panels[(s, e)] for e in p.extract.epochs if (s, e) in panels] for s in p.settings]
-    for setting, mine in zip(p.settings, ordered):  # one figure per setting across epochs
+    checkpoints = list(table.groupby("checkpoint").step.min().sort_values(kind="stable").index)  # training order
+    ordered = [[panels[(s, c)] for c in checkpoints if (s, c) in panels] for s in p.settings]
+    for setting, mine in zip(p.settings, ordered):  # one figure per setting across checkpoints
         if mine:
             overview_figure(figures / f"{setting}.png", mine, columns=len(mine))
-    overview_figure(overview, [panel for mine in ordered for panel in mine], columns=len(p.extract.epochs))
-    first = min(p.extract.epochs)
-    leakage = table[(table.epoch == first) & (table.role != "budget")].copy()
+    overview_figure(overview, [panel for mine in ordered for panel in mine], columns=len(checkpoints))
+    first = checkpoints[0]
+    leakage = table[(table.checkpoint == first) & (table.role != "budget")].copy()
     for column in ("psnr", "psnr_low", "psnr_high", "iip", "iip_low", "iip_high"):  # a copy shows its original's
         leakage[column] = [
-            table[(table.setting == r.same_upload_as) & (table.epoch == first)][column].iloc[0]
+            table[(table.setting == r.same_upload_as) & (table.checkpoint == first)][column].iloc[0]
             if isinstance(r.same_upload_as, str)
             else getattr(r, column)
             for r in leakage.itertuples()
         ]
     leakage["test_accuracy"] = [summary.set_index("setting").test_accuracy[s] for s in leakage.setting]
-    privacy_utility_plot(plots / "privacy_utility.png", leakage, first, p.report.confidence)
-    attacked = table[table.same_upload_as.isna()]
-    line_plot(
-        plots / "psnr_by_epoch.png",
+    privacy_utility_plot(plots / "privacy_utility.png", leakage, checkpoint_label(first), p.report.confidence)
+    attacked = table[table.same_upload_as.isna() & (table.role != "budget")]
+    chance = None
+    if "chance_psnr" in table:  # the victims of the first attacked cell: every checkpoint's batches
+        first_cell = attacked.iloc[0]
+        chance = (first_cell.chance_psnr, first_cell.chance_psnr_low, first_cell.chance_psnr_high)
+    curve_plot(
+        plots / "psnr_through_training.png",
         attacked,
-        "epoch",
-        "psnr",
-        "setting",
+        chance,
         f"Attack PSNR through training, mean and {p.report.confidence:.0%} interval over "
         f"{int(attacked.trials.max())} client batches",
-        "PSNR (dB), Hungarian-paired",
-        band=("psnr_low", "psnr_high"),
     )
     line_plot(
-        plots / "accuracy_by_epoch.png",
+        plots / "accuracy_through_training.png",
         training,
-        "epoch",
+        "step",
         "test_accuracy",
         "scheme",
-        "Test accuracy per defense scheme",
+        "Test accuracy per defense scheme, by optimizer step",
         "test accuracy",
+        symlog=True,
     )
     scored = uploads.merge(per_image.groupby(["setting", "upload"]).psnr.mean().reset_index(), on=["setting", "upload"])
     scatter_plot(

@@ -1,4 +1,4 @@
-"""The pipeline's outputs read back as tables: per scheme and epoch the training (checkpoint
+"""The pipeline's outputs read back as tables: per scheme and checkpoint the training (checkpoint
 JSONs), per upload what the client stage measured and the attack recorded (reports/client/,
 attacks/), and the columns of a cell that describe rather than measure (scheme, client,
 privacy)."""
@@ -24,14 +24,17 @@ def privacy_of(checkpoint: dict) -> str:
 
 
 def training_table(models: Path, schemes: list[str]) -> pd.DataFrame:
-    """Test accuracy (and epsilon) per scheme and checkpoint epoch."""
+    """Test accuracy (and epsilon) per scheme and checkpoint (epochs and optimizer steps), in the
+    order of training."""
     rows = []
     for scheme in schemes:
-        for path in sorted((models / scheme).glob("epoch-*.json")):
-            c = read_json(path)
+        written = [read_json(p) for pattern in ("epoch-*.json", "step-*.json") for p in (models / scheme).glob(pattern)]
+        for c in sorted(written, key=lambda c: (c["step"], c["checkpoint"])):
             rows.append(
                 {
                     "scheme": scheme,
+                    "checkpoint": c["checkpoint"],
+                    "step": c["step"],
                     "epoch": c["epoch"],
                     "test_accuracy": c["test_accuracy"],
                     "epsilon": c.get("epsilon"),
@@ -78,7 +81,8 @@ def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
             {
                 "setting": setting,
                 "upload": name,
-                "epoch": m["epoch"],
+                "checkpoint": m["checkpoint"],
+                "step": m["step"],
                 "trial": m["trial"],
                 "label_accuracy": m["label_accuracy"],
                 **{
@@ -95,10 +99,10 @@ def load_outputs(metrics: dict, attacks: Path, client: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def describe(p: Params, models: Path, setting: str, epoch: int, uploads: pd.DataFrame) -> dict:
+def describe(p: Params, models: Path, setting: str, at: str, uploads: pd.DataFrame) -> dict:
     """The columns of a cell that are not statistics: the scheme's checkpoint, the client, privacy."""
     scheme, client = p.setting(setting)
-    checkpoint = read_json(models / scheme / Path(checkpoint_name(epoch)).with_suffix(".json"))
+    checkpoint = read_json(models / scheme / Path(checkpoint_name(at)).with_suffix(".json"))
     client_epsilon = None if uploads.epsilon.isna().any() else float(uploads.epsilon.mean())
     client_privacy = (
         ""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.report import markdown_table
 from pipeline.results import BASELINE, BUDGET, COPY, TEST, UNPAIRED
 
@@ -30,7 +31,8 @@ def _p(value) -> str:
 def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     """The cells as a reader takes them: "mean [interval]" per measure, the paired difference, raw
     and adjusted p and the cell's verdict (or the copy it is)."""
-    out = table[["setting", "epoch", "test_accuracy", "client", "trials"]].copy()
+    out = table[["setting", "checkpoint", "step", "test_accuracy", "client", "trials"]].copy()
+    out["checkpoint"] = out.checkpoint.map(checkpoint_label)
     out["trials"] = out.trials.astype("Int64")
     copy = table.same_upload_as.notna()
     out["PSNR dB"] = [
@@ -81,35 +83,35 @@ def _cell_word(row) -> str:
 
 
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    epochs = [c for c in summary.columns if c.startswith("psnr_epoch_") and not c.endswith("_ci")]
+    checkpoints = [c.removeprefix("psnr_") for c in summary.columns if c.startswith("psnr_") and not c.endswith("_ci")]
     out = summary[["setting", "scheme", "trials"]].copy()
     out["trials"] = out.trials.astype("Int64")
     if (summary.hyperparameters != "fixed").any():  # else every attack ran with params.yaml's values
         out["attack hyper-parameters"] = summary.hyperparameters
-    for column in epochs:
-        epoch = column.removeprefix("psnr_epoch_")
-        same = summary[f"same_upload_epoch_{epoch}"]
-        out[f"PSNR epoch {epoch}"] = [
+    for at in checkpoints:
+        same = summary[f"same_upload_{at}"]
+        out[f"PSNR {checkpoint_label(at)}"] = [
             f"= {s}" if isinstance(s, str) else _interval(m, *ci)
-            for m, ci, s in zip(summary[column], summary[f"{column}_ci"], same)
+            for m, ci, s in zip(summary[f"psnr_{at}"], summary[f"psnr_{at}_ci"], same)
         ]
-        out[f"IIP epoch {epoch}"] = [
+        out[f"IIP {checkpoint_label(at)}"] = [
             "" if isinstance(s, str) or v is None or pd.isna(v) else f"{v:.2f}"
-            for v, s in zip(summary[f"iip_epoch_{epoch}"], same)
+            for v, s in zip(summary[f"iip_{at}"], same)
         ]
     if "classic_separate" in summary:
-        for column in epochs:
-            epoch = column.removeprefix("psnr_epoch_")
-            classic = f"classic_{column}"
-            out[f"classic epoch {epoch}"] = [
+        for at in checkpoints:
+            classic = f"classic_psnr_{at}"
+            out[f"classic {checkpoint_label(at)}"] = [
                 "" if isinstance(s, str) else (_interval(m, *ci) if separate else "same attack")
                 for m, ci, separate, s in zip(
                     summary[classic],
                     summary[f"{classic}_ci"],
                     summary.classic_separate,
-                    summary[f"same_upload_epoch_{epoch}"],
+                    summary[f"same_upload_{at}"],
                 )
             ]
+    if "falls" in summary:
+        out["where the attack falls"] = summary.falls
     out["test accuracy"] = summary.test_accuracy
     out["cost vs baseline"] = summary.accuracy_cost
     out["verdict"] = summary.verdict
@@ -123,7 +125,7 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
     paired = (
         "no baseline is set (report.baseline: null), so there are no paired columns: compare the intervals."
         if baseline is None
-        else f"Every setting is paired with `{baseline}` batch by batch (same epoch and trial: the same victims); "
+        else f"Every setting is paired with `{baseline}` batch by batch (same checkpoint and trial: the same victims); "
         "a setting whose batches are chosen otherwise (label repetition, another batch size) is not paired. "
         "'vs baseline' is the mean over the batches of each batch's mean paired PSNR difference, with its t "
         f"interval; p is the paired t-test of the same batch means (scipy.stats.ttest_1samp), so the interval "
@@ -152,10 +154,19 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
         "images, is their own. An attack counts as unconverged when its best gradient loss over the last 10 % "
         "of iterations is more than 1 % under the best of the 10 % before (pipeline.attack.invert."
         "still_falling); a cell's verdict says when it rests on any of its own or of the baseline's cell at "
-        "that epoch. The attack runs with params.yaml's hyper-parameters (fixed) unless the summary names "
+        "that checkpoint. The attack runs with params.yaml's hyper-parameters (fixed) unless the summary names "
         "tuned ones: chosen by tune@<setting> on the attacker's own images, never a victim's (the classic "
         f"attacker keeps the fixed ones).{lpips}\n"
     )
+
+
+def training_accuracy(training: pd.DataFrame, schemes: list[str]) -> pd.DataFrame:
+    """Test accuracy, one row per checkpoint in the order of training, one column per scheme."""
+    order = training.groupby("checkpoint").step.min().sort_values(kind="stable").index
+    out = training.pivot(index="checkpoint", columns="scheme", values="test_accuracy").loc[order, schemes]
+    out = out.reset_index()
+    out["checkpoint"] = out.checkpoint.map(checkpoint_label)
+    return out
 
 
 def results_markdown(p: Params, table: pd.DataFrame, summary: pd.DataFrame, training: pd.DataFrame, baseline) -> str:
@@ -163,7 +174,7 @@ def results_markdown(p: Params, table: pd.DataFrame, summary: pd.DataFrame, trai
     return (
         "# Results\n\n"
         + intro(p, table, baseline)
-        + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked epoch as mean [interval over batches] "
+        + "\n## Summary\n\nPSNR (dB, Hungarian-paired) at each attacked checkpoint as mean [interval over batches] "
         "and IIP, against the "
         "adaptive attacker (it models the client's asynchronous-BatchNorm shards and unrolls its local steps, as "
         "the threat model states them) and, where that differs, the classic attacker (one full-batch gradient; "
@@ -171,16 +182,14 @@ def results_markdown(p: Params, table: pd.DataFrame, summary: pd.DataFrame, trai
         "last epoch, with its cost against the baseline's scheme (positive: the defense costs accuracy); the "
         "verdict against the baseline, read against the adaptive attacker.\n\n"
         + markdown_table(shown_summary(summary))
-        + "\n## Every cell\n\nOne row per client setting x training epoch. GH = 1 - cos(upload, the single-step "
+        + "\n## Every cell\n\nOne row per client setting x checkpoint (its optimizer step beside it). "
+        "GH = 1 - cos(upload, the single-step "
         "full-batch sync-BN gradient the attacker models), the mean over the trials; epsilon: the DP-SGD model's, "
         "or the DP client's. Every number and per-image score: `reports/results.csv`, `reports/per_image.csv`.\n\n"
         + markdown_table(shown_table(table))
-        + "\n## Training\n\nTest accuracy per scheme and epoch; epsilon where the scheme is DP-SGD.\n\n"
-        + markdown_table(
-            training.pivot(index="epoch", columns="scheme", values="test_accuracy")[list(p.schemes)]
-            .reset_index()
-            .astype({"epoch": str})
-        )
+        + "\n## Training\n\nTest accuracy per scheme and checkpoint (a scheme's optimizer steps per epoch follow "
+        "its global batch); epsilon where the scheme is DP-SGD.\n\n"
+        + markdown_table(training_accuracy(training, list(p.schemes)))
         + "\n"
-        + markdown_table(training[training.epsilon.notna()][["scheme", "epoch", "epsilon", "privacy"]])
+        + markdown_table(training[training.epsilon.notna()][["scheme", "checkpoint", "step", "epsilon", "privacy"]])
     )

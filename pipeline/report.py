@@ -68,9 +68,11 @@ def line_plot(
     title: str,
     ylabel: str,
     band: tuple[str, str] | None = None,
+    symlog: bool = False,
 ) -> None:
     """One line of `y` against `x` per value of `by`, in the order the frame lists them; with
-    `band` (two columns: low, high), each line's interval shaded behind it."""
+    `band` (two columns: low, high), each line's interval shaded behind it; `symlog`: `x` on a
+    symmetric-log axis (optimizer steps from 0)."""
     plt, fig, axes = _figure(size=(6, 4) if band is None else (7, 4.5))
     ax = axes[0, 0]
     for name, part in frame.groupby(by, sort=False):
@@ -80,7 +82,10 @@ def line_plot(
             low, high = (part[column].astype(float) for column in band)
             ax.fill_between(part[x], low, high, color=line.get_color(), alpha=0.12)
     ax.set(title=title, xlabel=x, ylabel=ylabel)
+    if symlog:
+        ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(sorted(frame[x].unique()))
+    ax.set_xticklabels([str(v) for v in sorted(frame[x].unique())], rotation=45)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     _save(plt, fig, path)
@@ -131,9 +136,9 @@ def study_plots(folder: Path, records: list, importances: dict[str, float], obje
     return paths
 
 
-def privacy_utility_plot(path: Path, frame: pd.DataFrame, epoch: int, confidence: float) -> None:
+def privacy_utility_plot(path: Path, frame: pd.DataFrame, checkpoint: str, confidence: float) -> None:
     """Leakage against utility, one point per setting: the scheme's final test accuracy across, the
-    attack's PSNR (left) and image identifiability (right) at `epoch` up, each with its interval
+    attack's PSNR (left) and image identifiability (right) at `checkpoint` up, each with its interval
     over batches. Columns: setting, test_accuracy, psnr/_low/_high, iip/_low/_high, and
     same_upload_as (a hollow marker: that setting's upload, measured under another name). Points
     at one accuracy (the client settings of one scheme) are spread a little apart to be read."""
@@ -160,13 +165,60 @@ def privacy_utility_plot(path: Path, frame: pd.DataFrame, epoch: int, confidence
                 capsize=3,
                 label=f"{row.setting} (= {row.same_upload_as})" if copy else row.setting,
             )
-        ax.set(xlabel="test accuracy of the setting's scheme after training", ylabel=f"{label} at epoch {epoch}")
+        ax.set(xlabel="test accuracy of the setting's scheme after training", ylabel=f"{label} at {checkpoint}")
         ax.grid(alpha=0.3)
     axes[0, 0].set_title(f"Attack PSNR, mean and {confidence:.0%} interval over client batches", fontsize=10)
     axes[0, 1].set_title("Share of reconstructions whose nearest image is their own", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.subplots_adjust(right=0.83, wspace=0.25)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def curve_plot(path: Path, frame: pd.DataFrame, floor: tuple[float, float, float] | None, title: str) -> None:
+    """The attack through training: PSNR (left) and image identifiability (right) against the
+    checkpoint's optimizer step on a symmetric-log axis (step 0 included), one line per setting
+    with its interval band, the classic attacker dashed where it ran separately; `floor` (mean,
+    low, high) the chance PSNR shaded grey. Columns: setting, step, psnr/_low/_high,
+    iip/_low/_high, classic_separate, classic_psnr/_low/_high."""
+    plt, fig, axes = _figure(1, 2, (14, 5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (setting, part) in enumerate(frame.groupby("setting", sort=False)):
+        part = part.sort_values("step")
+        colour = colours[i % len(colours)]
+        for ax, measure in ((axes[0, 0], "psnr"), (axes[0, 1], "iip")):
+            low, high = (part[f"{measure}{s}"].astype(float) for s in ("_low", "_high"))
+            ax.plot(part.step, part[measure].astype(float), marker="o", color=colour, label=setting)
+            ax.fill_between(part.step, low, high, color=colour, alpha=0.12)
+        classic = part[part.classic_separate.fillna(False).astype(bool)]
+        if len(classic):
+            axes[0, 0].plot(
+                classic.step,
+                classic.classic_psnr.astype(float),
+                ls="--",
+                marker="x",
+                color=colour,
+                label=f"{setting} (classic attacker)",
+            )
+    if floor is not None:
+        mean, low, high = floor
+        axes[0, 0].axhspan(low, high, color="grey", alpha=0.25)
+        axes[0, 0].axhline(mean, color="grey", lw=1, label="chance: the attacker's own images")
+    steps = sorted(frame.step.unique())
+    for ax, label in ((axes[0, 0], "PSNR (dB), Hungarian-paired"), (axes[0, 1], "image identifiability")):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, max(steps) * 1.3 + 1)
+        ax.set_xticks(steps)
+        ax.set_xticklabels([str(s) for s in steps], rotation=60, fontsize=8)
+        ax.set(xlabel="optimizer step of the checkpoint attacked (symmetric log scale)", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title, fontsize=10)
+    axes[0, 1].set_title("Share of reconstructions whose nearest image is their own", fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.subplots_adjust(right=0.8, wspace=0.25, bottom=0.18)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)

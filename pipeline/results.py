@@ -1,9 +1,9 @@
-"""The results: every (setting, epoch) cell from its trials' images, with the evidence behind it.
+"""The results: every (setting, checkpoint) cell from its trials' images, with the evidence behind it.
 
 A cell holds `extract.trials` client batches of B images each. The images of one batch share one
 attack, so the batch is the unit of every interval and test (pipeline.statistics): per cell the
 mean over the batches with a t interval of the batch means; against the baseline setting at the
-same epoch (same trial and batch position: the trials pair the settings) the paired difference
+same checkpoint (same trial and batch position: the trials pair the settings) the paired difference
 of each batch, its mean, t interval and paired t-test. The verdicts of one table are one family,
 adjusted by Holm; a cell without a verdict of effect states the smallest difference the design
 would have detected. Image-level numbers (the median, the image count) are description only.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.errors import PipelineError
 from pipeline.statistics import Evidence, batch_means, detectable_difference, holm, t_estimate
 from pipeline.uploads import CLASSIC
@@ -38,21 +39,21 @@ MEASURES = (*SCORES, "iip")  # iip: image identifiability, 1 where the reconstru
 BASELINE, TEST, BUDGET, COPY, UNPAIRED = "baseline", "test", "budget", "copy", "unpaired"
 
 
-def paired(per_image: pd.DataFrame, setting: str, baseline: str, epoch: int) -> pd.DataFrame:
-    """The setting's and the baseline's images at one epoch side by side, matched by trial and
+def paired(per_image: pd.DataFrame, setting: str, baseline: str, at: str) -> pd.DataFrame:
+    """The setting's and the baseline's images at one checkpoint side by side, matched by trial and
     batch position (columns <score>, <score>_baseline). The trials must hold the same victims."""
     keys = ["trial", "image"]
-    mine = per_image[(per_image.setting == setting) & (per_image.epoch == epoch)].set_index(keys)
-    theirs = per_image[(per_image.setting == baseline) & (per_image.epoch == epoch)].set_index(keys)
+    mine = per_image[(per_image.setting == setting) & (per_image.checkpoint == at)].set_index(keys)
+    theirs = per_image[(per_image.setting == baseline) & (per_image.checkpoint == at)].set_index(keys)
     both = mine.join(theirs[["victim", *SCORES]], rsuffix="_baseline", how="inner")
     if len(both) != len(mine) or len(both) != len(theirs):
         raise PipelineError(
-            f"{setting} and {baseline} at epoch {epoch}: {len(mine)} and {len(theirs)} images, "
+            f"{setting} and {baseline} at {at}: {len(mine)} and {len(theirs)} images, "
             f"{len(both)} in the same trial positions (extract both with the same extract.trials)"
         )
     if not (both.victim == both.victim_baseline).all():
         raise PipelineError(
-            f"{setting} and {baseline} at epoch {epoch}: a trial holds other victims in the two "
+            f"{setting} and {baseline} at {at}: a trial holds other victims in the two "
             "settings, so they cannot be paired"
         )
     return both.reset_index()
@@ -75,7 +76,82 @@ def cell_statistics(cell: pd.DataFrame, evidence: Evidence) -> dict:
         out.update({measure: found.mean, f"{measure}_low": found.low, f"{measure}_high": found.high})
         if measure == "psnr":
             out["psnr_median"] = float(cell.psnr.median())
+    if "chance_psnr" in cell:  # the same batches scored against the attacker's own images
+        chance = t_estimate(batch_means(cell, "chance_psnr"), evidence.confidence)
+        above = t_estimate(batch_means(cell.assign(above=cell.psnr - cell.chance_psnr), "above"), evidence.confidence)
+        out.update(
+            {
+                "chance_psnr": chance.mean,
+                "chance_psnr_low": chance.low,
+                "chance_psnr_high": chance.high,
+                "above_chance": above.mean,
+                "above_chance_low": above.low,
+                "above_chance_high": above.high,
+                # the attack's PSNR over chance's is, within its interval, under the effect the design
+                # is sized to see: it recovers no more of the batch than real images of the data do
+                "at_chance": bool(above.high < evidence.effect),
+            }
+        )
     return out
+
+
+def settles(steps: list[int], flags: list[bool]) -> tuple[int | None, int | None]:
+    """The optimizer step from which on every attacked checkpoint has the flag (None: the last has
+    not), and the step of the checkpoint before it (None: from the first): what the flag marks
+    happens between the two. A checkpoint that has it between two that have not does not count."""
+    if not flags or not flags[-1]:
+        return None, steps[-1] if steps else None
+    first = len(flags)
+    while first > 0 and flags[first - 1]:
+        first -= 1
+    return steps[first], steps[first - 1] if first else None
+
+
+def add_floor(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
+    """Each cell against its setting's last checkpoint, batch by batch (the same victims in every
+    checkpoint of a setting): `above_floor` the mean over batches of the cell's PSNR less the last
+    checkpoint's, with its t interval; `at_floor` where that interval ends under the effect the
+    design is sized to see: the attack has fallen as far as training takes it. A copied cell
+    reads its original's images."""
+
+    def images_of(row) -> pd.DataFrame:
+        source = row.same_upload_as if isinstance(row.same_upload_as, str) else row.setting
+        return per_image[(per_image.setting == source) & (per_image.checkpoint == row.checkpoint)]
+
+    rows, keys = [], ["trial", "image"]
+    for row in table.itertuples():
+        mine = table[table.setting == row.setting]
+        cell, floor = images_of(row), images_of(mine.loc[mine.step.idxmax()])
+        both = cell.set_index(keys)[["psnr"]].join(floor.set_index(keys)[["psnr"]], rsuffix="_floor", how="inner")
+        found = t_estimate(
+            batch_means(both.reset_index().assign(d=both.psnr.values - both.psnr_floor.values), "d"),
+            evidence.confidence,
+        )
+        rows.append(
+            {
+                "above_floor": found.mean,
+                "above_floor_low": found.low,
+                "above_floor_high": found.high,
+                "at_floor": bool(found.high < evidence.effect),
+            }
+        )
+    return pd.concat([table, pd.DataFrame(rows, index=table.index)], axis=1)
+
+
+def fall_text(floor: tuple[int | None, int | None], chance: tuple[int | None, int | None], last) -> str:
+    """Where a setting's attack reaches its floor and chance, in words; `last`: its last cell."""
+    step, before = floor
+    if step is None:
+        text = f"not at its floor by step {before}"
+    elif before is None:
+        text = f"at its floor from step {step}, the first checkpoint"
+    else:
+        text = f"at its floor from step {step} (above at step {before})"
+    step, before = chance
+    if step is None:
+        above = f"{last.above_chance:+.1f} dB [{last.above_chance_low:+.1f}, {last.above_chance_high:+.1f}]"
+        return f"{text}; above chance at step {before} by {above}"
+    return text + (f"; at chance from step {step}" + (f" (above at step {before})" if before is not None else ""))
 
 
 def difference_statistics(both: pd.DataFrame, evidence: Evidence) -> dict:
@@ -101,23 +177,32 @@ def results_table(
     describe,
     evidence: Evidence,
     order: list[str],
-    copies: dict[tuple[str, int], str] | None = None,
+    copies: dict[tuple[str, str], str] | None = None,
 ) -> pd.DataFrame:
-    """One row per (setting, epoch), settings in `order`. `describe(setting, epoch, uploads)`
-    gives the columns that are not statistics (scheme, test accuracy, client, privacy, ...).
-    `copies` maps a (setting, epoch) cell that was not attacked to the setting whose uploads it
-    repeats: its row names that setting and carries the description, no statistics."""
+    """One row per (setting, checkpoint), settings in `order`, checkpoints by optimizer step.
+    `describe(setting, checkpoint, uploads)` gives the columns that are not statistics (scheme,
+    test accuracy, client, privacy, ...). `copies` maps a (setting, checkpoint) cell that was not
+    attacked to the setting whose uploads it repeats: its row names that setting and carries the
+    description, no statistics."""
     copies = copies or {}
     rows = []
     for setting in order:
-        epochs = set(uploads[uploads.setting == setting].epoch) | {e for s, e in copies if s == setting}
-        for epoch in sorted(int(e) for e in epochs):
-            original = copies.get((setting, epoch))
-            source = original or setting
-            mine = uploads[(uploads.setting == source) & (uploads.epoch == epoch)]
-            row = {"setting": setting, "epoch": epoch, **describe(setting, epoch, mine), "same_upload_as": original}
+        names = set(uploads[uploads.setting == setting].checkpoint) | {c for s, c in copies if s == setting}
+        cells = []
+        for at in names:
+            original = copies.get((setting, at))
+            mine = uploads[(uploads.setting == (original or setting)) & (uploads.checkpoint == at)]
+            cells.append((int(mine.step.iloc[0]), at, original, mine))
+        for step, at, original, mine in sorted(cells, key=lambda c: c[:2]):
+            row = {
+                "setting": setting,
+                "checkpoint": at,
+                "step": step,
+                **describe(setting, at, mine),
+                "same_upload_as": original,
+            }
             if original is None:
-                cell = per_image[(per_image.setting == setting) & (per_image.epoch == epoch)]
+                cell = per_image[(per_image.setting == setting) & (per_image.checkpoint == at)]
                 row.update(
                     {
                         **cell_statistics(cell, evidence),
@@ -143,7 +228,7 @@ def add_differences(
     evidence: Evidence,
     budget: str | None = None,
 ) -> pd.DataFrame:
-    """Each row's role, and the paired columns against the baseline at the same epoch (empty where
+    """Each row's role, and the paired columns against the baseline at the same checkpoint (empty where
     a setting does not pair with it). `budget`: the setting that is the baseline's client attacked
     at a larger budget; its difference is the attacker's gain, not a verdict."""
     columns = ["role", *_PAIRED, "baseline_unconverged"]
@@ -162,8 +247,8 @@ def add_differences(
         if baseline is None or role not in (TEST, BUDGET):
             extra.append({"role": role})
             continue
-        both = paired(per_image, row.setting, baseline, row.epoch)
-        base = table[(table.setting == baseline) & (table.epoch == row.epoch)]
+        both = paired(per_image, row.setting, baseline, row.checkpoint)
+        base = table[(table.setting == baseline) & (table.checkpoint == row.checkpoint)]
         extra.append(
             {
                 "role": role,
@@ -214,7 +299,7 @@ def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
 
 def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
     """One cell's reading against the baseline, flagged where unconverged attacks of this cell or
-    of the baseline's cell at its epoch are behind it."""
+    of the baseline's cell at its checkpoint are behind it."""
     if isinstance(row.same_upload_as, str):
         return f"same upload as `{row.same_upload_as}`: measured there"
     if row.role == BASELINE:
@@ -239,13 +324,15 @@ def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
 
 
 def verdict(cells: pd.DataFrame, evidence: Evidence, baseline: str | None) -> str:
-    """A setting's verdict, epoch by epoch."""
+    """A setting's verdict, checkpoint by checkpoint."""
     setting = cells.setting.iloc[0]
     if baseline is None:
         return "no baseline (report.baseline: null): compare the intervals"
     if setting == baseline:
         return "baseline"
-    return "; ".join(f"epoch {int(r.epoch)}: {cell_verdict(r, evidence, baseline)}" for r in cells.itertuples())
+    return "; ".join(
+        f"{checkpoint_label(r.checkpoint)}: {cell_verdict(r, evidence, baseline)}" for r in cells.itertuples()
+    )
 
 
 def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
@@ -254,7 +341,7 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
     classic = per_image[per_image.attacker == CLASSIC]
     rows = []
     for row in table.itertuples():
-        cell = classic[(classic.setting == row.setting) & (classic.epoch == row.epoch)]
+        cell = classic[(classic.setting == row.setting) & (classic.checkpoint == row.checkpoint)]
         if len(cell):
             found = t_estimate(batch_means(cell, "psnr"), evidence.confidence)
             rows.append(
@@ -278,14 +365,13 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
 
 
 def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, baseline: str | None) -> pd.DataFrame:
-    """Per setting: PSNR and IIP at each attacked epoch as mean [interval], the accuracy the
-    defense costs (the setting's scheme against the baseline's after the last epoch) and the
-    verdict, epoch by epoch."""
+    """Per setting: PSNR and IIP at each attacked checkpoint as mean [interval] (columns
+    psnr_<checkpoint>, ...), the accuracy the defense costs (the setting's scheme against the
+    baseline's after the last epoch) and the verdict, checkpoint by checkpoint."""
     final = training[training.epoch == training.epoch.max()].set_index("scheme").test_accuracy
     base_scheme = None if baseline is None else table[table.setting == baseline].scheme.iloc[0]
     rows = []
     for setting, part in table.groupby("setting", sort=False):
-        part = part.sort_values("epoch")
         scheme = part.scheme.iloc[0]
         attacked = part[part.same_upload_as.isna()]
         row = {
@@ -295,15 +381,35 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
             "hyperparameters": part.hyperparameters.iloc[0],
         }
         for r in part.itertuples():
-            row[f"psnr_epoch_{r.epoch}"] = r.psnr
-            row[f"psnr_epoch_{r.epoch}_ci"] = [r.psnr_low, r.psnr_high]
-            row[f"iip_epoch_{r.epoch}"] = r.iip
-            row[f"same_upload_epoch_{r.epoch}"] = r.same_upload_as
+            row[f"psnr_{r.checkpoint}"] = r.psnr
+            row[f"psnr_{r.checkpoint}_ci"] = [r.psnr_low, r.psnr_high]
+            row[f"iip_{r.checkpoint}"] = r.iip
+            row[f"same_upload_{r.checkpoint}"] = r.same_upload_as
         if "classic_psnr" in part:
             row["classic_separate"] = bool(part.classic_separate.fillna(False).any())
             for r in part.itertuples():
-                row[f"classic_psnr_epoch_{r.epoch}"] = r.classic_psnr
-                row[f"classic_psnr_epoch_{r.epoch}_ci"] = [r.classic_psnr_low, r.classic_psnr_high]
+                row[f"classic_psnr_{r.checkpoint}"] = r.classic_psnr
+                row[f"classic_psnr_{r.checkpoint}_ci"] = [r.classic_psnr_low, r.classic_psnr_high]
+        if "at_floor" in table and "at_chance" in table:  # where the attack falls (add_floor)
+            measured = [  # a copy's chance is its original's cell's
+                table[
+                    (table.setting == (r.same_upload_as if isinstance(r.same_upload_as, str) else r.setting))
+                    & (table.checkpoint == r.checkpoint)
+                ].iloc[0]
+                for r in part.itertuples()
+            ]
+            steps = [int(s) for s in part.step]
+            floor = settles(steps, [bool(f) for f in part.at_floor])
+            chance = settles(steps, [bool(m.at_chance) for m in measured])
+            row.update(
+                {
+                    "floor_step": floor[0],
+                    "above_floor_at_step": floor[1],
+                    "chance_step": chance[0],
+                    "above_chance_at_step": chance[1],
+                    "falls": fall_text(floor, chance, measured[-1]),
+                }
+            )
         row.update(
             {
                 "test_accuracy": final.get(scheme),

@@ -53,6 +53,14 @@ class TrainParams(_Section):
     num_nodes: int = Field(ge=1)
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]
     loader_workers: int = Field(ge=0)  # DataLoader processes decoding a streamed image folder (0: the trainer's)
+    # optimizer steps after which a checkpoint is written besides every epoch's: where the leak dies
+    checkpoint_steps: list[Annotated[int, Field(ge=1)]]
+
+    @model_validator(mode="after")
+    def _steps(self) -> TrainParams:
+        if len(set(self.checkpoint_steps)) != len(self.checkpoint_steps):
+            raise ValueError("checkpoint_steps: a step is listed twice")
+        return self
 
 
 class DPParams(_Section):
@@ -92,7 +100,10 @@ class SchemeParams(_Section):
 
 
 class ExtractParams(_Section):
-    epochs: list[int] = Field(min_length=1)  # checkpoints every setting's client uploads from
+    # checkpoints every setting's client uploads from: after these epochs, and after these
+    # optimizer steps (each one of train.checkpoint_steps)
+    epochs: list[Annotated[int, Field(ge=0)]]
+    steps: list[Annotated[int, Field(ge=1)]]
     # client batches per setting and epoch, disjoint, drawn from the victim pool by trial: trial t
     # holds the same images in every setting that draws its batch the same way (the pairing)
     trials: int = Field(ge=1)
@@ -260,7 +271,7 @@ class TuneParams(_Section):
     """The study tune@<setting> runs for each setting whose attack has hyperparameters: tuned."""
 
     trials: int = Field(ge=1)  # finished trials per study (pruned ones count), the fixed attack the first
-    batches: int = Field(ge=1)  # surrogate client batches, attacked at every extract epoch
+    batches: int = Field(ge=1)  # surrogate client batches, attacked at every extracted checkpoint
     objective: Literal["psnr", "grad_loss"]  # surrogate images' mean PSNR, or the mean gradient loss
     startup_trials: int = Field(ge=0)  # random trials before TPE models the history; none pruned before
     space: dict[str, SearchRange] = Field(min_length=1)

@@ -160,9 +160,10 @@ def _history(client, run_id: str | None, key: str) -> dict[int, float]:
 
 def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str | None = None) -> Any:
     """The results table rebuilt from the stage runs in the tracking store (the latest finished run
-    of each DVC stage, within one pipeline group if given): train (test accuracy, epsilon per epoch),
+    of each DVC stage, within one pipeline group if given): train (test accuracy, epsilon per checkpoint),
     extract (GH, the client's epsilon), attack (iterations, unconverged restarts, wall time), evaluate
-    (image metrics): per epoch the mean over the trials, as the stages log them; `shared` the columns."""
+    (image metrics): per checkpoint, keyed by its optimizer step (the metrics' MLflow step), the mean
+    over the trials, as the stages log them; `shared` the columns."""
     import mlflow
     import pandas as pd
 
@@ -183,8 +184,8 @@ def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str |
         setting, scheme = extract["tags.setting"], extract["tags.scheme"]
         train, attack = run_id.get(f"train@{scheme}"), run_id.get(f"attack@{setting}")
         h = {
-            "test_accuracy": _history(client, train, "epoch.test_accuracy"),
-            "train_epsilon": _history(client, train, "epoch.epsilon"),
+            "test_accuracy": _history(client, train, "checkpoint.test_accuracy"),
+            "train_epsilon": _history(client, train, "checkpoint.epsilon"),
             "client_epsilon": _history(client, extract.run_id, "epsilon"),
             "gh": _history(client, extract.run_id, "gh"),
             "iterations_run": _history(client, attack, "iterations_run"),
@@ -195,29 +196,29 @@ def table_from_mlflow(uri: str, experiment: str, shared: list[str], group: str |
                 for k in ("label_accuracy", "psnr", "ssim", "mse", "lpips")
             },
         }
-        for epoch in sorted(h["psnr"]):
+        for step in sorted(h["psnr"]):
             rows.append(
                 {
                     "setting": setting,
                     "scheme": scheme,
-                    "epoch": epoch,
-                    "epsilon": h["train_epsilon"].get(epoch, h["client_epsilon"].get(epoch)),
-                    **{k: h[k].get(epoch) for k in shared[3:] if k != "epsilon"},
-                    "attack_seconds": h["attack_seconds"].get(epoch),
+                    "step": step,
+                    "epsilon": h["train_epsilon"].get(step, h["client_epsilon"].get(step)),
+                    **{k: h[k].get(step) for k in shared[3:] if k != "epsilon"},
+                    "attack_seconds": h["attack_seconds"].get(step),
                 }
             )
     return pd.DataFrame(rows)
 
 
 def log_setting_runs(mlflow: Any, table: Any) -> None:
-    """One child run per setting with the same metric names (step = epoch): the UI's compare view
+    """One child run per setting with the same metric names (step = the optimizer step): the UI's compare view
     then lines the settings up side by side."""
     import pandas as pd
 
     numbers = [
         c
         for c in table.columns
-        if c != "epoch" and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+        if c != "step" and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
     ]
     for setting, part in table.groupby("setting", sort=False):
         with mlflow.start_run(
@@ -233,4 +234,4 @@ def log_setting_runs(mlflow: Any, table: Any) -> None:
                 }
             )
             for _, row in part.iterrows():
-                mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.epoch))
+                mlflow.log_metrics({k: float(row[k]) for k in numbers if pd.notna(row[k])}, step=int(row.step))

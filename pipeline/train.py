@@ -1,4 +1,5 @@
-"""Training under a defense scheme with Lightning, a weights-only checkpoint every epoch.
+"""Training under a defense scheme with Lightning, a weights-only checkpoint every epoch and
+after each of `train.checkpoint_steps` optimizer steps.
 
 The same code runs on one CPU process, several gloo processes, or GPUs over several nodes;
 only `train.devices`, `train.num_nodes` and `train.accelerator` change. What a scheme
@@ -14,6 +15,7 @@ changes:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.bn import CrossProcessSyncBatchNorm
-from pipeline.checkpoints import checkpoint_name, save_checkpoint
+from pipeline.checkpoints import checkpoint_name, epoch_checkpoint, save_checkpoint, step_checkpoint
 from pipeline.config import Params
 from pipeline.data import normalise
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
+from pipeline.errors import PipelineError
 from pipeline.files import read_json
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
 from pipeline.nets import build_model
@@ -74,6 +77,31 @@ class Classifier(L.LightningModule):
     @property
     def sample_rate(self) -> float:
         return self.global_batch / len(self.train_set)
+
+    def steps_per_epoch(self, processes: int) -> int:
+        """Optimizer steps in one epoch: round(1/q) Poisson batches, or the sampler's share of each
+        process cut into batches (the last one short)."""
+        if self.per_sample_dp:
+            return max(1, round(1 / self.sample_rate))
+        share = math.ceil(len(self.train_set) / processes)
+        return math.ceil(share / (self.global_batch // processes))
+
+    def test_accuracy_now(self) -> float:
+        """The test accuracy of the weights as they are, between two training steps: the model in
+        eval mode over every process's share of the test set, counts summed over processes. No
+        random draw and no buffer update, so training goes on with the same bytes."""
+        was_training = self.model.training
+        self.model.eval()
+        counts = torch.zeros(2, device=self.device)
+        with torch.no_grad():
+            for images, labels in self.val_dataloader():
+                images, labels = images.to(self.device), labels.to(self.device)
+                counts += torch.stack(
+                    [(self.model(images).argmax(1) == labels).sum().float(), counts.new_tensor(len(labels))]
+                )
+        self.model.train(was_training)
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return float(counts[0] / counts[1])
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1 and not torch.cuda.is_available():
@@ -160,16 +188,15 @@ class Classifier(L.LightningModule):
         self.last_test_accuracy = float(accuracy)
         self.log("test_accuracy", accuracy, prog_bar=True)
         if self.per_sample_dp and self.trainer.state.fn == "fit":
-            self.log("epsilon", self.privacy(self.current_epoch + 1)["epsilon"])
+            self.log("epsilon", self.privacy(self.trainer.global_step)["epsilon"])
 
-    def privacy(self, epochs: int) -> dict[str, Any]:
-        """What the scheme guarantees after `epochs` epochs, for the checkpoint's metadata."""
+    def privacy(self, steps: int) -> dict[str, Any]:
+        """What the scheme guarantees after `steps` optimizer steps, for the checkpoint's metadata."""
         dp = self.scheme.dp
         if dp is None:
             return {}
         if dp.kind == "batch":
             return {"guarantee": "none (batch clipping, not DP-SGD)", "clip": dp.clip, "sigma": dp.sigma}
-        steps = epochs * max(1, round(1 / self.sample_rate))
         assert dp.delta is not None  # per-sample DP has one (pipeline.config)
         return {
             "guarantee": "(epsilon, delta)-DP, RDP accountant",
@@ -189,17 +216,37 @@ class Classifier(L.LightningModule):
         return [opt], [sched]
 
 
-class EpochCheckpoints(Callback):
-    """Write the weights before training (epoch 0) and after every epoch's evaluation.
+class Checkpoints(Callback):
+    """Write the weights before training (epoch 0), after every epoch's evaluation, and after
+    each of `steps` optimizer steps (with the test accuracy there).
 
     After each epoch the whole training state (optimizer momentum, schedule, loop counters)
-    is saved too, so a killed run resumes where it stopped and ends with the same weights.
+    is saved too, so a killed run resumes from its last finished epoch; the step checkpoints
+    of the epoch it redoes are written again with the same bytes (a run is deterministic).
     Only the first process writes; with asynchronous BatchNorm its running statistics are
     the ones saved (`bn_state_rank` in the metadata).
     """
 
-    def __init__(self, folder: Path, meta: dict[str, Any]):
-        self.folder, self.meta = folder, meta
+    def __init__(self, folder: Path, meta: dict[str, Any], steps: list[int]):
+        self.folder, self.meta, self.steps = folder, meta, set(steps)
+
+    def write(self, trainer: L.Trainer, module: Classifier, checkpoint: str, epoch: int | None, accuracy: float):
+        meta = {
+            **self.meta,
+            "checkpoint": checkpoint,
+            "epoch": epoch,
+            "step": trainer.global_step,
+            "test_accuracy": round(accuracy, 6),
+            **module.privacy(trainer.global_step),
+        }
+        save_checkpoint(self.folder / checkpoint_name(checkpoint), module.model, meta)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        assert isinstance(module, Classifier)
+        if trainer.global_step in self.steps:
+            accuracy = module.test_accuracy_now()  # every process takes part
+            if trainer.is_global_zero:
+                self.write(trainer, module, step_checkpoint(trainer.global_step), None, accuracy)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         assert isinstance(module, Classifier)
@@ -208,13 +255,7 @@ class EpochCheckpoints(Callback):
         fitting = trainer.state.fn == "fit"
         epoch = trainer.current_epoch + 1 if fitting else 0
         if trainer.is_global_zero:
-            meta = {
-                **self.meta,
-                "epoch": epoch,
-                "test_accuracy": round(module.last_test_accuracy, 6),
-                **module.privacy(epoch),
-            }
-            save_checkpoint(self.folder / checkpoint_name(epoch), module.model, meta)
+            self.write(trainer, module, epoch_checkpoint(epoch), epoch, module.last_test_accuracy)
         if fitting:  # every process takes part in saving the training state; the first one writes it
             partial = self.folder / f".{RESUME}.partial"
             trainer.save_checkpoint(partial, weights_only=False)  # the whole state: resume needs it
@@ -302,12 +343,19 @@ def train(
         dataset_of(s, mean, std, augment) for s, augment in ((train_split, True), (test_split, False))
     )
     module = Classifier(model, train_set, test_set, len(data_meta["classes"]), params, scheme)
+    last = params.train.epochs * module.steps_per_epoch(processes)
+    beyond = [s for s in params.train.checkpoint_steps if s > last]
+    if beyond:
+        raise PipelineError(
+            f"train.checkpoint_steps: step {beyond[0]} is past the last of {scheme_name}'s run "
+            f"({params.train.epochs} epochs of {module.steps_per_epoch(processes)} steps: {last})"
+        )
     trainer = L.Trainer(
         **options,
         max_epochs=params.train.epochs,
         deterministic=True,
         logger=logger,
-        callbacks=[EpochCheckpoints(out_dir, meta)],
+        callbacks=[Checkpoints(out_dir, meta, params.train.checkpoint_steps)],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -325,4 +373,5 @@ def train(
         dist.barrier()  # the resume file goes only when every process is done with it
     if trainer.is_global_zero:
         resume.unlink(missing_ok=True)
-    return [read_json(p) for p in sorted(out_dir.glob("epoch-*.json"))]
+    written = [read_json(p) for pattern in ("epoch-*.json", "step-*.json") for p in out_dir.glob(pattern)]
+    return sorted(written, key=lambda m: (m["step"], m["epoch"] is not None))

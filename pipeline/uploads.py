@@ -38,12 +38,18 @@ class ThreatModel(Architecture, ClientProtocol):
     checkpoint: str
     checkpoint_sha256: str
     scheme: str
-    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)  # optimizer steps the checkpoint was trained for
+    epoch: int | None = Field(ge=0)  # epochs, where the checkpoint is an epoch's (else None)
     # which upload of which setting
     setting: str
     trial: int = Field(ge=0)
     bn_momentum: float | None = Field(gt=0, le=1)  # with upload_buffers and BatchNorm layers
     labels: tuple[int, ...] | None  # revealed (extract.reveal_labels), else None
+
+    @property
+    def at(self) -> str:
+        """The checkpoint's name ("epoch-003", "step-000016"): the key that pairs settings."""
+        return Path(self.checkpoint).stem
 
     @property
     def arch_meta(self) -> dict[str, Any]:
@@ -61,9 +67,10 @@ class ThreatModel(Architecture, ClientProtocol):
         return self.batch_size // self.local_steps
 
 
-def upload_name(epoch: int, trial: int) -> str:
-    """The file name of one client upload (and of its truth, reconstruction and figure)."""
-    return f"epoch-{epoch:03d}-trial-{trial:02d}.safetensors"
+def upload_name(checkpoint: str, trial: int) -> str:
+    """The file name of one client upload (and of its truth, reconstruction and figure) from the
+    checkpoint named `checkpoint` (pipeline.checkpoints)."""
+    return f"{checkpoint}-trial-{trial:02d}.safetensors"
 
 
 # The two attackers of every upload: the adaptive one models what the threat model says of the
@@ -199,7 +206,7 @@ def threat_model(
     """What the server knows of the upload of client `c` starting from `model`, the checkpoint
     at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
     return ThreatModel(
-        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "epoch")},
+        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "step", "epoch")},
         setting=setting,
         trial=trial,
         checkpoint=checkpoint.as_posix(),

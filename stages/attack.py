@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.attack.jobs import Job, process_count, run_jobs
-from pipeline.attack.service import Attacked, attack_uploads, attackers, epoch_metrics, targets_of
+from pipeline.attack.service import Attacked, attack_uploads, attackers, checkpoint_metrics, targets_of
 from pipeline.attack.target import Victim
 from pipeline.attack.tune import tuned_attack
 from pipeline.errors import PipelineError
@@ -70,7 +70,7 @@ def attack(
         save_grid((out / name).with_suffix(".png"), [images])
         save_tensors(out / name, {"images": images, "labels": rec.labels}, done.record(a, tuned))
         for iteration, loss in rec.curve:
-            stage.mlflow.log_metric(f"{prefix}grad_loss.epoch_{tm.epoch}.trial_{tm.trial}", loss, step=iteration)
+            stage.mlflow.log_metric(f"{prefix}grad_loss.{tm.at}.trial_{tm.trial}", loss, step=iteration)
         print(f"attack@{setting}: {prefix.replace('.', ': ')}{name}: {done.outcome(a)}")
     shutil.rmtree(scratch)
     return attacked
@@ -112,8 +112,8 @@ def main(stage: Stage) -> None:
             )
     for sub, attacked in timings.items():  # to MLflow only: in an output the wall time would break byte-identity
         prefix = f"{sub}." if sub else ""
-        for epoch, metrics in epoch_metrics(attacked).items():
-            stage.mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=epoch)
+        for step, metrics in checkpoint_metrics(attacked).items():
+            stage.mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step)
     stage.mlflow.log_artifacts(str(out_folder), "reconstructions")
 
 

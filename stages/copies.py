@@ -10,6 +10,7 @@ attack run records the copies it skipped.
 
 from pathlib import Path
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.copies import find_copies
 from pipeline.files import atomic_dir, write_json
 from stages._common import Stage, run
@@ -34,12 +35,14 @@ def main(stage: Stage) -> None:
         for setting in p.settings:
             write_json(out / f"{setting}.json", {"setting": setting, "copies": found[setting]})
     for setting in p.settings:
-        cells: dict[tuple[int, str], int] = {}
+        cells: dict[tuple[str, str], int] = {}
         for original in found[setting].values():
-            cell = (original["epoch"], original["setting"])
+            cell = (original["checkpoint"], original["setting"])
             cells[cell] = cells.get(cell, 0) + 1
-        for (epoch, original), count in cells.items():
-            print(f"copies: {setting} at epoch {epoch}: {count} upload(s) are {original}'s, attacked there once")
+        for (at, original), count in cells.items():
+            print(
+                f"copies: {setting} at {checkpoint_label(at)}: {count} upload(s) are {original}'s, attacked there once"
+            )
 
 
 if __name__ == "__main__":

@@ -47,17 +47,19 @@ def main(stage: Stage) -> None:
     with atomic_file(PER_IMAGE) as tmp:
         per_image.to_csv(tmp, index=False)
     write_json(METRICS, metrics)
-    # step = training epoch: the UI plots each metric through training, the mean over a cell's images
-    for (setting, epoch), cell in adaptive.groupby(["setting", "epoch"], sort=False):
+    # step = the checkpoint's optimizer step: the UI plots each metric through training, the mean over a
+    # cell's images
+    for (setting, at, step), cell in adaptive.groupby(["setting", "checkpoint", "step"], sort=False):
         stage.mlflow.log_metrics(
-            {f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()}, step=int(epoch)
+            {f"{k}.{setting}": float(cell[k].mean()) for k in SCORES if cell[k].notna().any()}, step=int(step)
         )
-        uploads = [s for s in summary.values() if s["setting"] == setting and s["epoch"] == epoch]
+        uploads = [s for s in summary.values() if s["setting"] == setting and s["checkpoint"] == at]
         stage.mlflow.log_metric(
-            f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads), step=int(epoch)
+            f"label_accuracy.{setting}", sum(s["label_accuracy"] for s in uploads) / len(uploads), step=int(step)
         )
-    for (setting, epoch), cell in per_image[per_image.attacker == CLASSIC].groupby(["setting", "epoch"], sort=False):
-        stage.mlflow.log_metric(f"classic.psnr.{setting}", float(cell.psnr.mean()), step=int(epoch))
+    classic_images = per_image[per_image.attacker == CLASSIC]
+    for (setting, step), cell in classic_images.groupby(["setting", "step"], sort=False):
+        stage.mlflow.log_metric(f"classic.psnr.{setting}", float(cell.psnr.mean()), step=int(step))
     stage.mlflow.log_metrics({k: v["mean"] for k, v in metrics["all"].items() if v})
     stage.mlflow.log_artifact(str(METRICS))
     stage.mlflow.log_artifact(str(PER_IMAGE))

@@ -8,7 +8,7 @@ is from the gradient the attacker models), GIR per sample (who leaks most) and R
 
 from pathlib import Path
 
-from pipeline.checkpoints import checkpoint_name, load_checkpoint
+from pipeline.checkpoints import checkpoint_label, checkpoint_name, extracted, load_checkpoint
 from pipeline.client import check_batchnorm_batch, client_upload, information_ratio, plain, simulate_client
 from pipeline.data import in_memory, load_split, normalise
 from pipeline.files import atomic_dir, write_json
@@ -29,8 +29,8 @@ def main(stage: Stage) -> None:
     batches = choose_batches(victims.labels, c.batch_size, p.extract.trials, p.seed, c.label_repetition)
     summary = {}
     with atomic_dir(Path("uploads") / setting) as uploads, atomic_dir(Path("truth") / setting) as truth:
-        for epoch in p.extract.epochs:
-            path = Path("models") / scheme / checkpoint_name(epoch)
+        for at in extracted(p.extract.epochs, p.extract.steps):
+            path = Path("models") / scheme / checkpoint_name(at)
             model, ckpt = load_checkpoint(path)
             check_batchnorm_batch(model, c, ckpt["in_channels"], ckpt["image_size"])
             units = rank_analysis(model, ckpt["arch"], ckpt["in_channels"], ckpt["image_size"], c.batch_size)
@@ -40,7 +40,7 @@ def main(stage: Stage) -> None:
                 update = client_upload(model, inputs, labels, c, p.seed)
                 modelled = simulate_client(model, inputs, labels, plain(c), p.seed).gradients
                 gir = information_ratio(model, inputs, labels, c.mode, p.seed)
-                name = upload_name(epoch, trial)
+                name = upload_name(at, trial)
                 upload = upload_of(update, model, (path, ckpt), c, setting, trial, labels, p.extract)
                 save_upload(uploads / name, upload)
                 save_truth(
@@ -48,7 +48,9 @@ def main(stage: Stage) -> None:
                     images,
                     labels,
                     {
-                        "epoch": epoch,
+                        "checkpoint": at,
+                        "step": ckpt["step"],
+                        "epoch": ckpt["epoch"],
                         "trial": trial,
                         "setting": setting,
                         "victim_positions": chosen.tolist(),
@@ -61,7 +63,9 @@ def main(stage: Stage) -> None:
                 norm = float(sum(g.pow(2).sum() for g in update.gradients.values()) ** 0.5)
                 gh = gradient_heterogeneity(update.gradients, modelled)
                 summary[Path(name).stem] = {
-                    "epoch": epoch,
+                    "checkpoint": at,
+                    "step": ckpt["step"],
+                    "epoch": ckpt["epoch"],
                     "trial": trial,
                     "gh": None if gh is None else round(gh, 6),
                     "gradient_norm": round(norm, 6),
@@ -72,20 +76,20 @@ def main(stage: Stage) -> None:
                     "epsilon": None if update.epsilon is None else round(update.epsilon, 4),
                 }
                 print(
-                    f"extract@{setting}: epoch {epoch} trial {trial}: {len(labels)} images from {scheme}, GH "
+                    f"extract@{setting}: {checkpoint_label(at)} trial {trial}: {len(labels)} images from {scheme}, GH "
                     + ("undefined (zero gradient)" if gh is None else f"{gh:.4f}")
                     + f", leaker {int(gir.argmax())} with GIR {float(gir.max()):.1f} %, gradient norm {norm:.4g}"
                 )
     write_json(Path("reports/client") / f"{setting}.json", {"setting": setting, "scheme": scheme, "uploads": summary})
-    for epoch in p.extract.epochs:  # step = training epoch; the mean over the trials
-        mine = [s for s in summary.values() if s["epoch"] == epoch]
+    for at in extracted(p.extract.epochs, p.extract.steps):  # step = the optimizer step; the mean over the trials
+        mine = [s for s in summary.values() if s["checkpoint"] == at]
         stage.mlflow.log_metrics(
             {
                 k: sum(s[k] for s in mine) / len(mine)
                 for k in ("gh", "gradient_norm", "gir_max", "repetition_rate", "ra_index", "epsilon")
                 if all(s[k] is not None for s in mine)
             },
-            step=epoch,
+            step=mine[0]["step"],
         )
     stage.mlflow.log_artifacts(str(Path("uploads") / setting), "uploads")
 

@@ -14,7 +14,7 @@ from pipeline.files import atomic_file, read_json, write_json
 from pipeline.outputs import describe, load_outputs, training_table
 from pipeline.presentation import results_markdown, shown_summary
 from pipeline.report import markdown_table
-from pipeline.results import add_classic, add_differences, add_family, results_table, summary_of
+from pipeline.results import add_classic, add_differences, add_family, add_floor, results_table, summary_of
 from pipeline.sections import pairs_with
 from pipeline.statistics import Evidence
 from pipeline.tracking import log_setting_runs
@@ -55,7 +55,7 @@ def main(stage: Stage) -> None:
         evidence,
         p.report.budget,
     )
-    table = add_family(add_classic(table, every_image, evidence), evidence)
+    table = add_floor(add_family(add_classic(table, every_image, evidence), evidence), per_image, evidence)
     if baseline is not None and not table.family_size.iloc[0]:
         raise PipelineError(
             f"report.baseline {baseline}: no cell of the table pairs with it (every other setting's uploads are "

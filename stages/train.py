@@ -1,12 +1,14 @@
-"""train@<scheme>: the model under one defense scheme, a weights-only checkpoint every epoch.
+"""train@<scheme>: the model under one defense scheme, a weights-only checkpoint every epoch
+and after each of `train.checkpoint_steps` optimizer steps.
 
-A killed run resumes from its last epoch: the temporary output is fingerprinted by the
+A killed run resumes from its last finished epoch: the temporary output is fingerprinted by the
 data, the parameters and the code, and kept for the next run with the same fingerprint.
 With several processes, the first one owns the output; the others train beside it.
 """
 
 from pathlib import Path
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.data import load_split
 from pipeline.files import atomic_dir, digest, partial_path, tree_digest, write_json
 from pipeline.parallel import is_first_process, resolve_accelerator
@@ -63,11 +65,13 @@ def main(stage: Stage) -> None:
         ranks = write_rank_analysis(tmp, written[0])
     for ckpt in written:
         extra = f", epsilon {ckpt['epsilon']:.3f}" if "epsilon" in ckpt else ""
-        print(f"train@{scheme}: epoch {ckpt['epoch']}: test accuracy {ckpt['test_accuracy']:.4f}{extra}")
-        # step = training epoch (Lightning's own test_accuracy is stepped by optimizer steps)
-        stage.mlflow.log_metrics(
-            {f"epoch.{k}": ckpt[k] for k in ("test_accuracy", "epsilon") if k in ckpt}, step=ckpt["epoch"]
-        )
+        label = checkpoint_label(ckpt["checkpoint"])
+        where = label if ckpt["epoch"] is None else f"{label} (step {ckpt['step']})"
+        print(f"train@{scheme}: {where}: test accuracy {ckpt['test_accuracy']:.4f}{extra}")
+        scores = {k: ckpt[k] for k in ("test_accuracy", "epsilon") if k in ckpt}
+        stage.mlflow.log_metrics({f"checkpoint.{k}": v for k, v in scores.items()}, step=ckpt["step"])
+        if ckpt["epoch"] is not None:  # step = training epoch (Lightning's own test_accuracy: optimizer steps)
+            stage.mlflow.log_metrics({f"epoch.{k}": v for k, v in scores.items()}, step=ckpt["epoch"])
     stage.mlflow.log_metric("ra_index", ranks["ra_index"])
     stage.mlflow.log_artifacts(str(out), "checkpoints")
 

@@ -33,7 +33,7 @@ def main(stage: Stage) -> None:
 def tune(stage: Stage, a: AttackParams, out: Path) -> None:
     # imported here: a fixed setting's stage (most of them) needs none of it
     from pipeline.attack.tune import importances, make_surrogates, run_study, study_summary
-    from pipeline.checkpoints import checkpoint_name
+    from pipeline.checkpoints import checkpoint_name, extracted
     from pipeline.data import load_split
     from pipeline.files import digest, resumable_scratch, sha256
     from pipeline.parallel import resolve_accelerator
@@ -44,15 +44,17 @@ def tune(stage: Stage, a: AttackParams, out: Path) -> None:
     resolve_accelerator(a.accelerator, "attack.accelerator", a.processes)  # refused before any work
     scheme, c = p.setting(setting)
     own, meta = load_split(OWN, "attacker")
-    checkpoints = {epoch: Path("models") / scheme / checkpoint_name(epoch) for epoch in p.extract.epochs}
+    checkpoints = {
+        at: Path("models") / scheme / checkpoint_name(at) for at in extracted(p.extract.epochs, p.extract.steps)
+    }
     inputs = digest(
         p.seed,
         p.tune.model_dump(),
         a.model_dump(),
         c.model_dump(),
-        p.extract.model_dump(exclude={"epochs", "trials"}),  # what the surrogate uploads reveal
+        p.extract.model_dump(exclude={"epochs", "steps", "trials"}),  # what the surrogate uploads reveal
         sha256(OWN / "attacker.safetensors"),
-        {epoch: sha256(path) for epoch, path in checkpoints.items()},
+        {at: sha256(path) for at, path in checkpoints.items()},
         code_digest("stages.tune"),
     )
     with resumable_scratch(out, inputs) as scratch:
@@ -62,14 +64,14 @@ def tune(stage: Stage, a: AttackParams, out: Path) -> None:
         space = ", ".join(p.tune.space)
         print(
             f"tune@{setting}: {p.tune.trials} trials over {space}, each attacking {len(surrogates)} surrogate "
-            f"uploads ({p.tune.batches} batches of the attacker's own images x epochs {p.extract.epochs}), "
+            f"uploads ({p.tune.batches} batches of the attacker's own images x {len(checkpoints)} checkpoints), "
             f"objective {p.tune.objective}"
         )
 
         def log_trial(r) -> None:
             values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.values.items())
             result = (
-                f"{p.tune.objective} {r.value:.4g}" if r.state == "complete" else f"pruned after epoch {r.steps[-1][0]}"
+                f"{p.tune.objective} {r.value:.4g}" if r.state == "complete" else f"pruned after step {r.steps[-1][0]}"
             )
             which = " (the fixed attack)" if r.number == 0 else ""
             print(f"tune@{setting}: trial {r.number + 1}/{p.tune.trials}{which}: {values}: {result}")
@@ -79,8 +81,8 @@ def tune(stage: Stage, a: AttackParams, out: Path) -> None:
                 tags={"tune.trial": str(r.number), "tune.state": r.state, "setting": setting},
             ):
                 stage.mlflow.log_params(r.values)
-                for epoch, value in r.steps:
-                    stage.mlflow.log_metric(f"surrogate_{p.tune.objective}", value, step=epoch)
+                for step, value in r.steps:
+                    stage.mlflow.log_metric(f"surrogate_{p.tune.objective}", value, step=step)
                 if r.value is not None:
                     stage.mlflow.log_metric("objective", r.value)
 

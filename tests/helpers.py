@@ -20,7 +20,7 @@ from pipeline.attack.jobs import Job, run_jobs
 from pipeline.attack.restarts import Reconstruction
 from pipeline.attack.service import targets_of
 from pipeline.attack.target import Target, Victim
-from pipeline.checkpoints import save_checkpoint
+from pipeline.checkpoints import epoch_checkpoint, save_checkpoint
 from pipeline.client import batch_gradient, simulate_client
 from pipeline.data import to_unit_range
 from pipeline.files import load_meta
@@ -77,13 +77,14 @@ def make_upload(
     epoch=0,
 ) -> Path:
     """A client's upload of `images` from an untrained ConvNet (seed 0) whose checkpoint says
-    `epoch`, the checkpoint beside it in `folder` as <name>.checkpoint.safetensors, the labels
-    revealed; returns the upload's path."""
+    `epoch`, the checkpoint beside it in `folder` as <name>/epoch-<epoch>.safetensors (a checkpoint
+    is known by its file's name), the labels revealed; returns the upload's path."""
     arch = {**ARCH, "norm": norm, "maxpool_kernel": maxpool_kernel}
     torch.manual_seed(0)
     model = build_model(**arch)
-    checkpoint = folder / f"{name}.checkpoint.safetensors"
-    save_checkpoint(checkpoint, model, {**arch, "mean": MEAN, "std": STD, "scheme": "s", "epoch": epoch})
+    checkpoint = folder / name / f"{epoch_checkpoint(epoch)}.safetensors"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint, model, {**arch, "mean": MEAN, "std": STD, "scheme": "s", "epoch": epoch, "step": epoch})
     client = plain_client(
         len(labels),
         mode,
@@ -94,7 +95,9 @@ def make_upload(
         upload_buffers=upload_buffers,
     )
     update = simulate_client(model, images, labels, client, seed=0)
-    reveal = ExtractParams(epochs=[epoch], trials=2, reveal_labels=True, reveal_bn_statistics=reveal_bn_statistics)
+    reveal = ExtractParams(
+        epochs=[epoch], steps=[], trials=2, reveal_labels=True, reveal_bn_statistics=reveal_bn_statistics
+    )
     path = folder / f"{name}.safetensors"
     save_upload(path, upload_of(update, model, (checkpoint, load_meta(checkpoint)), client, "s", 0, labels, reveal))
     return path
@@ -105,7 +108,7 @@ def two_image_upload(folder: Path) -> Path:
     (folder/up.safetensors), its checkpoint at folder/ckpt.safetensors, nothing revealed."""
     model = build_model(**ARCH)
     checkpoint = folder / "ckpt.safetensors"
-    save_checkpoint(checkpoint, model, {**ARCH, "mean": [0.3], "std": [0.3], "scheme": "pure", "epoch": 0})
+    save_checkpoint(checkpoint, model, {**ARCH, "mean": [0.3], "std": [0.3], "scheme": "pure", "epoch": 0, "step": 0})
     threat = threat_model(model, checkpoint, load_meta(checkpoint), CLIENT, "pure", 0)
     grads = batch_gradient(model, torch.randn(2, 1, 32, 32), torch.tensor([1, 2]), "train")
     save_upload(folder / "up.safetensors", Upload(grads, threat))

@@ -26,7 +26,7 @@ def _project(root: Path) -> list[Path]:
         images, labels = torch.randn(4, 1, 32, 32, generator=gen), torch.tensor([0, 1, 2, 3])
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
         path = make_upload(root / "checkpoints", images, labels, participants=2, bn="async", name=f"t{trial}")
-        target = root / "uploads" / SETTING / upload_name(0, trial)
+        target = root / "uploads" / SETTING / upload_name("epoch-000", trial)
         target.parent.mkdir(parents=True, exist_ok=True)
         for suffix in (".safetensors", ".json"):
             shutil.move(path.with_suffix(suffix), target.with_suffix(suffix))
@@ -43,7 +43,7 @@ def test_an_attack_stage_reads_each_upload_and_each_checkpoint_once(tmp_path, mo
     verified = pipeline.files.load_meta
 
     def counted(path, *args, **kwargs):
-        reads[Path(path).name] += 1
+        reads[f"{Path(path).parent.name}/{Path(path).name}"] += 1
         return verified(path, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.files, "load_meta", counted)
@@ -61,7 +61,7 @@ def test_an_attack_stage_reads_each_upload_and_each_checkpoint_once(tmp_path, mo
     assert done == sorted([u.name for u in uploads] * 2)  # the adaptive and the classic attacker, each upload
     assert len(list((tmp_path / "attacks" / SETTING / CLASSIC).glob("*.safetensors"))) == len(uploads)
     # 2 attackers x 2 restarts on each upload, and one read of each upload and of its checkpoint
-    files = [u.name for u in uploads] + ["t0.checkpoint.safetensors", "t1.checkpoint.safetensors"]
+    files = [f"{SETTING}/{u.name}" for u in uploads] + ["t0/epoch-000.safetensors", "t1/epoch-000.safetensors"]
     assert {name: reads[name] for name in files} == dict.fromkeys(files, 1)
 
 

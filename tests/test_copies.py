@@ -15,7 +15,8 @@ def _as(path, folder, setting, scheme):
     shutil.copy2(path, dst)
     meta = read_json(path.with_suffix(".json"))
     write_json(
-        dst.with_suffix(".json"), {**meta, "setting": setting, "scheme": scheme, "checkpoint": f"models/{scheme}"}
+        dst.with_suffix(".json"),
+        {**meta, "setting": setting, "scheme": scheme, "checkpoint": f"models/{scheme}/epoch-000.safetensors"},
     )
     return dst
 
@@ -26,7 +27,12 @@ def test_an_identical_upload_under_another_name_is_a_copy_of_the_first(upload_fi
     found = find_copies({"async-bn": [a], "gh": [b]}, {"async-bn": ATTACK, "gh": ATTACK})
     assert found["async-bn"] == {}
     assert found["gh"] == {
-        "epoch-000-trial-00": {"setting": "async-bn", "upload": "epoch-000-trial-00", "epoch": 0, "trial": 0}
+        "epoch-000-trial-00": {
+            "setting": "async-bn",
+            "upload": "epoch-000-trial-00",
+            "checkpoint": "epoch-000",
+            "trial": 0,
+        }
     }
 
 

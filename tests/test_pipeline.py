@@ -32,8 +32,10 @@ STAGES = {
 TUNED = ("pure",)  # the tiny profile tunes pure's attack; every other tune@ stage only writes "fixed"
 # the stages that compute: one MLflow run each (copies only compares digests)
 TRACKED = STAGES - {f"tune@{k}" for k in SETTINGS if k not in TUNED} - {"copies"}
+# the tiny profile's checkpoints: untrained, after 2 optimizer steps, after the last epoch
+CHECKPOINTS = ("epoch-000", "step-000002", "epoch-002")
 # gh's untrained checkpoint is pure's, so its epoch-0 uploads are async-bn's: attacked once, there
-COPIED = {("gh", 0): "async-bn"}
+COPIED = {("gh", "epoch-000"): "async-bn"}
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +62,24 @@ def test_repro_writes_metrics_from_a_real_chain(project):
         assert log.count(f"Running stage '{stage}'") == 2  # once in each clone
     for notice in ("is deprecated", "sync_dist=True", "Tip: For seamless cloud logging"):
         assert notice not in log  # third-party notices dropped by their text (stages/__init__.py)
-    assert "train@gh: epoch 2: test accuracy" in log  # ... and the stages' own lines kept
+    assert "train@gh: epoch 2 (step 6): test accuracy" in log  # ... and the stages' own lines kept
+    assert "train@gh: step 2: test accuracy" in log
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert set(metrics["uploads"]) == {
-        f"{k}/epoch-00{e}-trial-0{t}" for k in SETTINGS for e in (0, 2) for t in (0, 1) if (k, e) not in COPIED
+        f"{k}/{c}-trial-0{t}" for k in SETTINGS for c in CHECKPOINTS for t in (0, 1) if (k, c) not in COPIED
     }
     copies = json.loads((root / "copies/gh.json").read_text())["copies"]
     assert copies == {
-        f"epoch-000-trial-0{t}": {"setting": "async-bn", "upload": f"epoch-000-trial-0{t}", "epoch": 0, "trial": t}
+        f"epoch-000-trial-0{t}": {
+            "setting": "async-bn",
+            "upload": f"epoch-000-trial-0{t}",
+            "checkpoint": "epoch-000",
+            "trial": t,
+        }
         for t in (0, 1)
     }
     assert sorted(p.name for p in (root / "attacks/gh").glob("*.safetensors")) == [
-        "epoch-002-trial-00.safetensors",
-        "epoch-002-trial-01.safetensors",
+        f"{c}-trial-0{t}.safetensors" for c in ("epoch-002", "step-000002") for t in (0, 1)
     ]
     for t in (0, 1):  # the same upload under two names: the same tensor bytes
         name = f"epoch-000-trial-0{t}.safetensors"
@@ -95,15 +102,21 @@ def test_repro_writes_metrics_from_a_real_chain(project):
 
     # the pairing: trial t holds the same victims in every setting that draws its batch the same way,
     # other victims in every other trial, and a repeated-label batch of its own
-    def victims(setting, epoch, trial):
-        return json.loads((root / f"truth/{setting}/epoch-00{epoch}-trial-0{trial}.json").read_text())[
-            "victim_positions"
-        ]
+    def victims(setting, checkpoint, trial):
+        return json.loads((root / f"truth/{setting}/{checkpoint}-trial-0{trial}.json").read_text())["victim_positions"]
 
+    untrained = "epoch-000"
     for trial in (0, 1):
-        assert all(victims(k, e, trial) == victims("pure", 0, trial) for k in SETTINGS[:-1] for e in (0, 2))
-    assert not set(victims("pure", 0, 0)) & set(victims("pure", 0, 1))
-    assert victims("label-repeat", 0, 0) == victims("label-repeat", 2, 0) != victims("pure", 0, 0)
+        assert all(
+            victims(k, c, trial) == victims("pure", untrained, trial) for k in SETTINGS[:-1] for c in CHECKPOINTS
+        )
+    assert not set(victims("pure", untrained, 0)) & set(victims("pure", untrained, 1))
+    assert victims("label-repeat", untrained, 0) == victims("label-repeat", "epoch-002", 0)
+    assert victims("label-repeat", untrained, 0) != victims("pure", untrained, 0)
+    # every checkpoint says its optimizer step, and an upload the step of the checkpoint it left from
+    steps = {c: json.loads((root / f"models/gh/{c}.json").read_text())["step"] for c in CHECKPOINTS}
+    assert steps == {"epoch-000": 0, "step-000002": 2, "epoch-002": 6}  # gh: 3 steps an epoch
+    assert json.loads((root / "uploads/pure/epoch-002-trial-00.json").read_text())["step"] == 16
     async_upload = json.loads((root / f"uploads/async-bn/{first}.json").read_text())
     assert (async_upload["participants"], async_upload["bn"], async_upload["scheme"]) == (2, "async", "pure")
     table = (root / "reports/results.md").read_text()
@@ -154,7 +167,7 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
         return {Path(a.path).name for a in client.list_artifacts(by_stage[stage], folder)}
 
     for scheme in SCHEMES:
-        assert {"epoch-000.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(
+        assert {"epoch-000.safetensors", "step-000002.safetensors", "epoch-002.safetensors", "epoch-002.json"} <= files(
             f"train@{scheme}", "checkpoints"
         )
         assert "resume.ckpt" not in files(f"train@{scheme}", "checkpoints")
@@ -162,8 +175,8 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
         assert {"epoch-000-trial-01.safetensors", "epoch-002-trial-00.safetensors"} <= files(
             f"extract@{setting}", "uploads"
         )
-        first = 2 if (setting, 0) in COPIED else 0  # a copied cell's uploads are attacked under the original
-        assert {f"epoch-00{first}-trial-00.png", f"epoch-00{first}-trial-01.safetensors"} <= files(
+        first = "epoch-002" if (setting, "epoch-000") in COPIED else "epoch-000"  # a copy is attacked as its original
+        assert {f"{first}-trial-00.png", f"{first}-trial-01.safetensors", "step-000002-trial-00.png"} <= files(
             f"attack@{setting}", "reconstructions"
         )
     assert "same_upload_as.json" in files("attack@gh")
@@ -178,12 +191,13 @@ def test_mlflow_holds_one_run_per_stage_with_its_artifacts(project):
     evaluate = runs[runs["tags.dvc.stage"] == "evaluate"].iloc[0]
     assert evaluate["metrics.psnr.pure"] > 5
     assert (root / "mlruns").is_dir()  # artifacts beside the store, at the project root
-    assert {"psnr_by_epoch.png", "accuracy_by_epoch.png", "gh_vs_psnr.png", "gir_vs_psnr.png"} <= files(
+    assert {"psnr_through_training.png", "accuracy_through_training.png", "gh_vs_psnr.png", "gir_vs_psnr.png"} <= files(
         "report", "plots"
     )
     attack = client.get_metric_history(by_stage["attack@pure"], "iterations_run")
-    assert sorted((m.step, m.value) for m in attack) == [(0, 60), (2, 60)]  # the mean over the trials
-    assert {m.step for m in client.get_metric_history(by_stage["attack@pure"], "unconverged")} == {0, 2}
+    # the mean over the trials, at each checkpoint's optimizer step (pure: 8 steps an epoch)
+    assert sorted((m.step, m.value) for m in attack) == [(0, 60), (2, 60), (16, 60)]
+    assert {m.step for m in client.get_metric_history(by_stage["attack@pure"], "unconverged")} == {0, 2, 16}
     assert all(m.value > 0 for m in client.get_metric_history(by_stage["attack@pure"], "attack_seconds"))
 
 
@@ -191,7 +205,7 @@ def test_table_rebuilt_from_mlflow_equals_the_dvc_table(project):
     root, env, _, _, _ = project
     done = sh([sys.executable, "-m", "tools.from_mlflow", "--check"], root, env)
     assert "the table rebuilt from MLflow equals reports/results.csv" in done.stdout
-    assert done.stdout.count("| label-repeat ") == 2  # one row per attacked epoch
+    assert done.stdout.count("| label-repeat ") == 3  # one row per attacked checkpoint
 
 
 def test_report_writes_dvc_metrics_plots_and_a_summary(project):
@@ -207,21 +221,24 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     assert summary["pure"]["verdict"] == "baseline" and summary["pure"]["trials"] == 2
     assert summary["label-repeat"]["verdict"].startswith("epoch 0: not paired with pure")
     assert summary["async-bn"]["verdict"].startswith("epoch 0: ") and "(Holm " in summary["async-bn"]["verdict"]
-    assert summary["gh"]["verdict"].startswith("epoch 0: same upload as `async-bn`: measured there; epoch 2: ")
+    assert summary["gh"]["verdict"].startswith("epoch 0: same upload as `async-bn`: measured there; step 2: ")
+    assert "; epoch 2: " in summary["gh"]["verdict"]
+    assert summary["pure"]["falls"].startswith("at its floor from step ")
     table = pd.read_csv(root / "reports/results.csv")
     attacked = table[table.same_upload_as.isna()]
     assert (attacked.trials == 2).all() and (attacked.n == 8).all() and (attacked.psnr_low <= attacked.psnr).all()
-    assert table[table.setting == "local-steps"].paired_batches.tolist() == [2, 2]
+    assert table[table.setting == "local-steps"].paired_batches.tolist() == [2, 2, 2]
+    assert table[table.setting == "local-steps"].step.tolist() == [0, 2, 16]  # in the order of training
     assert table[table.setting.isin(["pure", "label-repeat"])].p_value.isna().all()
-    copy = table[(table.setting == "gh") & (table.epoch == 0)].iloc[0]
+    copy = table[(table.setting == "gh") & (table.checkpoint == "epoch-000")].iloc[0]
     assert copy.same_upload_as == "async-bn" and copy.role == "copy" and pd.isna(copy.psnr) and pd.isna(copy.p_value)
-    family = table[table.role == "test"]  # 8 paired settings x 2 epochs, less gh's copy
-    assert len(family) == 15 and (table.family_size == 15).all()
+    family = table[table.role == "test"]  # 8 paired settings x 3 checkpoints, less gh's copy
+    assert len(family) == 23 and (table.family_size == 23).all()
     assert (family.p_adjusted >= family.p_value).all() and (attacked.iip.between(0, 1)).all()
     assert family[family.effect == "none"].detectable.notna().all()
-    for name in ("psnr_by_epoch", "accuracy_by_epoch", "gh_vs_psnr", "gir_vs_psnr", "privacy_utility"):
+    for name in ("psnr_through_training", "accuracy_through_training", "gh_vs_psnr", "gir_vs_psnr", "privacy_utility"):
         with Image.open(root / "reports/plots" / f"{name}.png") as image:
-            assert image.size in ((600, 400), (700, 450), (1300, 500)) and len(image.getcolors(1 << 16)) > 20
+            assert image.size in ((600, 400), (1400, 500), (1300, 500)) and len(image.getcolors(1 << 16)) > 20
     rendered = sh([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], root, env)
     assert (root / "plots-html" / "index.html").stat().st_size > 1000, rendered.stdout
     text = (root / "reports/results.md").read_text()
@@ -229,7 +246,7 @@ def test_report_writes_dvc_metrics_plots_and_a_summary(project):
     for setting in SETTINGS:
         assert (root / "reports/figures" / f"{setting}.png").is_file()
         assert {p.name for p in (root / "reports/figures" / setting).iterdir()} == {
-            f"epoch-00{e}-trial-0{t}.png" for e in (0, 2) for t in (0, 1) if (setting, e) not in COPIED
+            f"{c}-trial-0{t}.png" for c in CHECKPOINTS for t in (0, 1) if (setting, c) not in COPIED
         }
 
 
@@ -237,9 +254,9 @@ def test_the_power_tool_sizes_the_trials_from_the_runs_paired_differences(projec
     root, env, _, _, _ = project
     done = sh([sys.executable, "-m", "tools.power"], root, env)
     lines = done.stdout.splitlines()
-    assert "alpha/15" in lines[0]  # the family of reports/results.csv
+    assert "alpha/23" in lines[0]  # the family of reports/results.csv
     rows = {line.split("|")[1].strip(): line for line in lines[3:]}
-    assert set(rows) == {"epoch 0", "epoch 2", "all"}
+    assert set(rows) == {"epoch 0", "step 2", "epoch 2", "all"}
     bad = sh([sys.executable, "-m", "tools.power", "--family", "0"], root, env, check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "power: error: --family 0: a family holds at least one test"
 
@@ -303,8 +320,8 @@ def test_mlflow_server_lists_the_settings_side_by_side(project):
         latest.setdefault(tags["setting"], {m["key"]: m["value"] for m in run["data"]["metrics"]})
     assert set(latest) == set(SETTINGS)
     table = pd.read_csv(root / "reports/results.csv")
-    for setting, metrics in latest.items():  # the last logged value: the last attacked epoch
-        row = table[(table.setting == setting) & (table.epoch == 2)].iloc[0]
+    for setting, metrics in latest.items():  # the last logged value: the last checkpoint's, the largest step
+        row = table[(table.setting == setting) & (table.checkpoint == "epoch-002")].iloc[0]
         assert metrics["psnr"] == pytest.approx(row.psnr) and metrics["test_accuracy"] == pytest.approx(
             row.test_accuracy
         )

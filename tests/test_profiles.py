@@ -85,8 +85,15 @@ def test_the_paper_profile_runs_its_chain_on_a_224_px_folder(tmp_path):
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1", PYTHONPATH=str(root))
     cut = {  # what two CPU cores can run in minutes; the rest is the paper profile's
         "data": {"root": str(tmp_path / "imagenet"), "test_fraction": 0.1, "victims_per_class": 2, "stream_above": 0},
-        "train": {"epochs": 1, "batch_size": 16, "accelerator": "cpu", "devices": 1, "loader_workers": 1},
-        "extract": {"epochs": [1], "trials": 2},  # the fewest a batch-level test takes
+        "train": {
+            "epochs": 1,
+            "batch_size": 16,
+            "accelerator": "cpu",
+            "devices": 1,
+            "loader_workers": 1,
+            "checkpoint_steps": [1],
+        },  # a few steps in all
+        "extract": {"epochs": [1], "steps": [1], "trials": 2},  # the fewest a batch-level test takes
         "client": {"batch_size": 4},  # the paper's W = 4 shards and E = 4 steps of one 224-px image each
         # counts' probes at 224 px: minutes; the budget check (30 000 iterations) is not the chain's test
         "settings": {"label-repeat": {"attack": {"labels": "llg"}}, "pure-2x": None},

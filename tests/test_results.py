@@ -17,9 +17,11 @@ from pipeline.results import (
     add_classic,
     add_differences,
     add_family,
+    add_floor,
     batch_differences,
     paired,
     results_table,
+    settles,
     summary_of,
 )
 from pipeline.statistics import (
@@ -109,7 +111,8 @@ def _per_image(
                         {
                             "setting": setting,
                             "upload": f"epoch-{epoch:03d}-trial-{t:02d}",
-                            "epoch": epoch,
+                            "checkpoint": f"epoch-{epoch:03d}",
+                            "step": 157 * epoch,
                             "trial": t,
                             "image": i,
                             "victim": victims_of(setting, t, i),
@@ -126,11 +129,11 @@ def _per_image(
 
 
 def _uploads(per_image: pd.DataFrame, unconverged: set = frozenset()) -> pd.DataFrame:
-    u = per_image.drop_duplicates(["setting", "upload"])[["setting", "upload", "epoch", "trial"]].copy()
+    u = per_image.drop_duplicates(["setting", "upload"])[["setting", "upload", "checkpoint", "step", "trial"]].copy()
     u["label_accuracy"], u["gh"], u["epsilon"], u["iterations"], u["iterations_run"] = 1.0, 0.1, np.nan, 500, 500
     u.loc[u.setting == "pure-2x", "iterations"] = 1000
     u["hyperparameters"] = "fixed"
-    u["converged"] = [(s, e) not in unconverged for s, e in zip(u.setting, u.epoch)]
+    u["converged"] = [(s, e) not in unconverged for s, e in zip(u.setting, u.checkpoint)]
     return u
 
 
@@ -140,20 +143,21 @@ def _table(per_image, uploads, baseline="pure", copies=None, budget=None):
     return add_family(add_differences(table, per_image, baseline, lambda s: True, EVIDENCE, budget), EVIDENCE)
 
 
+FIRST, LAST = "epoch-000", "epoch-003"
 TRAINING = pd.DataFrame({"scheme": ORDER, "epoch": 3, "test_accuracy": [0.9, 0.85, 0.9, 0.9, 0.9]})
 
 
 def test_cells_are_batch_means_and_the_verdict_reads_the_holm_adjusted_paired_t_test():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "same": 0.0})
-    table = _table(per_image, _uploads(per_image, unconverged={("same", 3)})).set_index(["setting", "epoch"])
-    assert table.loc[("pure", 0), "n"] == 24 and table.loc[("pure", 0), "trials"] == 6
-    cell = per_image[(per_image.setting == "defended") & (per_image.epoch == 0)]
+    table = _table(per_image, _uploads(per_image, unconverged={("same", LAST)})).set_index(["setting", "checkpoint"])
+    assert table.loc[("pure", FIRST), "n"] == 24 and table.loc[("pure", FIRST), "trials"] == 6
+    cell = per_image[(per_image.setting == "defended") & (per_image.checkpoint == FIRST)]
     means = cell.groupby("trial").psnr.mean().to_numpy()  # an independent computation of the batch means
     ci = stats.ttest_1samp(means, 0).confidence_interval(0.95)
-    row = table.loc[("defended", 0)]
+    row = table.loc[("defended", FIRST)]
     assert row.psnr == pytest.approx(cell.psnr.mean())
     assert (row.psnr_low, row.psnr_high) == pytest.approx((ci.low, ci.high))
-    both = paired(per_image, "defended", "pure", 0)
+    both = paired(per_image, "defended", "pure", FIRST)
     d = (both.psnr - both.psnr_baseline).groupby(both.trial).mean().to_numpy()
     assert np.allclose(batch_differences(both), d)
     test = stats.ttest_1samp(d, 0)
@@ -162,7 +166,7 @@ def test_cells_are_batch_means_and_the_verdict_reads_the_holm_adjusted_paired_t_
     assert len(family) == 4 and (table.family_size == 4).all()  # defended and same at two epochs
     assert np.allclose(family.p_adjusted, multipletests(family.p_value, method="holm")[1])
     assert row.effect == "protects" and row.psnr_diff == pytest.approx(-6.0, abs=0.5)
-    same = table.loc[("same", 0)]
+    same = table.loc[("same", FIRST)]
     assert same.effect == "none" and same.detectable == pytest.approx(
         detectable_difference(same.diff_sd, 6, 0.05 / 4, 0.8)
     )
@@ -174,39 +178,41 @@ def test_cells_are_batch_means_and_the_verdict_reads_the_holm_adjusted_paired_t_
     assert summary.loc["same", "verdict"].endswith("; rests on 6 unconverged attack(s)")
     assert "unconverged" not in summary.loc["same", "verdict"].split("; epoch 3")[0]
     assert summary.loc["defended", "accuracy_cost"] == pytest.approx(0.05)
-    shown = shown_table(table.reset_index()).set_index(["setting", "epoch"])
-    assert shown.loc[("defended", 0), "verdict"] == "protects"
-    assert shown.loc[("same", 0), "verdict"].startswith("none (would detect >= ")
+    shown = shown_table(table.reset_index()).set_index(["setting", "checkpoint"])  # checkpoints as "epoch 0"
+    assert shown.loc[("defended", "epoch 0"), "verdict"] == "protects"
+    assert shown.loc[("same", "epoch 0"), "verdict"].startswith("none (would detect >= ")
 
 
 def test_too_few_batches_are_marked_underpowered():
     per_image = _per_image({"pure": 0.0, "same": 0.0}, trials=2, noise_sd=3.0)
-    table = _table(per_image, _uploads(per_image)).set_index(["setting", "epoch"])
-    assert table.loc[("same", 0), "underpowered"] and table.loc[("same", 0), "detectable"] > 2.0
+    table = _table(per_image, _uploads(per_image)).set_index(["setting", "checkpoint"])
+    assert table.loc[("same", FIRST), "underpowered"] and table.loc[("same", FIRST), "detectable"] > 2.0
     summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
     assert "(underpowered for 2 dB)" in summary.loc["same", "verdict"]
 
 
 def test_a_copied_cell_is_shown_once_and_stays_out_of_the_family():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "copy": -6.0})
-    per_image = per_image[~((per_image.setting == "copy") & (per_image.epoch == 0))]  # attacked as defended's
-    table = _table(per_image, _uploads(per_image), copies={("copy", 0): "defended"}).set_index(["setting", "epoch"])
-    row = table.loc[("copy", 0)]
+    per_image = per_image[~((per_image.setting == "copy") & (per_image.checkpoint == FIRST))]  # attacked as defended's
+    table = _table(per_image, _uploads(per_image), copies={("copy", FIRST): "defended"}).set_index(
+        ["setting", "checkpoint"]
+    )
+    row = table.loc[("copy", FIRST)]
     assert row.same_upload_as == "defended" and row.role == "copy" and pd.isna(row.psnr) and pd.isna(row.p_value)
-    assert (table.role == "test").sum() == 3 and table.loc[("copy", 3), "role"] == "test"
+    assert (table.role == "test").sum() == 3 and table.loc[("copy", LAST), "role"] == "test"
     summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
     assert summary.loc["copy", "verdict"].startswith("epoch 0: same upload as `defended`: measured there; epoch 3:")
     shown = shown_summary(summary.reset_index()).set_index("setting")
     assert shown.loc["copy", "PSNR epoch 0"] == "= defended"
-    assert shown_table(table.reset_index()).set_index(["setting", "epoch"]).loc[("copy", 0), "PSNR dB"] == (
-        "same upload as defended"
-    )
+    assert shown_table(table.reset_index()).set_index(["setting", "checkpoint"]).loc[
+        ("copy", "epoch 0"), "PSNR dB"
+    ] == ("same upload as defended")
 
 
 def test_the_budget_row_states_the_attackers_gain_and_is_no_verdict():
     per_image = _per_image({"pure": 0.0, "defended": -6.0, "pure-2x": 3.0})
-    table = _table(per_image, _uploads(per_image), budget="pure-2x").set_index(["setting", "epoch"])
-    assert table.loc[("pure-2x", 0), "role"] == "budget" and pd.isna(table.loc[("pure-2x", 0), "p_adjusted"])
+    table = _table(per_image, _uploads(per_image), budget="pure-2x").set_index(["setting", "checkpoint"])
+    assert table.loc[("pure-2x", FIRST), "role"] == "budget" and pd.isna(table.loc[("pure-2x", FIRST), "p_adjusted"])
     assert (table.role == "test").sum() == 2
     summary = summary_of(table.reset_index(), TRAINING, EVIDENCE, "pure").set_index("setting")
     assert summary.loc["pure-2x", "verdict"].startswith("epoch 0: the attacker at 1000 iterations gains +3.")
@@ -215,7 +221,7 @@ def test_the_budget_row_states_the_attackers_gain_and_is_no_verdict():
 def test_a_trial_that_holds_other_victims_is_not_paired():
     per_image = _per_image({"pure": 0.0, "defended": -6.0}, victims_of=lambda s, t, i: 10 * t + i + (s == "defended"))
     with pytest.raises(PipelineError, match="a trial holds other victims in the two settings"):
-        paired(per_image, "defended", "pure", 0)
+        paired(per_image, "defended", "pure", FIRST)
 
 
 def test_without_a_baseline_the_table_has_no_paired_numbers_and_says_so():
@@ -241,11 +247,11 @@ def test_table_differences_find_a_changed_value_and_ignore_row_order_and_extra_c
     ours = _table(per_image, _uploads(per_image)).assign(mse=0.01, ssim=0.5, lpips=None)
     theirs = ours.sample(frac=1, random_state=0).assign(attack_seconds=1.0)
     assert table_differences(ours, theirs) == []
-    theirs.loc[(theirs.setting == "same") & (theirs.epoch == 0), "psnr"] += 0.5
+    theirs.loc[(theirs.setting == "same") & (theirs.step == 0), "psnr"] += 0.5
     assert len(table_differences(ours, theirs)) == 1 and table_differences(ours, theirs)[0].startswith(
-        "same epoch 0: psnr"
+        "same step 0: psnr"
     )
-    assert table_differences(ours, theirs[theirs.epoch == 0])[0].startswith("rows differ")
+    assert table_differences(ours, theirs[theirs.step == 0])[0].startswith("rows differ")
     assert {"iterations_run", "unconverged"} <= set(SHARED)
 
 
@@ -255,16 +261,17 @@ def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_
     adaptive = _per_image({"pure": 0.0, "defended": 0.0}).assign(attacker="adaptive")
     classic = _per_image({"defended": -6.0}).assign(attacker="classic")
     table = add_classic(_table(adaptive, _uploads(adaptive)), pd.concat([adaptive, classic]), EVIDENCE)
-    cells = table.set_index(["setting", "epoch"])
-    mine = classic[classic.epoch == 0]
+    cells = table.set_index(["setting", "checkpoint"])
+    mine = classic[classic.checkpoint == FIRST]
     ci = stats.ttest_1samp(mine.groupby("trial").psnr.mean(), 0).confidence_interval(0.95)
-    assert cells.loc[("defended", 0), "classic_separate"]
-    assert cells.loc[("defended", 0), "classic_psnr"] == pytest.approx(mine.psnr.mean())
-    assert (cells.loc[("defended", 0), "classic_psnr_low"], cells.loc[("defended", 0), "classic_psnr_high"]) == (
-        pytest.approx((ci.low, ci.high))
-    )
-    assert not cells.loc[("pure", 0), "classic_separate"]
-    assert cells.loc[("pure", 0), "classic_psnr"] == cells.loc[("pure", 0), "psnr"]
+    assert cells.loc[("defended", FIRST), "classic_separate"]
+    assert cells.loc[("defended", FIRST), "classic_psnr"] == pytest.approx(mine.psnr.mean())
+    assert (
+        cells.loc[("defended", FIRST), "classic_psnr_low"],
+        cells.loc[("defended", FIRST), "classic_psnr_high"],
+    ) == (pytest.approx((ci.low, ci.high)))
+    assert not cells.loc[("pure", FIRST), "classic_separate"]
+    assert cells.loc[("pure", FIRST), "classic_psnr"] == cells.loc[("pure", FIRST), "psnr"]
     summary = summary_of(table, TRAINING, EVIDENCE, "pure")
     assert summary.set_index("setting").loc["defended", "verdict"].startswith("epoch 0: no detectable effect")
     shown = shown_summary(summary).set_index("setting")
@@ -291,10 +298,46 @@ def test_the_paired_tool_compares_two_runs_batch_by_batch():
     base = _per_image({"pure": 0.0}).assign(attacker="adaptive")
     other = base.assign(psnr=base.psnr + np.repeat(np.arange(len(base) // 4) % 3, 4))  # +0, +1, +2 per batch
     rows = paired_rows(base, other, None, 0.95)
-    cell = next(r for r in rows if r["epoch"] == 0)
-    d = (other.psnr - base.psnr)[base.epoch == 0].groupby(base.trial[base.epoch == 0]).mean()
+    cell = next(r for r in rows if r["checkpoint"] == FIRST)
+    d = (other.psnr - base.psnr)[base.checkpoint == FIRST].groupby(base.trial[base.checkpoint == FIRST]).mean()
     test = stats.ttest_1samp(d, 0)
     assert cell["batches"] == 6 and cell["n"] == 24
     assert cell["diff"] == pytest.approx((d.mean(), *test.confidence_interval(0.95))) and cell["p"] == pytest.approx(
         test.pvalue
     )
+
+
+def test_chance_and_the_floor_are_paired_batch_intervals_and_the_fall_is_where_they_stay():
+    """A cell's distance from chance is the paired t interval of its batches' PSNR less their chance
+    PSNR (scipy's), from its setting's last checkpoint the same against that checkpoint's batches;
+    a cell is at chance (at its floor) when that interval ends under the sized-for effect; the
+    fall is the first checkpoint of the run of them that reaches the last."""
+    per_image = _per_image({"pure": 0.0, "defended": -6.0}).copy()
+    rng = np.random.default_rng(2)
+    per_image["chance_psnr"] = 11.0 + rng.normal(0, 0.5, len(per_image))
+    table = add_floor(_table(per_image, _uploads(per_image)), per_image, EVIDENCE)
+    cells = table.set_index(["setting", "checkpoint"])
+    cell = per_image[(per_image.setting == "pure") & (per_image.checkpoint == LAST)]
+    above = (cell.psnr - cell.chance_psnr).groupby(cell.trial).mean()
+    ci = stats.ttest_1samp(above, 0).confidence_interval(0.95)
+    row = cells.loc[("pure", LAST)]
+    assert row.chance_psnr == pytest.approx(cell.chance_psnr.mean())
+    assert (row.above_chance, row.above_chance_low, row.above_chance_high) == pytest.approx(
+        (above.mean(), ci.low, ci.high)
+    )
+    assert row.at_chance == (ci.high < EVIDENCE.effect)
+    assert not cells.loc[("pure", FIRST), "at_chance"]  # 25 dB against 11: far above chance
+    first = per_image[(per_image.setting == "defended") & (per_image.checkpoint == FIRST)]
+    last = per_image[(per_image.setting == "defended") & (per_image.checkpoint == LAST)]
+    d = first.groupby("trial").psnr.mean() - last.groupby("trial").psnr.mean()
+    ci = stats.ttest_1samp(d, 0).confidence_interval(0.95)
+    row = cells.loc[("defended", FIRST)]
+    assert (row.above_floor, row.above_floor_low, row.above_floor_high) == pytest.approx((d.mean(), ci.low, ci.high))
+    assert not row.at_floor and cells.loc[("defended", LAST), "at_floor"]  # the last is its own floor
+    steps = [0, 4, 16, 64, 471]
+    assert settles(steps, [False, True, False, True, True]) == (64, 16)  # a dip that comes back does not count
+    assert settles(steps, [True] * 5) == (0, None)
+    assert settles(steps, [True, True, True, True, False]) == (None, 471)
+    summary = summary_of(table, TRAINING, EVIDENCE, "pure").set_index("setting")
+    assert (summary.loc["defended", "floor_step"], summary.loc["defended", "above_floor_at_step"]) == (471, 0)
+    assert summary.loc["defended", "falls"].startswith("at its floor from step 471 (above at step 0); ")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from scipy import stats
 
+from pipeline.checkpoints import epoch_checkpoint
 from pipeline.data import to_unit_range
 from pipeline.uploads import save_truth, upload_name
 from tests.conftest import RAW_PARAMS
@@ -57,13 +58,13 @@ def made(tmp_path_factory, fashion_images):
     for epoch in EPOCHS:
         for trial in range(TRIALS):
             chosen = torch.tensor([first[c] for c in range(trial * BATCH, (trial + 1) * BATCH)])
-            name = upload_name(epoch, trial)
+            name = upload_name(epoch_checkpoint(epoch), trial)
             stem = name.removesuffix(".safetensors")
             upload = make_upload(root / "checkpoints", images[chosen], labels[chosen], name=stem, epoch=epoch)
             for path in (upload, upload.with_suffix(".json")):
                 path.rename(uploads / path.name)
             pixels = (to_unit_range(images[chosen], MEAN, STD) * 255).round().to(torch.uint8)
-            save_truth(truth / name, pixels, labels[chosen], {"epoch": epoch, "trial": trial, "setting": "pure"})
+            save_truth(truth / name, pixels, labels[chosen], {"trial": trial, "setting": "pure"})
     write_params(root)
     return root
 
@@ -93,15 +94,20 @@ def test_llg_recovers_every_label_of_a_plain_clients_batch_of_distinct_classes(p
     from tools.labels import label_rows, main
 
     rows = label_rows("pure", ["llg", "counts"])
-    assert [(r["method"], r["epoch"], r["uploads"]) for r in rows] == [
-        (method, epoch, TRIALS) for method in ("llg", "counts") for epoch in EPOCHS
+    assert [(r["method"], r["checkpoint"], r["uploads"]) for r in rows] == [
+        (method, epoch_checkpoint(epoch), TRIALS) for method in ("llg", "counts") for epoch in EPOCHS
     ]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert [(r["accuracy"], r["exact"]) for r in rows if r["method"] == "llg"] == [(1.0, TRIALS)] * len(EPOCHS)
     done = run_main(main, ["pure", "--methods", "llg"], capsys)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "pure: label accuracy by recovery method, mean over the uploads of each epoch"
-    assert _table(done.stdout, 3) == [["llg", str(e), str(TRIALS), "1.000", f"{TRIALS}/{TRIALS}"] for e in EPOCHS]
+    assert (
+        done.stdout.splitlines()[0]
+        == "pure: label accuracy by recovery method, mean over the uploads of each checkpoint"
+    )
+    assert _table(done.stdout, 3) == [
+        ["llg", epoch_checkpoint(e), str(TRIALS), "1.000", f"{TRIALS}/{TRIALS}"] for e in EPOCHS
+    ]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +136,7 @@ def test_budget_prints_one_row_per_budget_and_epoch_over_every_image(project, ca
     rows = _table(done.stdout, 3)
     # iterations, restarts, combine, epoch, n (every image of the epoch's uploads), no difference without a second rule
     assert [r[:5] + r[6:8] for r in rows] == [
-        [str(i), "1", "best", str(e), str(TRIALS * BATCH), "–", "–"] for i in (5, 10) for e in EPOCHS
+        [str(i), "1", "best", epoch_checkpoint(e), str(TRIALS * BATCH), "–", "–"] for i in (5, 10) for e in EPOCHS
     ]
     for r in rows:
         mean, low, high = (float(x) for x in r[5].replace("[", "").replace("]", "").replace(",", "").split())
@@ -142,9 +148,9 @@ def test_budget_pairs_each_further_rule_with_the_first_batch_by_batch(project):
     from tools.budget import budget_rows
 
     best, mlco = budget_rows("pure", [10], [3], restarts=2, combines=("best", "mlco"))
-    assert [(r["epoch"], r["combine"], r["restarts"], r["n"], r["batches"]) for r in (best, mlco)] == [
-        (3, "best", 2, TRIALS * BATCH, TRIALS),
-        (3, "mlco", 2, TRIALS * BATCH, TRIALS),
+    assert [(r["checkpoint"], r["combine"], r["restarts"], r["n"], r["batches"]) for r in (best, mlco)] == [
+        ("epoch-003", "best", 2, TRIALS * BATCH, TRIALS),
+        ("epoch-003", "mlco", 2, TRIALS * BATCH, TRIALS),
     ]
     assert "diff" not in best
     # batches of equal size: the mean of the per-batch differences is the difference of the means
@@ -187,8 +193,9 @@ def per_image(seed: int = 0, settings=("pure", "ra"), epochs=(0, 3), trials=6, i
                         rows.append(
                             {
                                 "setting": setting,
-                                "upload": upload_name(epoch, trial).removesuffix(".safetensors"),
-                                "epoch": epoch,
+                                "upload": upload_name(epoch_checkpoint(epoch), trial).removesuffix(".safetensors"),
+                                "checkpoint": epoch_checkpoint(epoch),
+                                "step": 157 * epoch,
                                 "trial": trial,
                                 "image": image,
                                 "victim": 10 * trial + image,
@@ -203,7 +210,9 @@ def per_image(seed: int = 0, settings=("pure", "ra"), epochs=(0, 3), trials=6, i
 
 
 def _batch_means(frame: pd.DataFrame, setting: str, epoch: int, attacker: str = "adaptive") -> pd.Series:
-    cell = frame[(frame.setting == setting) & (frame.epoch == epoch) & (frame.attacker == attacker)]
+    cell = frame[
+        (frame.setting == setting) & (frame.checkpoint == epoch_checkpoint(epoch)) & (frame.attacker == attacker)
+    ]
     return cell.groupby("trial").psnr.mean()
 
 
@@ -226,7 +235,7 @@ def test_paired_gives_scipys_paired_t_test_of_the_batch_means(tmp_path, monkeypa
         d = _batch_means(other, "ra", epoch) - _batch_means(base, "ra", epoch)
         test = stats.ttest_1samp(d, 0.0)
         ci = test.confidence_interval(0.9)
-        assert line.startswith(f"| ra | {epoch} | 6 | 24 | ")
+        assert line.startswith(f"| ra | {epoch_checkpoint(epoch)} | 6 | 24 | ")
         assert line.endswith(f"| {d.mean():+.2f} [{ci.low:+.2f}, {ci.high:+.2f}] | {test.pvalue:.2g} |")
     classic = run_main(main, ["base.csv", "other.csv", "--settings", "ra", "--attacker", "classic"], capsys)
     d = _batch_means(other, "ra", 0, "classic") - _batch_means(base, "ra", 0, "classic")

@@ -52,7 +52,7 @@ def budget_rows(
         a = p.attack_for(setting).model_copy(
             update={"iterations": budget, "restarts": restarts or p.attack.restarts, "combine": combines[0]}
         )
-        cells: dict[tuple[int, str], dict] = {}
+        cells: dict[tuple[tuple[int, str], str], dict] = {}  # ((step, checkpoint), rule)
         with tempfile.TemporaryDirectory() as scratch:
             started = time.perf_counter()
             attacked = attack_uploads(victims, a, p.seed, Path(scratch))
@@ -66,18 +66,20 @@ def budget_rows(
                     else combine(done.target, done.restarts, a.model_copy(update={"combine": rule}), p.seed)
                 )
                 psnr = paired_scores(to_unit_range(rec.images, list(tm.mean), list(tm.std)), truth)["psnr"].tolist()
-                cell = cells.setdefault((tm.epoch, rule), {"psnr": [], "batches": [], "unconverged": 0, "uploads": 0})
+                cell = cells.setdefault(
+                    ((tm.step, tm.at), rule), {"psnr": [], "batches": [], "unconverged": 0, "uploads": 0}
+                )
                 cell["psnr"] += psnr
                 cell["batches"].append(sum(psnr) / len(psnr))
                 cell["unconverged"] += rec.converged is False
                 cell["uploads"] += 1
-        for (epoch, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
+        for (at, rule), cell in sorted(cells.items(), key=lambda item: (item[0][0], combines.index(item[0][1]))):
             found = t_estimate(cell["batches"], confidence)
             row = {
                 "iterations": budget,
                 "restarts": a.restarts,
                 "combine": rule,
-                "epoch": epoch,
+                "checkpoint": at[1],
                 "n": len(cell["psnr"]),
                 "batches": cell["uploads"],
                 "psnr": sum(cell["psnr"]) / len(cell["psnr"]),
@@ -88,7 +90,7 @@ def budget_rows(
             }
             if rule != combines[0]:
                 d = t_estimate(
-                    [x - y for x, y in zip(cell["batches"], cells[(epoch, combines[0])]["batches"])], confidence
+                    [x - y for x, y in zip(cell["batches"], cells[(at, combines[0])]["batches"])], confidence
                 )
                 row.update(diff=d.mean, diff_low=d.low, diff_high=d.high, p_value=d.p)
             rows.append(row)
@@ -134,7 +136,7 @@ def main(argv: list[str]) -> None:
         )
     )
     print(
-        "| iterations | restarts | combine | epoch | n | PSNR | difference | p | unconverged | seconds |\n"
+        "| iterations | restarts | combine | checkpoint | n | PSNR | difference | p | unconverged | seconds |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
@@ -144,7 +146,7 @@ def main(argv: list[str]) -> None:
             else "– | –"
         )
         print(
-            f"| {r['iterations']} | {r['restarts']} | {r['combine']} | {r['epoch']} | {r['n']} | {r['psnr']:.1f} "
+            f"| {r['iterations']} | {r['restarts']} | {r['combine']} | {r['checkpoint']} | {r['n']} | {r['psnr']:.1f} "
             f"[{r['psnr_low']:.1f}, {r['psnr_high']:.1f}] | {diff} | {r['unconverged']} | {r['seconds']} |"
         )
 

@@ -25,7 +25,7 @@ RESULTS_CSV = Path("reports/results.csv")
 SHARED = [
     "setting",
     "scheme",
-    "epoch",
+    "step",
     "test_accuracy",
     "epsilon",
     "gh",
@@ -40,15 +40,14 @@ SHARED = [
 
 
 def table_differences(ours: pd.DataFrame, theirs: pd.DataFrame) -> list[str]:
-    """Where two results tables disagree on the shared columns (rows matched by setting and epoch)."""
+    """Where two results tables disagree on the shared columns (rows matched by setting and optimizer step)."""
     a, b = (
-        t[SHARED].astype({"epoch": int}).sort_values(["setting", "epoch"]).reset_index(drop=True)
-        for t in (ours, theirs)
+        t[SHARED].astype({"step": int}).sort_values(["setting", "step"]).reset_index(drop=True) for t in (ours, theirs)
     )
-    if a[["setting", "epoch"]].values.tolist() != b[["setting", "epoch"]].values.tolist():
+    if a[["setting", "step"]].values.tolist() != b[["setting", "step"]].values.tolist():
         return [
-            f"rows differ: {sorted(map(tuple, a[['setting', 'epoch']].values))} vs "
-            f"{sorted(map(tuple, b[['setting', 'epoch']].values))}"
+            f"rows differ: {sorted(map(tuple, a[['setting', 'step']].values))} vs "
+            f"{sorted(map(tuple, b[['setting', 'step']].values))}"
         ]
     problems = []
     for column in SHARED[1:]:
@@ -60,7 +59,7 @@ def table_differences(ours: pd.DataFrame, theirs: pd.DataFrame) -> list[str]:
                 and (x == y if isinstance(x, str) else abs(float(x) - float(y)) <= 1e-9)
             )
             if not same:
-                problems.append(f"{a.at[i, 'setting']} epoch {a.at[i, 'epoch']}: {column} {x} vs {y}")
+                problems.append(f"{a.at[i, 'setting']} step {a.at[i, 'step']}: {column} {x} vs {y}")
     return problems
 
 

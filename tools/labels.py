@@ -22,21 +22,27 @@ from pipeline.uploads import load_truth
 
 
 def label_rows(setting: str, methods: list[str]) -> list[dict]:
-    """One row per (method, checkpoint epoch): mean label accuracy over the uploads and how many were exact."""
+    """One row per (method, checkpoint): mean label accuracy over the uploads and how many were exact."""
     p = load_params(Path("params.yaml"))
     p.setting(setting)  # an unknown name is refused here
     victims = [Victim.load(u) for u in sorted(Path("uploads", setting).glob("*.safetensors"))]
     if not victims:
         raise PipelineError(f"uploads/{setting}: no uploads (run `dvc repro extract@{setting}` first)")
-    cells: dict[tuple[str, int], list[float]] = {}
+    cells: dict[tuple[str, str], list[float]] = {}
     for method in methods:
         a = p.attack_for(setting).model_copy(update={"labels": method})
         for v in victims:
             got = Target.of(v, a).labels
             _, truth, _ = load_truth(Path("truth", setting, v.path.name))
-            cells.setdefault((method, v.threat_model.epoch), []).append(label_accuracy(got, truth))
+            cells.setdefault((method, v.threat_model.at), []).append(label_accuracy(got, truth))
     return [
-        {"method": m, "epoch": e, "uploads": len(v), "accuracy": sum(v) / len(v), "exact": sum(x == 1.0 for x in v)}
+        {
+            "method": m,
+            "checkpoint": e,
+            "uploads": len(v),
+            "accuracy": sum(v) / len(v),
+            "exact": sum(x == 1.0 for x in v),
+        }
         for (m, e), v in cells.items()
     ]
 
@@ -59,10 +65,11 @@ def main(argv: list[str]) -> None:
         rows = label_rows(args.setting, methods)
     except PipelineError as err:
         _fail(str(err))
-    print(f"{args.setting}: label accuracy by recovery method, mean over the uploads of each epoch")
-    print("| method | epoch | uploads | label accuracy | exact |\n|---|---|---|---|---|")
+    print(f"{args.setting}: label accuracy by recovery method, mean over the uploads of each checkpoint")
+    print("| method | checkpoint | uploads | label accuracy | exact |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['epoch']} | {r['uploads']} | {r['accuracy']:.3f} | {r['exact']}/{r['uploads']} |")
+        shown = f"{r['accuracy']:.3f} | {r['exact']}/{r['uploads']}"
+        print(f"| {r['method']} | {r['checkpoint']} | {r['uploads']} | {shown} |")
 
 
 if __name__ == "__main__":

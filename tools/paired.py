@@ -5,7 +5,7 @@ same victims (tuned against fixed hyper-parameters, one code version against ano
                            [--settings pure,client-dp] [--attacker adaptive]
 
 Both files must hold the same images (the same seed, data and extract parameters: the same
-victims in every cell). Per (setting, epoch): the batches and images, each run's mean PSNR [t
+victims in every cell). Per (setting, checkpoint): the batches and images, each run's mean PSNR [t
 interval over batches], the mean of OTHER - BASE per batch [t interval] and the paired t-test's p
 (the batch is the unit: its images share one attack), at params.yaml's report.confidence.
 """
@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.statistics import batch_means, t_estimate
 from pipeline.uploads import ADAPTIVE
 
-KEYS = ["setting", "epoch", "trial", "victim"]
+KEYS = ["setting", "checkpoint", "trial", "victim"]
 
 
 def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | None, confidence: float) -> list[dict]:
@@ -34,7 +34,7 @@ def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | N
             "they must share seed, data and extract parameters"
         )
     rows = []
-    for (setting, epoch), cell in both.groupby(["setting", "epoch"], sort=False):
+    for (setting, at), cell in both.groupby(["setting", "checkpoint"], sort=False):
         if settings is not None and setting not in settings:
             continue
         b, o = batch_means(cell, "psnr_base"), batch_means(cell, "psnr_other")
@@ -42,7 +42,7 @@ def paired_rows(base: pd.DataFrame, other: pd.DataFrame, settings: list[str] | N
         rows.append(
             {
                 "setting": setting,
-                "epoch": int(epoch),
+                "checkpoint": at,
                 "batches": len(b),
                 "n": len(cell),
                 "base": (base_e.mean, base_e.low, base_e.high),
@@ -82,13 +82,13 @@ def main(argv: list[str]) -> None:
         print(f"paired: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"PSNR (dB) per cell, mean [{r.confidence:.0%} t interval over batches]; other - base, paired by batch")
-    print("| setting | epoch | batches | n | base | other | difference | p (paired t) |")
+    print("| setting | checkpoint | batches | n | base | other | difference | p (paired t) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in (row["base"], row["other"])]
         m, lo, hi = row["diff"]
         print(
-            f"| {row['setting']} | {row['epoch']} | {row['batches']} | {row['n']} | {cells[0]} | {cells[1]} | "
+            f"| {row['setting']} | {row['checkpoint']} | {row['batches']} | {row['n']} | {cells[0]} | {cells[1]} | "
             f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] | {row['p']:.2g} |"
         )
 

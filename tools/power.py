@@ -1,9 +1,9 @@
 """How many client batches a verdict needs: variance components of the paired PSNR differences
 of a run, and the batches a paired t-test needs for 1, 2 and 3 dB.
 
-    python -m tools.power [reports/per_image.csv] [--family N] [--epochs 0,3] [--cells null|all]
+    python -m tools.power [reports/per_image.csv] [--family N] [--checkpoints epoch-000,step-000016] [--cells null|all]
 
-Per attacked epoch and over all, from the adaptive attacker's images of the cells paired with
+Per attacked checkpoint and over all, from the adaptive attacker's images of the cells paired with
 params.yaml's report.baseline (the budget setting left out; by default only the cells whose
 verdict in reports/results.csv is no detectable effect, since a real effect that differs from
 batch to batch inflates the spread; `--cells all` takes every paired cell): the between-batch and within-batch
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.checkpoints import checkpoint_label
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.results import paired
@@ -31,17 +32,18 @@ from pipeline.uploads import ADAPTIVE
 EFFECTS = (1.0, 2.0, 3.0)
 
 
-def differences(per_image: pd.DataFrame, baseline: str, settings: list[str]) -> dict[tuple[str, int], pd.DataFrame]:
-    """Per paired (setting, epoch) cell: trial and the per-image difference d to the baseline."""
+def differences(per_image: pd.DataFrame, baseline: str, settings: list[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    """Per paired (setting, checkpoint) cell: trial and the per-image difference d to the baseline."""
     cells = {}
-    for (setting, epoch), _ in per_image[per_image.setting.isin(settings)].groupby(["setting", "epoch"]):
-        both = paired(per_image, setting, baseline, int(epoch))
-        cells[(setting, int(epoch))] = both.assign(d=both.psnr - both.psnr_baseline)[["trial", "d"]]
+    for (setting, at), _ in per_image[per_image.setting.isin(settings)].groupby(["setting", "checkpoint"]):
+        both = paired(per_image, setting, baseline, str(at))
+        cells[(setting, str(at))] = both.assign(d=both.psnr - both.psnr_baseline)[["trial", "d"]]
     return cells
 
 
-def power_rows(cells: dict[tuple[str, int], pd.DataFrame], alpha: float, power: float, family: int) -> list[dict]:
-    groups = {f"epoch {e}": [c for (_, ce), c in cells.items() if ce == e] for e in sorted({e for _, e in cells})}
+def power_rows(cells: dict[tuple[str, str], pd.DataFrame], alpha: float, power: float, family: int) -> list[dict]:
+    order = sorted({at for _, at in cells})
+    groups = {checkpoint_label(at): [c for (_, ca), c in cells.items() if ca == at] for at in order}
     groups["all"] = list(cells.values())
     rows = []
     for name, group in groups.items():
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.power", description=__doc__.split("\n\n")[0])
     parser.add_argument("per_image", nargs="?", type=Path, default=Path("reports/per_image.csv"))
     parser.add_argument("--family", type=int, help="tests in the family (default: reports/results.csv's)")
-    parser.add_argument("--epochs", help="comma-separated epochs (default: every attacked one)")
+    parser.add_argument("--checkpoints", help="comma-separated checkpoint names (default: every attacked one)")
     parser.add_argument("--cells", choices=("null", "all"), default="null", help="which paired cells (default: null)")
     args = parser.parse_args(argv)
     try:
@@ -80,8 +82,8 @@ def main(argv: list[str]) -> None:
         except (OSError, pd.errors.ParserError) as err:
             raise PipelineError(f"{args.per_image}: not a readable per-image table ({err})") from None
         per_image = per_image[per_image.attacker == ADAPTIVE]
-        if args.epochs:
-            per_image = per_image[per_image.epoch.isin([int(e) for e in args.epochs.split(",")])]
+        if args.checkpoints:
+            per_image = per_image[per_image.checkpoint.isin(args.checkpoints.split(","))]
         base = p.setting(r.baseline)[1]
         settings = [s for s in p.settings if s not in (r.baseline, r.budget) and pairs_with(p.setting(s)[1], base)]
         results = Path("reports/results.csv")
@@ -95,7 +97,8 @@ def main(argv: list[str]) -> None:
         if args.cells == "null":
             if table is None:
                 raise PipelineError(f"{results}: not found; the null cells are read from it (or pass --cells all)")
-            null = {(s, int(e)) for s, e in table[table.effect == "none"][["setting", "epoch"]].itertuples(index=False)}
+            nulls = table[table.effect == "none"][["setting", "checkpoint"]]
+            null = {(s, str(c)) for s, c in nulls.itertuples(index=False)}
             cells = {cell: frame for cell, frame in cells.items() if cell in null}
         if not cells:
             raise PipelineError("no paired cell to estimate the variance from")

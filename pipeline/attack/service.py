@@ -47,6 +47,8 @@ class Attacked:
         tm, rec = self.victim.threat_model, self.reconstruction
         return {
             "upload": self.victim.path.name,
+            "checkpoint": tm.at,
+            "step": tm.step,
             "epoch": tm.epoch,
             "trial": tm.trial,
             "scheme": tm.scheme,
@@ -124,17 +126,17 @@ def attackers(
     return runs
 
 
-def epoch_metrics(attacked: list[Attacked]) -> dict[int, dict[str, float]]:
-    """Per training epoch, over its uploads: the mean iterations run, the unconverged attacks and
-    the wall time of the jobs."""
-    by_epoch: dict[int, list[Attacked]] = {}
+def checkpoint_metrics(attacked: list[Attacked]) -> dict[int, dict[str, float]]:
+    """Per checkpoint, keyed by its optimizer step, over its uploads: the mean iterations run, the
+    unconverged attacks and the wall time of the jobs."""
+    by_step: dict[int, list[Attacked]] = {}
     for done in attacked:
-        by_epoch.setdefault(done.victim.threat_model.epoch, []).append(done)
+        by_step.setdefault(done.victim.threat_model.step, []).append(done)
     return {
-        epoch: {
+        step: {
             "iterations_run": sum(d.reconstruction.iterations_run or 0 for d in done) / len(done),
             "unconverged": sum(d.reconstruction.converged is False for d in done),
             "attack_seconds": sum(d.seconds for d in done),
         }
-        for epoch, done in by_epoch.items()
+        for step, done in by_step.items()
     }

@@ -54,8 +54,10 @@ class Surrogate:
     images: torch.Tensor
 
     @property
-    def epoch(self) -> int:
-        return self.victim.threat_model.epoch
+    def at(self) -> tuple[int, str]:
+        """Its checkpoint's optimizer step and name: the order of training."""
+        tm = self.victim.threat_model
+        return tm.step, tm.at
 
 
 def surrogate_batches(own: Images, c: ClientParams, batches: int, seed: int) -> list[torch.Tensor]:
@@ -69,25 +71,25 @@ def make_surrogates(
     meta: dict[str, Any],
     c: ClientParams,
     setting: str,
-    checkpoints: dict[int, Path],
+    checkpoints: dict[str, Path],
     batches: int,
     reveal: ExtractParams,
     seed: int,
     folder: Path,
 ) -> list[Surrogate]:
-    """The attacker's surrogate uploads into `folder`: each batch at each checkpoint epoch,
+    """The attacker's surrogate uploads into `folder`: each batch at each checkpoint (by name),
     revealing what the setting's uploads reveal (`reveal`: extract's parameters)."""
     folder.mkdir(parents=True, exist_ok=True)
     chosen = surrogate_batches(own, c, batches, seed)
     client_seed = mix(Draw.SURROGATE_CLIENT, seed)
     made = []
-    for epoch, path in checkpoints.items():
+    for at, path in checkpoints.items():
         model, ckpt = load_checkpoint(path)
         check_batchnorm_batch(model, c, ckpt["in_channels"], ckpt["image_size"])
         for trial, positions in enumerate(chosen):
             images, labels = own.images_at(positions), own.labels[positions]
             update = simulate_client(model, normalise(images, meta["mean"], meta["std"]), labels, c, client_seed)
-            name = folder / upload_name(epoch, trial)
+            name = folder / upload_name(at, trial)
             save_upload(name, upload_of(update, model, (path, ckpt), c, setting, trial, labels, reveal))
             made.append(Surrogate(Victim.load(name), images.float() / 255))
     return made
@@ -133,7 +135,7 @@ class TrialRecord:
     number: int  # among the study's finished trials, from 0 (the fixed attack)
     values: dict[str, Any]
     state: str  # complete | pruned
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (epoch, running objective)
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (checkpoint's optimizer step, running objective)
     value: float | None = None  # the objective of a complete trial
 
 
@@ -178,7 +180,7 @@ def run_study(
     if not study.trials:
         study.enqueue_trial({key: getattr(a, key) for key in tune.space})
     distributions = _distributions(tune.space)
-    epochs = sorted({s.epoch for s in surrogates})
+    checkpoints = sorted({s.at for s in surrogates})
     records = [_record(i, t) for i, t in enumerate(_finished(study))]
     while len(records) < tune.trials:
         study.sampler = optuna.samplers.TPESampler(
@@ -190,14 +192,14 @@ def run_study(
         scratch = folder / "trial"
         shutil.rmtree(scratch, ignore_errors=True)  # a killed trial's jobs: asked again from the start
         found: list[float] = []
-        for step, epoch in enumerate(epochs):
-            found += score([s for s in surrogates if s.epoch == epoch], attack, seed, scratch, tune.objective)
+        for step, at in enumerate(checkpoints):
+            found += score([s for s in surrogates if s.at == at], attack, seed, scratch, tune.objective)
             running = sum(found) / len(found)
             if not math.isfinite(running):
                 raise PipelineError(f"tune: trial {record.number} {trial.params}: the objective is not finite")
-            record.steps.append((epoch, running))
+            record.steps.append((at[0], running))
             trial.report(running, step)
-            if step < len(epochs) - 1 and trial.should_prune():
+            if step < len(checkpoints) - 1 and trial.should_prune():
                 record.state = "pruned"
                 break
         shutil.rmtree(scratch, ignore_errors=True)
@@ -253,7 +255,7 @@ def study_summary(
         "surrogates": {
             "uploads": len(surrogates),
             "images": sum(len(s.images) for s in surrogates),
-            "epochs": sorted({s.epoch for s in surrogates}),
+            "checkpoints": [name for _, name in sorted({s.at for s in surrogates})],
         },
         "trials": [
             {"number": r.number, "values": r.values, "state": r.state, "steps": r.steps, "value": r.value}
