@@ -36,29 +36,29 @@ def test_metric_differences_respect_the_tolerance():
         "tolerance": {"psnr": 0.5, "label_accuracy": 0.0},
         "tolerance_trained": {"psnr": 4.0, "label_accuracy": 0.0},
         "rows": [
-            {"scheme": "pure", "epoch": 0, "psnr": 20.0, "label_accuracy": 1.0},
-            {"scheme": "pure", "epoch": 2, "psnr": 12.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "epoch-000", "step": 0, "psnr": 20.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "step-000002", "step": 2, "psnr": 12.0, "label_accuracy": 1.0},
         ],
     }
     close = pd.DataFrame(
         [
-            {"scheme": "pure", "epoch": 0, "psnr": 20.4, "label_accuracy": 1.0},
-            {"scheme": "pure", "epoch": 2, "psnr": 15.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "epoch-000", "step": 0, "psnr": 20.4, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "step-000002", "step": 2, "psnr": 15.0, "label_accuracy": 1.0},
         ]
     )
     far = pd.DataFrame(
         [
-            {"scheme": "pure", "epoch": 0, "psnr": 19.0, "label_accuracy": 1.0},
-            {"scheme": "pure", "epoch": 2, "psnr": 17.0, "label_accuracy": 0.75},
-            {"scheme": "pure", "epoch": 3, "psnr": 19.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "epoch-000", "step": 0, "psnr": 19.0, "label_accuracy": 1.0},
+            {"scheme": "pure", "checkpoint": "step-000002", "step": 2, "psnr": 17.0, "label_accuracy": 0.75},
+            {"scheme": "pure", "checkpoint": "epoch-002", "step": 16, "psnr": 19.0, "label_accuracy": 1.0},
         ]
     )
     assert metric_differences(close, reference) == []
     assert metric_differences(far, reference) == [
-        "row scheme=pure, epoch=0: psnr 19.0000 vs reference 20.0000 (tolerance 0.5)",
-        "row scheme=pure, epoch=2: psnr 17.0000 vs reference 12.0000 (tolerance 4.0)",
-        "row scheme=pure, epoch=2: label_accuracy 0.7500 vs reference 1.0000 (tolerance 0.0)",
-        "row scheme=pure, epoch=3: not in the reference",
+        "row scheme=pure, checkpoint=epoch-000, step=0: psnr 19.0000 vs reference 20.0000 (tolerance 0.5)",
+        "row scheme=pure, checkpoint=epoch-002, step=16: not in the reference",
+        "row scheme=pure, checkpoint=step-000002, step=2: psnr 17.0000 vs reference 12.0000 (tolerance 4.0)",
+        "row scheme=pure, checkpoint=step-000002, step=2: label_accuracy 0.7500 vs reference 1.0000 (tolerance 0.0)",
     ]
 
 

@@ -34,8 +34,8 @@ import yaml
 from pipeline.parallel import LAUNCHER_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("setting", "scheme", "arch", "epoch", "client", "labels")
-# Across machines. Rows at epoch 0 involve no training: the same initial weights, upload and
+KEYS = ("setting", "scheme", "arch", "checkpoint", "step", "client", "labels")
+# Across machines. Rows at step 0 involve no training: the same initial weights, upload and
 # attack, so only rounding differs. Trained rows start from checkpoints whose SGD ran with other
 # roundings, and the attack's sign steps amplify that. Measured on the tiny profile between an
 # Intel AVX-512 and an AMD AVX2 machine, both pinned to AVX2 kernels: test accuracy 0.035 apart,
@@ -111,8 +111,8 @@ def metric_differences(table: pd.DataFrame, reference: dict) -> list[str]:
             )
             continue
         # A tuned attack's values come from a study over the trained checkpoints too: its rows at
-        # epoch 0 carry training's rounding through them, so they take the trained tolerance.
-        trained = int(row["epoch"]) > 0 or str(row.get("hyperparameters", "fixed")) != "fixed"
+        # step 0 carry training's rounding through them, so they take the trained tolerance.
+        trained = int(row["step"]) > 0 or str(row.get("hyperparameters", "fixed")) != "fixed"
         tolerance = reference["tolerance_trained"] if trained else reference["tolerance"]
         for metric, tol in tolerance.items():
             got, want = float(row[metric]), float(row[f"{metric}_ref"])
