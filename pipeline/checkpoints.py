@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.files import load_tensors, save_tensors
+from pipeline.files import load_tensors, read_json, save_tensors
 from pipeline.nets import build_model
 
 
@@ -57,6 +57,18 @@ def checkpoint_label(checkpoint: str) -> str:
 def extracted(epochs: list[int], steps: list[int]) -> list[str]:
     """The checkpoints extract.epochs and extract.steps name, epochs first."""
     return [epoch_checkpoint(e) for e in epochs] + [step_checkpoint(s) for s in steps]
+
+
+def written_checkpoints(folder: Path) -> list[dict[str, Any]]:
+    """The metadata of every checkpoint train wrote in `folder`, in training order (by step; at
+    one step the epoch checkpoint before the step one)."""
+    written = [read_json(p) for pattern in ("epoch-*.json", "step-*.json") for p in Path(folder).glob(pattern)]
+    return sorted(written, key=lambda meta: (meta["step"], meta["checkpoint"]))
+
+
+def training_order(table) -> list[str]:
+    """The checkpoints a table (columns checkpoint and step) names, in training order."""
+    return list(table.groupby("checkpoint").step.min().sort_values(kind="stable").index)
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:

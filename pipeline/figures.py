@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipeline.checkpoints import checkpoint_label
+from pipeline.checkpoints import checkpoint_label, training_order
 from pipeline.files import load_tensors
 from pipeline.report import curve_plot, line_plot, overview_figure, privacy_utility_plot, save_grid, scatter_plot
 from pipeline.uploads import load_truth
@@ -50,7 +50,7 @@ def write_figures(
             truth,
             paired,
         )
-    checkpoints = list(table.groupby("checkpoint").step.min().sort_values(kind="stable").index)  # training order
+    checkpoints = training_order(table)
     ordered = [[panels[(s, c)] for c in checkpoints if (s, c) in panels] for s in p.settings]
     for setting, mine in zip(p.settings, ordered):  # one figure per setting across checkpoints
         if mine:

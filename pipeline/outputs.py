@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipeline.checkpoints import checkpoint_name
+from pipeline.checkpoints import checkpoint_name, written_checkpoints
 from pipeline.files import load_tensors, read_json
 
 if TYPE_CHECKING:
@@ -28,8 +28,7 @@ def training_table(models: Path, schemes: list[str]) -> pd.DataFrame:
     order of training."""
     rows = []
     for scheme in schemes:
-        written = [read_json(p) for pattern in ("epoch-*.json", "step-*.json") for p in (models / scheme).glob(pattern)]
-        for c in sorted(written, key=lambda c: (c["step"], c["checkpoint"])):
+        for c in written_checkpoints(models / scheme):
             rows.append(
                 {
                     "scheme": scheme,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from pipeline.checkpoints import checkpoint_label
+from pipeline.checkpoints import checkpoint_label, training_order
 from pipeline.report import markdown_table
 from pipeline.results import BASELINE, BUDGET, COPY, TEST, UNPAIRED
 
@@ -162,8 +162,8 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
 
 def training_accuracy(training: pd.DataFrame, schemes: list[str]) -> pd.DataFrame:
     """Test accuracy, one row per checkpoint in the order of training, one column per scheme."""
-    order = training.groupby("checkpoint").step.min().sort_values(kind="stable").index
-    out = training.pivot(index="checkpoint", columns="scheme", values="test_accuracy").loc[order, schemes]
+    accuracy = training.pivot(index="checkpoint", columns="scheme", values="test_accuracy")
+    out = accuracy.loc[training_order(training), schemes]
     out = out.reset_index()
     out["checkpoint"] = out.checkpoint.map(checkpoint_label)
     return out

@@ -30,12 +30,17 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.bn import CrossProcessSyncBatchNorm
-from pipeline.checkpoints import checkpoint_name, epoch_checkpoint, save_checkpoint, step_checkpoint
+from pipeline.checkpoints import (
+    checkpoint_name,
+    epoch_checkpoint,
+    save_checkpoint,
+    step_checkpoint,
+    written_checkpoints,
+)
 from pipeline.config import Params
 from pipeline.data import normalise
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
 from pipeline.errors import PipelineError
-from pipeline.files import read_json
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
 from pipeline.nets import build_model
 from pipeline.parallel import resolve_accelerator, threads_per_process
@@ -373,5 +378,4 @@ def train(
         dist.barrier()  # the resume file goes only when every process is done with it
     if trainer.is_global_zero:
         resume.unlink(missing_ok=True)
-    written = [read_json(p) for pattern in ("epoch-*.json", "step-*.json") for p in out_dir.glob(pattern)]
-    return sorted(written, key=lambda m: (m["step"], m["epoch"] is not None))
+    return written_checkpoints(out_dir)
