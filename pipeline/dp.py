@@ -137,12 +137,19 @@ class PoissonBatches(torch.utils.data.Sampler[list[int]]):
             yield self.indices[torch.rand(len(self.indices), generator=gen) < self.rate].tolist()
 
 
-def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
-    """epsilon of (epsilon, delta)-DP after `steps` Poisson-sampled steps, by Opacus' RDP accountant."""
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """epsilon of (epsilon, delta)-DP after `steps` Poisson-sampled steps, by Opacus' RDP
+    accountant, or by its PRV accountant (Gopi et al. 2021): numerical composition of the privacy
+    loss distributions, tighter; Opacus returns the upper end of its estimate (error 0.01 in epsilon)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant {accountant!r}: one of {', '.join(ACCOUNTANTS)}")
     if steps == 0:
         return 0.0
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta))
+    counter = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    counter.history = [(sigma, sample_rate, steps)]
+    return float(counter.get_epsilon(delta))

@@ -113,7 +113,10 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     if "falls" in summary:
         out["where the attack falls"] = summary.falls
     out["test accuracy"] = summary.test_accuracy
-    out["cost vs baseline"] = summary.accuracy_cost
+    out["cost vs baseline"] = [
+        "not measured" if not measured else "" if pd.isna(cost) else f"{cost:.3f}"
+        for cost, measured in zip(summary.accuracy_cost, summary.cost_measured)
+    ]
     out["verdict"] = summary.verdict
     return out
 
@@ -179,7 +182,9 @@ def results_markdown(p: Params, table: pd.DataFrame, summary: pd.DataFrame, trai
         "adaptive attacker (it models the client's asynchronous-BatchNorm shards and unrolls its local steps, as "
         "the threat model states them) and, where that differs, the classic attacker (one full-batch gradient; "
         "'same attack' where there is nothing to adapt to); the test accuracy of the setting's scheme after the "
-        "last epoch, with its cost against the baseline's scheme (positive: the defense costs accuracy); the "
+        "last epoch, with its cost against the baseline's scheme (positive: the defense costs accuracy; 'not "
+        "measured' where the setting's client acts otherwise than the baseline's on its scheme's checkpoints: "
+        "no training ran under it); the "
         "verdict against the baseline, read against the adaptive attacker.\n\n"
         + markdown_table(shown_summary(summary))
         + "\n## Every cell\n\nOne row per client setting x checkpoint (its optimizer step beside it). "

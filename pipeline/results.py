@@ -18,7 +18,7 @@ classic's PSNR is shown beside it (`add_classic`).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,6 @@ from pipeline.checkpoints import checkpoint_label
 from pipeline.errors import PipelineError
 from pipeline.statistics import Evidence, batch_means, detectable_difference, holm, t_estimate
 from pipeline.uploads import CLASSIC
-
-if TYPE_CHECKING:
-    pass
 
 SCORES = ("psnr", "ssim", "mse", "lpips")
 MEASURES = (*SCORES, "iip")  # iip: image identifiability, 1 where the reconstruction's nearest image is its own
@@ -364,10 +361,20 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
     return pd.concat([table, pd.DataFrame(rows, index=table.index)], axis=1)
 
 
-def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, baseline: str | None) -> pd.DataFrame:
+def summary_of(
+    table: pd.DataFrame,
+    training: pd.DataFrame,
+    evidence: Evidence,
+    baseline: str | None,
+    trains_like_baseline: Callable[[str], bool] | None = None,
+) -> pd.DataFrame:
     """Per setting: PSNR and IIP at each attacked checkpoint as mean [interval] (columns
     psnr_<checkpoint>, ...), the accuracy the defense costs (the setting's scheme against the
-    baseline's after the last epoch) and the verdict, checkpoint by checkpoint."""
+    baseline's after the last epoch) and the verdict, checkpoint by checkpoint.
+
+    A setting on the baseline's scheme whose client does not train as the baseline's
+    (`trains_like_baseline`, pipeline.sections.trains_like; None: every one does) has its cost
+    not measured (cost_measured false, accuracy_cost None): no training ran under its defense."""
     final = training[training.epoch == training.epoch.max()].set_index("scheme").test_accuracy
     base_scheme = None if baseline is None else table[table.setting == baseline].scheme.iloc[0]
     rows = []
@@ -410,11 +417,13 @@ def summary_of(table: pd.DataFrame, training: pd.DataFrame, evidence: Evidence, 
                     "falls": fall_text(floor, chance, measured[-1]),
                 }
             )
+        cost_measured = scheme != base_scheme or trains_like_baseline is None or trains_like_baseline(setting)
         row.update(
             {
                 "test_accuracy": final.get(scheme),
+                "cost_measured": cost_measured,
                 "accuracy_cost": (final[base_scheme] - final[scheme])
-                if base_scheme in final and scheme in final
+                if cost_measured and base_scheme in final and scheme in final
                 else None,
                 "gh_last": part.gh.iloc[-1],
                 "unconverged": int(part.unconverged.fillna(0).sum()),

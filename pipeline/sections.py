@@ -130,6 +130,41 @@ class ClientDPParams(_Section):
         return self
 
 
+class PruningParams(_Section):
+    """Magnitude pruning: the `ratio` smallest entries (by absolute value) of every tensor of the
+    upload zeroed (GradAttack's p = 0.9, Plato's 80 %)."""
+
+    kind: Literal["prune"]
+    ratio: float = Field(gt=0, lt=1)
+
+
+class ClippingParams(_Section):
+    """Norm clipping without noise: the whole upload (global) or each parameter tensor (per-tensor,
+    as Opacus' per-layer clipping) scaled to a norm of at most `bound` (GGL's and GIFD's C = 4)."""
+
+    kind: Literal["clip"]
+    bound: float = Field(gt=0)
+    scope: Literal["global", "per-tensor"]
+
+
+class SignParams(_Section):
+    """Sign quantisation: every entry of the upload replaced by its sign (signSGD)."""
+
+    kind: Literal["sign"]
+
+
+class SoteriaParams(_Section):
+    """Soteria (Sun et al., CVPR'21): the classifier's weight gradient pruned, column by column, for
+    the `percentile` % of representation entries with the smallest summed ||dr/dx|| / (r + 0.1)."""
+
+    kind: Literal["soteria"]
+    percentile: float = Field(gt=0, lt=100)
+
+
+# what a client does to its upload before sending it (pipeline.defenses)
+DefenseParams = Annotated[PruningParams | ClippingParams | SignParams | SoteriaParams, Field(discriminator="kind")]
+
+
 class ClientProtocol(_Section):
     """What a federated client does with its batch before uploading, as it states it to the
     server: the protocol part of every upload's threat model (docs/schemes-and-settings.md)."""
@@ -303,3 +338,12 @@ def pairs_with(client: ClientParams, baseline_client: ClientParams) -> bool:
         and client.label_repetition is None
         and baseline_client.label_repetition is None
     )
+
+
+def trains_like(client: ClientParams, baseline_client: ClientParams) -> bool:
+    """Whether a setting's client trains as the baseline's does: the same protocol but for what only
+    the upload carries (its BatchNorm buffers) and how its participants run here. A setting on the
+    baseline's scheme whose client does not was never trained under: its accuracy cost is not
+    measured (in federated learning every client applies the defense at every round)."""
+    upload_only = {"upload_buffers", "participants_as"}
+    return client.model_dump(exclude=upload_only) == baseline_client.model_dump(exclude=upload_only)

@@ -15,7 +15,7 @@ from pipeline.outputs import describe, load_outputs, training_table
 from pipeline.presentation import results_markdown, shown_summary
 from pipeline.report import markdown_table
 from pipeline.results import add_classic, add_differences, add_family, add_floor, results_table, summary_of
-from pipeline.sections import pairs_with
+from pipeline.sections import pairs_with, trains_like
 from pipeline.statistics import Evidence
 from pipeline.tracking import log_setting_runs
 from pipeline.uploads import ADAPTIVE
@@ -61,7 +61,8 @@ def main(stage: Stage) -> None:
             f"report.baseline {baseline}: no cell of the table pairs with it (every other setting's uploads are "
             "copies, or draw other images), so there is no verdict to make"
         )
-    summary = summary_of(table, training, evidence, baseline)
+    same_training = None if base_client is None else lambda s: trains_like(p.setting(s)[1], base_client)
+    summary = summary_of(table, training, evidence, baseline, same_training)
     with atomic_file(RESULTS_CSV) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_file(TRAINING_CSV) as tmp:

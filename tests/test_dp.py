@@ -85,6 +85,20 @@ def test_epsilon_matches_the_published_rdp_value():
     assert 2.0 < ours <= classic
 
 
+def test_the_default_schemes_epsilon_by_both_accountants():
+    """params.yaml's DP-SGD scheme: sigma 1.0, q = 64 / 10000, 3 epochs of 156 steps, delta 1e-5.
+    Google's dp_accounting 0.6.0 gives 1.2018 by RDP and 0.8016 by its PLD accountant (computed
+    independently, docs/defenses.md); Opacus' PRV accountant is the tighter one here and returns
+    the upper end of an estimate good to 0.01."""
+    rdp = epsilon(1.0, 0.0064, 468, 1e-5, "rdp")
+    prv = epsilon(1.0, 0.0064, 468, 1e-5, "prv")
+    assert rdp == pytest.approx(1.2018, abs=1e-4)
+    assert 0.8016 <= prv <= 0.8016 + 0.02 < rdp
+    assert epsilon(1.0, 0.0064, 0, 1e-5, "prv") == 0.0
+    with pytest.raises(ValueError, match="accountant 'gdp': one of rdp, prv"):
+        epsilon(1.0, 0.0064, 10, 1e-5, "gdp")
+
+
 def test_poisson_batches_are_seeded_and_have_the_expected_size():
     ranks = [PoissonBatches(1000, 0.05, seed=7, rank=r, world=2) for r in (0, 1)]
     assert len(ranks[0]) == 20

@@ -183,6 +183,28 @@ def test_cells_are_batch_means_and_the_verdict_reads_the_holm_adjusted_paired_t_
     assert shown.loc[("same", "epoch 0"), "verdict"].startswith("none (would detect >= ")
 
 
+def test_a_client_side_defense_on_the_baselines_scheme_has_its_cost_not_measured():
+    """`same` uploads from pure's checkpoints with a client that trains otherwise (a DP client):
+    its cost is not 0.000 but not measured; `pure-2x` (the attack alone differs) keeps pure's 0."""
+    from pipeline.sections import ClientDPParams, trains_like
+    from tests.helpers import plain_client
+
+    base = plain_client(4)
+    dp = plain_client(4, mode="eval", dp=ClientDPParams(kind="per-sample", clip=1.0, sigma=0.1, delta=1e-5))
+    assert trains_like(plain_client(4, upload_buffers=True), base) and not trains_like(dp, base)
+    per_image = _per_image({"pure": 0.0, "defended": -6.0, "same": 0.0, "pure-2x": 0.0})
+    table = _table(per_image, _uploads(per_image)).reset_index()
+    table.loc[table.setting.isin(["same", "pure-2x"]), "scheme"] = "pure"  # on pure's checkpoints
+    clients = {"pure": base, "defended": base, "same": dp, "pure-2x": base}
+    summary = summary_of(table, TRAINING, EVIDENCE, "pure", lambda s: trains_like(clients[s], base))
+    summary = summary.set_index("setting")
+    assert summary.loc["defended", "accuracy_cost"] == pytest.approx(0.05)  # its own scheme: trained in
+    assert summary.loc["pure-2x", "accuracy_cost"] == 0 and summary.loc["pure-2x", "cost_measured"]
+    assert pd.isna(summary.loc["same", "accuracy_cost"]) and not summary.loc["same", "cost_measured"]
+    shown = shown_summary(summary.reset_index()).set_index("setting")["cost vs baseline"]
+    assert shown["same"] == "not measured" and float(shown["pure-2x"]) == 0
+
+
 def test_too_few_batches_are_marked_underpowered():
     per_image = _per_image({"pure": 0.0, "same": 0.0}, trials=2, noise_sd=3.0)
     table = _table(per_image, _uploads(per_image)).set_index(["setting", "checkpoint"])

@@ -176,6 +176,46 @@ def test_budget_refuses_in_one_line(project, capsys, args, message):
     assert_one_line_failure(run_main(main, args, capsys), message)
 
 
+# ---- tools.defense_probe --------------------------------------------------------------------------
+
+
+def test_defense_probe_attacks_each_defense_twice_and_pairs_by_batch(project, capsys):
+    """Four defenses, two attackers, two batches: one row a defense, every cell an interval, the
+    undefended attack read from reports/per_image.csv (here made up: 20 dB an image)."""
+    from tools.defense_probe import main
+
+    (project / "reports").mkdir(exist_ok=True)
+    rows = [(t, i) for t in range(TRIALS) for i in range(BATCH)]
+    pd.DataFrame(
+        {
+            "setting": "pure",
+            "checkpoint": "epoch-000",
+            "attacker": "adaptive",
+            "trial": [t for t, _ in rows],
+            "psnr": 20.0,
+        }
+    ).to_csv(project / "reports" / "per_image.csv", index=False)
+    done = run_main(main, ["--trials", "2", "--iterations", "5"], capsys)
+    assert done.returncode == 0, done.stderr
+    table = _table(done.stdout, 3)
+    assert [row[0] for row in table] == ["prune", "clip", "sign", "soteria"]
+    assert all(row[1] == "2" and ", p " in row[4] and ", p " in row[5] for row in table)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trials", "1"], "defense_probe: error: --trials takes at least 2"),
+        (["--prune", "1.5"], "defense_probe: error: 1 validation error for PruningParams ratio Input should be less"),
+        (["--trials", "3"], "defense_probe: error: uploads/pure/epoch-000-trial-02.safetensors: no such upload"),
+    ],
+)
+def test_defense_probe_refuses_in_one_line(project, capsys, args, message):
+    from tools.defense_probe import main
+
+    assert_one_line_failure(run_main(main, args, capsys), message)
+
+
 # ---- a run's per-image table: tools.paired and tools.power ----------------------------------------
 
 

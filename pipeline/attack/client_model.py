@@ -58,3 +58,26 @@ def unrolled_update(
         taken.append(grads)
         current = [p - steps.lr * g for p, g in zip(current, grads)]
     return [torch.stack(per_step).mean(0) for per_step in zip(*taken)]
+
+
+def surrogate_point(
+    start: list[torch.Tensor], upload: list[torch.Tensor], lr: float, steps: int, alpha: torch.Tensor | float
+) -> list[torch.Tensor]:
+    """SME's surrogate weights (Li et al., ICML'23): theta_0 + alpha (theta_E - theta_0) on the line
+    from the client's start to where its E local steps ended, theta_E = theta_0 - lr * E * upload
+    (the upload's definition, pipeline.client). Differentiable in alpha, which SME learns."""
+    return [p - alpha * (lr * steps) * u for p, u in zip(start, upload)]
+
+
+def surrogate_gradient(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, point: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The dummy batch's gradient (one full-batch step, as the classic attacker's) at the weights
+    `point` (one per trainable parameter of `model`), differentiable with respect to the images and
+    the point: SME matches it to the upload in place of the E unrolled steps."""
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+    loss = F.cross_entropy(functional_call(model, {**fixed, **dict(zip(names, point))}, (images,)), labels)
+    return list(torch.autograd.grad(loss, point, create_graph=True))

@@ -135,11 +135,14 @@ class Objective:
         return value / self.world
 
     def dummy_upload(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """What the modelled client uploads for the dummy part `x`: its gradient, or its unrolled steps."""
+        """What the modelled client uploads for the dummy part `x`: its gradient, or its unrolled
+        steps, through its defense where the attacker models one."""
         t = self.target
         if t.local_steps is None:
-            return dummy_gradient(self.model, x, self.labels, max(t.shards // self.world, 1))
-        return unrolled_update(self.model, x, self.labels, t.local_steps)
+            upload = dummy_gradient(self.model, x, self.labels, max(t.shards // self.world, 1))
+        else:
+            upload = unrolled_update(self.model, x, self.labels, t.local_steps)
+        return upload if t.defense is None else t.defense(upload)
 
     def image_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""

@@ -23,6 +23,7 @@ from pipeline.attack.client_model import LocalSteps
 from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
+from pipeline.defenses import ModelledDefense
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, classifier_weight_name
 from pipeline.sections import AttackParams
@@ -73,6 +74,7 @@ class Target:
     bn_statistics: dict[str, torch.Tensor] | None = None  # the prior's reference; None: running statistics
     local_steps: LocalSteps | None = None  # the client's E > 1 steps, unrolled
     source: str = "the upload"  # what refusals name
+    defense: ModelledDefense | None = None  # the client's post-processing, applied to the dummy upload
 
     @property
     def box(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +117,7 @@ class Target:
             gradients=there(self.gradients),
             labels=self.labels.to(device),
             bn_statistics=None if self.bn_statistics is None else there(self.bn_statistics),
+            defense=None if self.defense is None else self.defense.to(device),
         )
 
     def check(self, a: AttackParams, processes: int = 1) -> None:
@@ -127,6 +130,11 @@ class Target:
                 f"{self.source}: attack.compile: the compiled step takes neither the BatchNorm prior nor "
                 "the client's unrolled local steps (compile: false, or client_model: plain)"
             )
+        if a.compile and self.defense is not None:
+            raise PipelineError(
+                f"{self.source}: attack.compile: the compiled step does not apply the client's defense to "
+                "its dummy upload (compile: false, or client_model: plain)"
+            )
         batch = len(self.labels)
         if batch % self.shards:
             raise PipelineError(f"{self.source}: a batch of {batch} does not split into {self.shards} shards")
@@ -137,6 +145,8 @@ class Target:
             problem = (
                 "unrolled local steps train on parts of the whole dummy batch (use split: jobs, or client_model: plain)"
             )
+        elif self.defense is not None:
+            problem = "the client's defense acts on the whole batch's upload (use split: jobs, or client_model: plain)"
         elif batch % processes:
             problem = f"a dummy batch of {batch} does not split over {processes} processes"
         elif a.bn_prior:
