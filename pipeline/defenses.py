@@ -12,10 +12,12 @@ estimated from the upload as GGL does), and sign through a stated relaxation, ta
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
+from pipeline.dp import clip_factors
 from pipeline.nets import classifier_weight_name
 from pipeline.sections import ClippingParams, DefenseParams, PruningParams, SignParams, SoteriaParams
 
@@ -26,17 +28,13 @@ SOTERIA_OFFSET = 0.1
 
 
 def pruning_mask(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
-    """True where magnitude pruning keeps an entry: all but the int(ratio * n) smallest |entries|
+    """True where magnitude pruning keeps an entry: all but the floor(ratio * n) smallest |entries|
     (ties broken by position, so the mask is the same on every machine)."""
     flat = tensor.detach().reshape(-1)
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[flat.abs().argsort(stable=True)[: int(ratio * flat.numel())]] = False
+    pruned = math.floor(ratio * flat.numel() + 1e-9)  # 0.29 * 100 is 28.999... in floats: 29 entries
+    keep[flat.abs().argsort(stable=True)[:pruned]] = False
     return keep.view_as(tensor)
-
-
-def clip_factors(norms: torch.Tensor, bound: float) -> torch.Tensor:
-    """min(1, bound / norm): the scale that brings a norm down to the bound (none to a zero one)."""
-    return (bound / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
 
 
 def clipped(gradients: list[torch.Tensor], bound: float, scope: str) -> list[torch.Tensor]:
@@ -44,14 +42,14 @@ def clipped(gradients: list[torch.Tensor], bound: float, scope: str) -> list[tor
     Differentiable, so the attacker's dummy upload goes through the same function."""
     norms = torch.stack([g.norm() for g in gradients])
     if scope == "global":
-        factor = clip_factors(norms.norm(), bound)
+        factor = clip_factors(norms.norm(), bound)  # the rule of DP's clipping, without its noise
         return [g * factor for g in gradients]
     return [g * f for g, f in zip(gradients, clip_factors(norms, bound))]
 
 
 def classifier_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """r: what the model's last linear layer takes, [B, F], differentiable with respect to `images`."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    linear = model.get_submodule(classifier_weight_name(model).rpartition(".")[0])
     seen: list[torch.Tensor] = []
     handle = linear.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0]))
     try:
@@ -63,8 +61,9 @@ def classifier_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def soteria_mask(model: nn.Module, images: torch.Tensor, percentile: float) -> torch.Tensor:
     """Soteria's kept representation entries, [F] booleans: entry f is pruned when its sum over
-    the batch of ||d r_f / d x_b|| / (r_bf + 0.1) is under the `percentile`-th percentile of the
-    entries' (linear interpolation, as numpy's in the reference code). d r_f / d x_b is the image
+    the batch of ||d r_f / d x_b|| / (r_bf + 0.1), in absolute value, is under the `percentile`-th
+    percentile of the entries' signed sums (linear interpolation), as the reference code compares
+    them (the same thing for ReLU features, r >= 0). d r_f / d x_b is the image
     gradient of the whole batch's entry f, one backward per entry as the reference code takes it
     (in train-mode BatchNorm the samples' representations depend on one another); batching the
     backwards through vmap was slower here (docs/defenses.md)."""
@@ -95,7 +94,7 @@ def defended(gradients: Grads, defense: DefenseParams, model: nn.Module, images:
     if images is None:
         raise ValueError("Soteria needs the client's images")
     classifier = classifier_weight_name(model)
-    keep = soteria_mask(model, images, defense.percentile).to(gradients[classifier].dtype)
+    keep = soteria_mask(model, images, defense.percentile).to(gradients[classifier])
     return {**gradients, classifier: gradients[classifier] * keep}
 
 
@@ -122,7 +121,8 @@ class ModelledDefense:
     - Soteria: the upload's zeros of the classifier's weight gradient (only that layer is pruned);
     - clipping: the same clip at the stated bound, or at the one estimated from the upload (GGL);
     - sign: tanh(g / tau), tau = `temperature` times the tensor's RMS (held constant through the
-      step): it tends to sign(g) as the temperature falls, and its gradient does not vanish.
+      step): it tends to sign(g) as the temperature falls, and unlike sign its gradient is not zero
+      almost everywhere.
     """
 
     def __init__(
@@ -135,6 +135,7 @@ class ModelledDefense:
     ):
         self.defense, self.temperature = defense, temperature
         names, classifier = [n for n, p in model.named_parameters() if p.requires_grad], classifier_weight_name(model)
+        self.names = names
         self.masks: list[torch.Tensor | None] = [None] * len(names)
         if isinstance(defense, PruningParams):
             self.masks = [upload[n] != 0 for n in names]
@@ -143,6 +144,14 @@ class ModelledDefense:
         self.bound = None
         if isinstance(defense, ClippingParams):
             self.bound = defense.bound if bound_known else estimated_bound([upload[n] for n in names], defense.scope)
+
+    def cropped(self, crops: dict[str, tuple[slice, ...]]) -> ModelledDefense:
+        """This transform for a model whose weights named in `crops` are cut to their live taps
+        (pipeline.nets.crop_dead_taps): its masks cut the same way. (The dead taps' gradient is 0:
+        clipping norms are the same; sign's RMS is then over the live taps.)"""
+        cut = copy.copy(self)
+        cut.masks = [m if m is None or n not in crops else m[crops[n]] for n, m in zip(self.names, self.masks)]
+        return cut
 
     def to(self, device: torch.device) -> ModelledDefense:
         """This transform with its masks on `device` (itself where they are already there)."""

@@ -59,10 +59,15 @@ def per_sample_gradients(
     return {n: torch.stack([row[i] for row in rows]) for i, n in enumerate(names)}
 
 
+def clip_factors(norms: torch.Tensor, clip: float) -> torch.Tensor:
+    """min(1, clip / norm) for each norm, differentiably: the scale that brings it to at most `clip`."""
+    return (clip / (norms + 1e-6)).clamp(max=1.0)
+
+
 def clip_and_sum(per_sample: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sum over samples of each sample's gradient scaled to norm at most `clip`; also the norms."""
     norms = torch.sqrt(cast(torch.Tensor, sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())))
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    factors = clip_factors(norms, clip)
     return {n: torch.einsum("b,b...->...", factors, g) for n, g in per_sample.items()}, norms
 
 

@@ -139,8 +139,8 @@ class PruningParams(_Section):
 
 
 class ClippingParams(_Section):
-    """Norm clipping without noise: the whole upload (global) or each parameter tensor (per-tensor,
-    as Opacus' per-layer clipping) scaled to a norm of at most `bound` (GGL's and GIFD's C = 4)."""
+    """Norm clipping without noise: the whole upload (global) or each of its parameter tensors
+    (per-tensor) scaled to a norm of at most `bound` (GGL's and GIFD's C = 4, global)."""
 
     kind: Literal["clip"]
     bound: float = Field(gt=0)

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from pipeline.attack.client_model import dummy_gradient, surrogate_gradient, surrogate_point
 from pipeline.attack.invert import invert
-from pipeline.attack.objective import gradient_loss
+from pipeline.attack.objective import Objective, gradient_loss
 from pipeline.client import batch_gradient, simulate_client
 from pipeline.defenses import (
     ModelledDefense,
@@ -125,13 +125,14 @@ def test_the_relaxed_sign_tends_to_the_upload_as_the_temperature_falls(truth):
 
 def test_pruning_zeroes_the_stated_share_of_each_tensor():
     g = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 0.1]])
-    keep = pruning_mask(g, 0.5)
-    assert keep.tolist() == [[True, True, False], [True, False, False]]  # ties (0.1, 0.1): the first goes first
+    assert pruning_mask(g, 0.5).tolist() == [[True, True, False], [True, False, False]]
+    assert pruning_mask(g, 1 / 6).tolist() == [[True, True, False], [True, True, True]]  # a tie: the first goes
     assert int((~pruning_mask(torch.randn(1000), 0.9)).sum()) == 900
+    assert int((~pruning_mask(torch.randn(100), 0.29)).sum()) == 29  # 0.29 * 100 is under 29 in floats
 
 
 def test_soterias_mask_agrees_with_the_full_jacobian():
-    """The per-entry backwards against torch.func's whole Jacobian of the representation, on a
+    """The per-entry backwards against torch's whole Jacobian of the representation, on a
     small network whose Jacobian fits in memory, in train-mode BatchNorm (samples tied together)."""
     from torch import nn
     from torch.autograd.functional import jacobian
@@ -188,6 +189,16 @@ def test_smes_surrogate_point_lies_on_the_line_to_the_clients_weights(fashion_im
         point = surrogate_point(start, [upload[n] for n in names], 0.05, 2, alpha)
         for p0, pe, got in zip(start, reached, point):
             torch.testing.assert_close(got.detach(), p0.detach() + alpha * (pe - p0.detach()), rtol=1e-4, atol=1e-6)
+    alpha = torch.tensor(1.0, requires_grad=True)
+    end_point = surrogate_point(start, list(upload.values()), 0.05, 2, alpha)
+    at_end = surrogate_gradient(model, images[:4], labels[:4], end_point)
+    stepped = build_model("convnet", 1, 10, 32, norm="group")
+    stepped.load_state_dict(dict(zip(names, reached)), strict=False)
+    by_hand = torch.autograd.grad(F.cross_entropy(stepped.train()(images[:4]), labels[:4]), list(stepped.parameters()))
+    for got, want in zip(at_end, by_hand):  # the gradient at theta_E: the upload's order is the model's
+        torch.testing.assert_close(got.detach(), want, rtol=1e-3, atol=1e-6)
+    (d_alpha,) = torch.autograd.grad(sum(g.pow(2).sum() for g in at_end), alpha)
+    assert torch.isfinite(d_alpha) and d_alpha != 0  # SME can learn alpha
     at_start = surrogate_gradient(
         model, images[:4], labels[:4], surrogate_point(start, list(upload.values()), 0.05, 2, 0.0)
     )
@@ -219,3 +230,40 @@ def test_a_defended_target_refuses_what_cannot_apply_its_transform(truth):
     with pytest.raises(PipelineError, match="the client's defense acts on the whole batch's upload"):
         target.check(split, processes=2)
     target.check(split, processes=1)  # one process: nothing splits
+
+
+GRADIENT_CASES = [ClippingParams(kind="clip", bound=0.05, scope="per-tensor"), SignParams(kind="sign")]
+
+
+@pytest.mark.parametrize("defense", GRADIENT_CASES, ids=["clip", "sign"])
+def test_the_image_gradient_goes_through_the_modelled_defense(fashion_images, defense):
+    """The attack's image gradient (the term's gradient written out, handed back through the
+    transform as grad_outputs) against autograd's of the whole term, transform included."""
+    images, labels, mean, std = fashion_images
+    model = build_model("convnet", 1, 10, 32).train()
+    gradients = batch_gradient(model, images[:4], labels[:4], "train")
+    upload = defended(gradients, defense, model)
+    target = target_of(model, upload, labels[:4], mean, std, defense=ModelledDefense(defense, upload, model))
+    objective = Objective(target, inversion_params(iterations=1, restarts=1, lr=0.1, lr_min=0.001, tv_weight=0.0))
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    written_out, _ = objective.image_gradient(x.clone().requires_grad_(True))
+    y = x.clone().requires_grad_(True)
+    (whole,) = torch.autograd.grad(objective.match.differentiable(objective.dummy_upload(y)), y)
+    # float32: sign's 1 / tau (ten over the tensor's RMS) amplifies rounding to about 0.2 % here
+    assert float((written_out - whole).norm() / whole.norm()) < 5e-3
+    plain = Objective(target_of(model, upload, labels[:4], mean, std), objective.a)
+    ignoring = plain.image_gradient(x.clone().requires_grad_(True))[0]  # the classic attacker's
+    assert float((ignoring - whole).norm() / whole.norm()) > 0.1
+
+
+def test_pruning_masks_follow_the_cropped_kernels_of_resnet18(fashion_images):
+    """ResNet-18 at 32 px: the attack cuts layer4's 3 x 3 kernels to their live 1 x 1 tap; the
+    mask of the upload's zeros is cut the same way, and at the truth the term is still 0."""
+    images, labels, mean, std = fashion_images
+    model = build_model("resnet18", 1, 10, 32).train()
+    gradients = batch_gradient(model, images[:2], labels[:2], "train")
+    upload = defended(gradients, PruningParams(kind="prune", ratio=0.9), model)
+    modelled = ModelledDefense(PruningParams(kind="prune", ratio=0.9), upload, model)
+    a = inversion_params(iterations=1, restarts=1, lr=0.1, lr_min=0.001, tv_weight=0.0)
+    loss = gradient_loss(target_of(model, upload, labels[:2], mean, std, defense=modelled), a, seed=0)
+    assert loss(images[:2]) == pytest.approx(0.0, abs=1e-5)

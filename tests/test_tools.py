@@ -195,11 +195,14 @@ def test_defense_probe_attacks_each_defense_twice_and_pairs_by_batch(project, ca
             "psnr": 20.0,
         }
     ).to_csv(project / "reports" / "per_image.csv", index=False)
-    done = run_main(main, ["--trials", "2", "--iterations", "5"], capsys)
+    done = run_main(main, ["--trials", "2"], capsys)  # params.yaml's 20 iterations, as the undefended's
     assert done.returncode == 0, done.stderr
     table = _table(done.stdout, 3)
     assert [row[0] for row in table] == ["prune", "clip", "sign", "soteria"]
     assert all(row[1] == "2" and ", p " in row[4] and ", p " in row[5] for row in table)
+    other_budget = run_main(main, ["--trials", "2", "--iterations", "5"], capsys)
+    assert "no comparison with the undefended uploads" in other_budget.stdout
+    assert "undefended" not in other_budget.stdout.splitlines()[1]
 
 
 @pytest.mark.parametrize(

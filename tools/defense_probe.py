@@ -11,8 +11,9 @@ which the cosine objective ignores), sign, and Soteria (whose mask the client co
 own images: read from truth/pure as the client's, never given to the attacker). Both attackers
 run params.yaml's attack (fixed hyper-parameters) with the same seed: a batch's two attacks differ
 only in the transform. Per defense: PSNR mean [t interval over the batches] for each attacker,
-the adaptive less the classic paired by batch, and the adaptive less the undefended upload's
-adaptive attack (reports/per_image.csv), with the paired t-test's p. Nothing is written.
+the adaptive less the classic paired by batch, and, at params.yaml's budget, the adaptive less the
+undefended upload's adaptive attack (reports/per_image.csv), with the paired t-test's p. It takes
+attack.labels known (it recovers no labels from the defended uploads). Nothing is written.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from pipeline.uploads import ADAPTIVE, CLASSIC, load_truth, upload_name
 def probe(checkpoint: str, trials: int, iterations: int | None, defenses: list) -> pd.DataFrame:
     """One row per (defense, trial, attacker): the batch's mean PSNR, and the attack's seconds."""
     p = load_params(Path("params.yaml"))
+    if p.attack.labels != "known":
+        raise PipelineError(
+            f"attack.labels {p.attack.labels!r}: the probe recovers no labels from the defended uploads (use known)"
+        )
     a = p.attack.model_copy(update={"iterations": iterations or p.attack.iterations, "classic": False})
     paths = [Path("uploads/pure") / upload_name(checkpoint, t) for t in range(trials)]
     missing = [str(x) for x in paths if not x.is_file()]
@@ -80,9 +85,9 @@ def probe(checkpoint: str, trials: int, iterations: int | None, defenses: list) 
     return pd.DataFrame(rows)
 
 
-def summary(rows: pd.DataFrame, undefended: pd.Series, confidence: float) -> pd.DataFrame:
+def summary(rows: pd.DataFrame, undefended: pd.Series | None, confidence: float) -> pd.DataFrame:
     """Per defense: each attacker's mean [interval], adaptive less classic and adaptive less the
-    undefended upload, paired by batch."""
+    undefended upload (None: not attacked at this budget), paired by batch."""
     out = []
     for kind, part in rows.groupby("defense", sort=False):
         by = part.pivot(index="trial", columns="attacker", values="psnr")
@@ -90,7 +95,10 @@ def summary(rows: pd.DataFrame, undefended: pd.Series, confidence: float) -> pd.
         for attacker in (CLASSIC, ADAPTIVE):
             e = t_estimate(by[attacker], confidence)
             row[attacker] = f"{e.mean:.1f} [{e.low:.1f}, {e.high:.1f}]"
-        for name, other in (("adaptive - classic", by[CLASSIC]), ("adaptive - undefended", undefended.loc[by.index])):
+        others = {"adaptive - classic": by[CLASSIC]}
+        if undefended is not None:
+            others["adaptive - undefended"] = undefended.loc[by.index]
+        for name, other in others.items():
             d = t_estimate(by[ADAPTIVE] - other, confidence)
             row[name] = f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}], p {d.p:.2g}"
         out.append(row)
@@ -130,14 +138,17 @@ def main(argv: list[str]) -> None:
     mine = per_image[
         (per_image.setting == "pure") & (per_image.checkpoint == args.checkpoint) & (per_image.attacker == ADAPTIVE)
     ]
-    undefended = mine.groupby("trial").psnr.mean()
-    confidence = load_params(Path("params.yaml")).report.confidence
-    table = summary(rows, undefended, confidence)
+    p = load_params(Path("params.yaml"))
+    same_budget = args.iterations in (None, p.attack.iterations)  # the undefended attack ran at params.yaml's
+    undefended = mine.groupby("trial").psnr.mean() if same_budget else None
+    table = summary(rows, undefended, p.report.confidence)
     print(
         f"pure's uploads at {args.checkpoint}, {args.trials} batches: PSNR (dB) mean [t interval over batches]; "
         f"{rows.seconds.iloc[0]:.1f} s an attack"
     )
     print(table.to_markdown(index=False))
+    if not same_budget:
+        print(f"(no comparison with the undefended uploads: they were attacked at {p.attack.iterations} iterations)")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def surrogate_gradient(
     from torch.func import functional_call
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # train-mode BatchNorm moves them: not the caller's
+    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **buffers}
     loss = F.cross_entropy(functional_call(model, {**fixed, **dict(zip(names, point))}, (images,)), labels)
     return list(torch.autograd.grad(loss, point, create_graph=True))

@@ -121,6 +121,7 @@ class Objective:
         self.model = copy.deepcopy(target.model)
         crops = crop_dead_taps(self.model, target.image_shape)  # ResNet-18 at 32 px: layer4's 3 x 3 kernels at 1 x 1
         self.match = GradientMatch(self.model, target.gradients, a.objective, a.layer_weights, crops)
+        self.defense = None if target.defense is None else target.defense.cropped(crops)
         self.target, self.a, self.world = target, a, world
         self.labels = target.labels.chunk(world)[rank]  # this process's part (all of it without a split)
         prior = BatchNormPrior(self.model, target.shards, target.bn_statistics) if a.bn_prior else None
@@ -142,7 +143,7 @@ class Objective:
             upload = dummy_gradient(self.model, x, self.labels, max(t.shards // self.world, 1))
         else:
             upload = unrolled_update(self.model, x, self.labels, t.local_steps)
-        return upload if t.defense is None else t.defense(upload)
+        return upload if self.defense is None else self.defense(upload)
 
     def image_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(the objective's gradient with respect to x, the gradient term of the whole batch)."""
