@@ -138,9 +138,10 @@ def test_a_step_checkpoint_holds_the_weights_a_plain_loop_reaches_after_that_man
     data = prepare(params.data, params.seed)
     meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
     written = train(data.train, data.test, meta, params, "pure", tmp_path)
+    # at one step, the epoch's checkpoint first (pipeline.checkpoints.written_checkpoints)
     assert [(m["checkpoint"], m["step"], m["epoch"]) for m in written] == [
-        ("epoch-000", 0, 0), ("step-000001", 1, None), ("step-000003", 3, None), ("step-000008", 8, None),
-        ("epoch-001", 8, 1), ("step-000011", 11, None), ("epoch-002", 16, 2),
+        ("epoch-000", 0, 0), ("step-000001", 1, None), ("step-000003", 3, None), ("epoch-001", 8, 1),
+        ("step-000008", 8, None), ("step-000011", 11, None), ("epoch-002", 16, 2),
     ]  # fmt: skip
     assert all(0 <= m["test_accuracy"] <= 1 for m in written)
 
