@@ -10,22 +10,12 @@ gradient (what the client's upload costs without the defense) is the reference.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from bench.per_sample import best_of
 from pipeline.defenses import classifier_input, soteria_mask
 from pipeline.nets import build_model
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def vmapped_sensitivities(model, images: torch.Tensor, block: int) -> torch.Tensor:
