@@ -130,6 +130,7 @@ def main() -> None:
                     lr_min=1e-3,
                     tv_weight=1e-2,
                     client_model="exact",
+                    local_steps_model="unrolled",
                     classic=False,
                     objective="cosine",
                     layer_weights="equal",
@@ -143,6 +144,9 @@ def main() -> None:
                     compile=args.compile,
                     combine="best",
                     hyperparameters="fixed",
+                    sign_temperature=0.1,
+                    clip_bound="stated",
+                    pruning_model="magnitude",
                 )
                 for repeat in range(args.repeats):  # interleaved pairs: this machine's speed drifts
                     start = time.perf_counter()

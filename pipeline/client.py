@@ -7,7 +7,8 @@ BatchNorm statistics of the whole step batch (`sync`) or of each shard (`async`)
 is (theta_0 - theta_E) / (lr * E), the average of the E step gradients; it is computed as that
 average, which is the same number without the cancellation of subtracting nearly equal
 weights. Optional DP: per-sample clipping and noise on every step (a real guarantee), or the
-original's clipping of each step's batch gradient with noise added once to the upload.
+original's clipping of each step's batch gradient with noise added once to the upload; or a
+defense of the field applied to the upload (pipeline.defenses).
 The client also records the statistics each BatchNorm layer normalised with, per step and
 normalisation group: what an attacker's "exact" BatchNorm prior is given when the threat model
 reveals them.
@@ -30,11 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.dp import add_noise, clip_and_sum, clip_whole, epsilon
+from pipeline.defenses import defended
+from pipeline.dp import add_noise, client_epsilon, clip_and_sum, clip_whole
 from pipeline.errors import PipelineError
 from pipeline.nets import batchnorm_layers, running_statistics, smallest_batchnorm_input
 from pipeline.parallel import worker_fabric
-from pipeline.sections import ClientParams
+from pipeline.sections import ClientParams, SoteriaParams
 from pipeline.seeds import Draw, generator
 from pipeline.uploads import ClientUpdate, joined, split
 
@@ -185,6 +187,7 @@ def _run_client(
     if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
         raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
     statistics = NormalisationStatistics(model, c.local_steps, normalisation_groups(c))
+    start = copy.deepcopy(model) if isinstance(c.defense, SoteriaParams) else None  # its mask is at theta_0
     steps: list[Grads] = []
     for e, parts in enumerate(step_parts(c.batch_size, c.participants, c.local_steps)):
         n_step = sum(len(p) for p in parts)
@@ -218,16 +221,20 @@ def _run_client(
     upload = {n: torch.stack([s[n] for s in steps]).mean(0) for n, _ in named}
     if c.dp is not None and c.dp.kind == "batch":  # ... and noise added once, to the upload
         upload = add_noise(upload, c.dp.sigma * c.dp.clip, generator(Draw.UPLOAD_NOISE, seed))
+    if c.defense is not None:  # on the reduced upload, alike in every process
+        if start is None:
+            upload = defended(upload, c.defense)
+        else:  # one participant, one step (config): the step's forward, its dropout drawn alike
+            with _feeding(start, torch.arange(len(images)), (seed, 0)):
+                upload = defended(upload, c.defense, start, images)
     return upload, statistics.finish(reduce)
 
 
 def _client_epsilon(c: ClientParams) -> float | None:
-    """Each sample joins exactly one local step (the steps take disjoint parts): one Gaussian
-    mechanism of noise multiplier sigma, without subsampling."""
     if c.dp is None or c.dp.kind != "per-sample":
         return None
     assert c.dp.delta is not None  # per-sample DP has one (pipeline.config)
-    return epsilon(c.dp.sigma, 1.0, 1, c.dp.delta) if c.dp.sigma > 0 else float("inf")
+    return client_epsilon(c.dp.sigma, c.dp.delta)[0]
 
 
 def simulate_client(

@@ -107,6 +107,11 @@ class Params(_Section):
                 self._check_attack(attack, where)
             if attack.hyperparameters == "tuned":
                 self._check_space(attack, where)
+            if client.defense is not None and attack.client_model == "exact" and attack.compile:
+                raise ValueError(
+                    f"{where}.compile: the compiled step does not apply settings.{name}'s defense to its dummy "
+                    "upload (compile: false, or client_model: plain)"
+                )
             if attack.bn_statistics == "from-buffers" and not client.upload_buffers:
                 raise ValueError(
                     f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "

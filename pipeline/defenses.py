@@ -27,14 +27,23 @@ Grads = dict[str, torch.Tensor]
 SOTERIA_OFFSET = 0.1
 
 
-def pruning_mask(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
-    """True where magnitude pruning keeps an entry: all but the floor(ratio * n) smallest |entries|
-    (ties broken by position, so the mask is the same on every machine)."""
+def kept_entries(numel: int, ratio: float) -> int:
+    """How many of a tensor's `numel` entries magnitude pruning at `ratio` keeps."""
+    return numel - math.floor(ratio * numel + 1e-9)  # 0.29 * 100 is 28.999... in floats: 29 pruned
+
+
+def largest_mask(tensor: torch.Tensor, kept: int) -> torch.Tensor:
+    """True at the `kept` largest |entries| (ties broken by position, so the mask is the same on
+    every machine)."""
     flat = tensor.detach().reshape(-1)
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    pruned = math.floor(ratio * flat.numel() + 1e-9)  # 0.29 * 100 is 28.999... in floats: 29 entries
-    keep[flat.abs().argsort(stable=True)[:pruned]] = False
+    keep[flat.abs().argsort(stable=True)[: max(flat.numel() - kept, 0)]] = False
     return keep.view_as(tensor)
+
+
+def pruning_mask(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True where magnitude pruning keeps an entry: all but the floor(ratio * n) smallest |entries|."""
+    return largest_mask(tensor, kept_entries(tensor.numel(), ratio))
 
 
 def clipped(gradients: list[torch.Tensor], bound: float, scope: str) -> list[torch.Tensor]:
@@ -80,9 +89,11 @@ def soteria_mask(model: nn.Module, images: torch.Tensor, percentile: float) -> t
     return ratio.abs().double() >= torch.quantile(ratio.double(), percentile / 100)
 
 
-def defended(gradients: Grads, defense: DefenseParams, model: nn.Module, images: torch.Tensor | None = None) -> Grads:
-    """The upload after the client's defense. `model` is the client's at the weights its update
-    started from, in its mode; Soteria also needs its images."""
+def defended(
+    gradients: Grads, defense: DefenseParams, model: nn.Module | None = None, images: torch.Tensor | None = None
+) -> Grads:
+    """The upload after the client's defense. Soteria also needs the client's model at the weights
+    its update started from, in its mode, and its images."""
     names = list(gradients)
     if isinstance(defense, PruningParams):
         return {n: g * pruning_mask(g, defense.ratio) for n, g in gradients.items()}
@@ -91,8 +102,8 @@ def defended(gradients: Grads, defense: DefenseParams, model: nn.Module, images:
     if isinstance(defense, SignParams):
         return {n: g.sign() for n, g in gradients.items()}
     assert isinstance(defense, SoteriaParams)
-    if images is None:
-        raise ValueError("Soteria needs the client's images")
+    if model is None or images is None:
+        raise ValueError("Soteria needs the client's model and images")
     classifier = classifier_weight_name(model)
     keep = soteria_mask(model, images, defense.percentile).to(gradients[classifier])
     return {**gradients, classifier: gradients[classifier] * keep}
@@ -116,8 +127,10 @@ class ModelledDefense:
     """A defense as the adaptive attacker applies it to its dummy upload (one tensor per trainable
     parameter of the client's `model`, in the model's order), differentiably:
 
-    - pruning: the upload's zeros kept as zeros on every tensor (GIFD's comparison on the kept
-      entries; no ratio needed);
+    - pruning, `pruning` "magnitude": the client's transform on the dummy upload, each tensor's
+      smallest entries zeroed, as many as the stated ratio prunes of the upload's (the mask moves
+      with the dummy; the kept entries carry the gradient); "mask": the upload's zeros kept as
+      zeros on every tensor (GIFD's comparison on the kept entries; no ratio needed);
     - Soteria: the upload's zeros of the classifier's weight gradient (only that layer is pruned);
     - clipping: the same clip at the stated bound, or at the one estimated from the upload (GGL);
     - sign: tanh(g / tau), tau = `temperature` times the tensor's RMS (held constant through the
@@ -132,12 +145,18 @@ class ModelledDefense:
         model: nn.Module,
         temperature: float = 0.1,
         bound_known: bool = True,
+        pruning: str = "magnitude",
     ):
         self.defense, self.temperature = defense, temperature
         names, classifier = [n for n, p in model.named_parameters() if p.requires_grad], classifier_weight_name(model)
         self.names = names
         self.masks: list[torch.Tensor | None] = [None] * len(names)
-        if isinstance(defense, PruningParams):
+        # magnitude pruning on the dummy: entries kept per tensor, counted on the whole tensor (a
+        # cropped one's dead taps, whose gradient is 0, are among the pruned)
+        self.kept: list[int] | None = None
+        if isinstance(defense, PruningParams) and pruning == "magnitude":
+            self.kept = [kept_entries(upload[n].numel(), defense.ratio) for n in names]
+        elif isinstance(defense, PruningParams):
             self.masks = [upload[n] != 0 for n in names]
         elif isinstance(defense, SoteriaParams):
             self.masks = [upload[n] != 0 if n == classifier else None for n in names]
@@ -166,4 +185,6 @@ class ModelledDefense:
             return clipped(grads, self.bound, d.scope)
         if isinstance(d, SignParams):
             return [relaxed_sign(g, self.temperature) for g in grads]
+        if self.kept is not None:
+            return [g * largest_mask(g, k) for g, k in zip(grads, self.kept)]
         return [g if m is None else g * m for g, m in zip(grads, self.masks)]

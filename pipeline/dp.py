@@ -4,7 +4,7 @@
 clipped to norm C, the clipped gradients are summed, N(0, (sigma*C)^2) noise is added and
 the sum is divided by the expected batch size. Batches are Poisson samples (every example
 joins a step with probability q), which is what the RDP accountant's guarantee assumes;
-epsilon comes from Opacus' RDP accountant, not from our own arithmetic.
+epsilon comes from Opacus' accountants (RDP, and PRV, the tighter here), not from our own arithmetic.
 
 `batch_clip_noise_gradient` is what the original called DP-SGD: the batch gradient clipped
 to C as a whole and noise added. It carries no privacy guarantee.
@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator
 from typing import cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -157,4 +158,23 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accounta
 
     counter = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     counter.history = [(sigma, sample_rate, steps)]
-    return float(counter.get_epsilon(delta))
+    with np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1 (one release, no subsampling) is -inf, as meant
+        return float(counter.get_epsilon(delta))
+
+
+def epsilons(sigma: float, sample_rate: float, steps: int, delta: float) -> dict[str, float]:
+    """epsilon by every accountant (ACCOUNTANTS), each an upper bound for the same mechanism."""
+    return {name: epsilon(sigma, sample_rate, steps, delta, name) for name in ACCOUNTANTS}
+
+
+def tightest(found: dict[str, float]) -> tuple[float, str]:
+    """(epsilon, accountant): of upper bounds for one mechanism, the smallest is the guarantee."""
+    best = min(found, key=found.__getitem__)
+    return found[best], best
+
+
+def client_epsilon(sigma: float, delta: float) -> tuple[float, str]:
+    """A per-sample DP client's (epsilon, accountant): each of its samples joins exactly one local
+    step (the steps take disjoint parts), one Gaussian mechanism of noise multiplier sigma without
+    subsampling."""
+    return tightest(epsilons(sigma, 1.0, 1, delta)) if sigma > 0 else (float("inf"), "none")

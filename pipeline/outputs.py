@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from pipeline.checkpoints import checkpoint_name, written_checkpoints
+from pipeline.dp import client_epsilon
 from pipeline.files import load_tensors, read_json
+from pipeline.sections import ClippingParams, DefenseParams, PruningParams, SoteriaParams
 
 if TYPE_CHECKING:
     from pipeline.config import Params
@@ -19,7 +21,8 @@ if TYPE_CHECKING:
 
 def privacy_of(checkpoint: dict) -> str:
     if "epsilon" in checkpoint:
-        return f"({checkpoint['epsilon']:.2f}, {checkpoint['delta']:g})-DP"
+        by = f" by {checkpoint['accountant'].upper()}" if "accountant" in checkpoint else ""
+        return f"({checkpoint['epsilon']:.2f}, {checkpoint['delta']:g})-DP{by}"
     return "no privacy guarantee" if "guarantee" in checkpoint else ""
 
 
@@ -56,8 +59,20 @@ def client_summary(c) -> str:
         f"k={c.label_repetition} classes" if c.label_repetition else "",
         f"DP {c.dp.kind} sigma={c.dp.sigma:g} C={c.dp.clip:g}" if c.dp else "",
         "BN buffers uploaded" if c.upload_buffers else "",
+        defense_summary(c.defense) if c.defense else "",
     ]
     return ", ".join(x for x in parts if x)
+
+
+def defense_summary(d: DefenseParams) -> str:
+    """A client's defense in a few words."""
+    if isinstance(d, PruningParams):
+        return f"pruned {d.ratio:.0%}"
+    if isinstance(d, ClippingParams):
+        return f"clipped to {d.bound:g} ({d.scope})"
+    if isinstance(d, SoteriaParams):
+        return f"Soteria {d.percentile:g} %"
+    return "signed"
 
 
 def hyperparameters_of(attack_meta: dict) -> str:
@@ -102,16 +117,13 @@ def describe(p: Params, models: Path, setting: str, at: str, uploads: pd.DataFra
     """The columns of a cell that are not statistics: the scheme's checkpoint, the client, privacy."""
     scheme, client = p.setting(setting)
     checkpoint = read_json(models / scheme / Path(checkpoint_name(at)).with_suffix(".json"))
-    client_epsilon = None if uploads.epsilon.isna().any() else float(uploads.epsilon.mean())
-    client_privacy = (
-        ""
-        if client.dp is None
-        else (
-            f"client ({client_epsilon:.3g}, {client.dp.delta:g})-DP"
-            if client.dp.kind == "per-sample"
-            else "client clip+noise: no privacy guarantee"
-        )
-    )
+    client_guarantee, client_privacy = None, ""
+    if client.dp is not None and client.dp.kind == "batch":
+        client_privacy = "client clip+noise: no privacy guarantee"
+    elif client.dp is not None:
+        assert client.dp.delta is not None  # per-sample DP has one (pipeline.config)
+        client_guarantee, accountant = client_epsilon(client.dp.sigma, client.dp.delta)
+        client_privacy = f"client ({client_guarantee:.3g}, {client.dp.delta:g})-DP by {accountant.upper()}"
     return {
         "scheme": scheme,
         "arch": checkpoint["arch"],
@@ -119,7 +131,7 @@ def describe(p: Params, models: Path, setting: str, at: str, uploads: pd.DataFra
         "client": client_summary(client),
         "labels": uploads.labels.iloc[0],
         "privacy": "; ".join(x for x in (privacy_of(checkpoint), client_privacy) if x),
-        "epsilon": checkpoint.get("epsilon", client_epsilon),
+        "epsilon": checkpoint.get("epsilon", client_guarantee),
         "repetition_rate": float(uploads.repetition_rate.mean()),
         "ra_index": uploads.ra_index.iloc[0],
     }

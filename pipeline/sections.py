@@ -179,6 +179,8 @@ class ClientProtocol(_Section):
     label_repetition: Annotated[int, Field(ge=1)] | None  # k: the batch holds k classes x B/k images each
     # the upload carries the BatchNorm running statistics after the update, as FedAvg sends the whole state
     upload_buffers: bool
+    # what the client does to its update before sending it (pipeline.defenses); None: nothing
+    defense: DefenseParams | None = None
 
 
 class ClientParams(ClientProtocol):
@@ -200,6 +202,12 @@ class ClientParams(ClientProtocol):
                 "upload_buffers: the buffers of one client model are uploaded; W participants with "
                 "bn: async, or run as processes, each hold their own (use participants: 1 or bn: sync, "
                 "simulated)"
+            )
+        if self.defense is not None and self.dp is not None:
+            raise ValueError("defense and dp: one post-processing of the update at a time (DP clips already)")
+        if isinstance(self.defense, SoteriaParams) and (w > 1 or e > 1):
+            raise ValueError(
+                "defense soteria: its mask is of one gradient of the whole batch (participants: 1, local_steps: 1)"
             )
         return self
 
@@ -241,6 +249,10 @@ class AttackParams(_Section):
     # async BatchNorm over W shards, its E local steps at its step size, unrolled; plain: one
     # full-batch gradient with common statistics, the classic attacker.
     client_model: Literal["exact", "plain"]
+    # how the adaptive attacker models E > 1 local steps: unrolled (the client's steps taken on the
+    # dummy batch) | sme (SME's surrogate, Li et al. ICML'23: one full-batch gradient at
+    # theta_0 + alpha (theta_E - theta_0), alpha learned with the images)
+    local_steps_model: Literal["unrolled", "sme"]
     # with exact: attack each upload the exact model treats otherwise a second time, with plain,
     # so the table shows both attackers (attacks/<setting>/classic/)
     classic: bool
@@ -269,6 +281,14 @@ class AttackParams(_Section):
     # fixed: these values; tuned: lr, tv_weight, ... as tune@<setting> chose them on the attacker's
     # own surrogate uploads (tuning/<setting>.json; the classic attacker keeps the fixed ones)
     hyperparameters: Literal["fixed", "tuned"]
+    # a signed upload (defense sign) as the adaptive attacker models it: tanh(g / tau), tau this
+    # times each tensor's RMS (pipeline.defenses.relaxed_sign)
+    sign_temperature: float = Field(gt=0)
+    # a clipped upload's bound: stated (the threat model's) | estimated (from the upload, as GGL does)
+    clip_bound: Literal["stated", "estimated"]
+    # a pruned upload as the adaptive attacker models it: magnitude (the client's pruning applied to
+    # its dummy upload at the stated ratio) | mask (GIFD's: the upload's zeros kept out of the match)
+    pruning_model: Literal["magnitude", "mask"]
 
 
 # The attack's keys a study may search: numbers between low and high, or one of some choices.

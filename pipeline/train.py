@@ -39,7 +39,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.config import Params
 from pipeline.data import normalise
-from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilon, per_sample_method
+from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilons, per_sample_method, tightest
 from pipeline.errors import PipelineError
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
 from pipeline.nets import build_model
@@ -203,9 +203,13 @@ class Classifier(L.LightningModule):
         if dp.kind == "batch":
             return {"guarantee": "none (batch clipping, not DP-SGD)", "clip": dp.clip, "sigma": dp.sigma}
         assert dp.delta is not None  # per-sample DP has one (pipeline.config)
+        found = epsilons(dp.sigma, self.sample_rate, steps, dp.delta)
+        guarantee, accountant = tightest(found)
         return {
-            "guarantee": "(epsilon, delta)-DP, RDP accountant",
-            "epsilon": round(epsilon(dp.sigma, self.sample_rate, steps, dp.delta), 6),
+            "guarantee": "(epsilon, delta)-DP",
+            "epsilon": round(guarantee, 6),
+            "accountant": accountant,  # whose epsilon it is; both stated beside it
+            **{f"epsilon_{name}": round(value, 6) for name, value in found.items()},
             "delta": dp.delta,
             "sigma": dp.sigma,
             "clip": dp.clip,

@@ -122,11 +122,10 @@ def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ..
 
 
 def save_upload(path: Path, upload: Upload) -> None:
-    save_tensors(
-        path,
-        joined(upload.gradients, upload.bn_statistics, upload.bn_buffers),
-        {"kind": "upload", **upload.threat_model.model_dump()},
-    )
+    tm = upload.threat_model
+    # an undefended client's threat model names no defense: its bytes are those of the uploads before defenses
+    stated = tm.model_dump(exclude={"defense"} if tm.defense is None else None)
+    save_tensors(path, joined(upload.gradients, upload.bn_statistics, upload.bn_buffers), {"kind": "upload", **stated})
 
 
 def load_upload(path: Path) -> Upload:

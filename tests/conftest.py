@@ -32,6 +32,7 @@ def make_params(**overrides) -> Params:
 INVERSION = {
     "labels": "known",
     "client_model": "exact",
+    "local_steps_model": "unrolled",
     "classic": False,
     "objective": "cosine",
     "layer_weights": "equal",
@@ -45,6 +46,9 @@ INVERSION = {
     "compile": False,
     "combine": "best",
     "hyperparameters": "fixed",
+    "sign_temperature": 0.1,
+    "clip_bound": "stated",
+    "pruning_model": "magnitude",
 }
 
 

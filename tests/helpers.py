@@ -75,6 +75,7 @@ def make_upload(
     lr=0.01,
     upload_buffers=False,
     epoch=0,
+    defense=None,
 ) -> Path:
     """A client's upload of `images` from an untrained ConvNet (seed 0) whose checkpoint says
     `epoch`, the checkpoint beside it in `folder` as <name>/epoch-<epoch>.safetensors (a checkpoint
@@ -93,6 +94,7 @@ def make_upload(
         bn=bn,
         local_steps=local_steps,
         upload_buffers=upload_buffers,
+        defense=defense,
     )
     update = simulate_client(model, images, labels, client, seed=0)
     reveal = ExtractParams(

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.attack.client_model import SME_ALPHA_START, Surrogate
 from pipeline.attack.jobs import Job
+from pipeline.attack.objective import Objective
 from pipeline.attack.restarts import best_of, load_reconstruction
 from pipeline.attack.target import Target, Victim
 from pipeline.errors import PipelineError
@@ -88,6 +90,39 @@ def test_the_exact_attacker_unrolls_the_clients_local_steps(tmp_path, fashion_im
     assert psnr(exact, images[:4]) > psnr(plain, images[:4]) + 2
 
 
+def test_smes_attacker_learns_alpha_beside_the_images(tmp_path, fashion_images):
+    """local_steps_model: sme: the target holds SME's surrogate in place of the unrolled steps; each
+    restart learns alpha from 0.5, the objective's written-out gradient of alpha agreeing with
+    autograd's of the whole term; the attack runs, refusing the compiled step and a split batch."""
+    images, labels, _, _ = fashion_images
+    path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2)
+    a = attack_params(attack__local_steps_model="sme")
+    target = Target.of(Victim.load(path), a)
+    surrogate = target.surrogate
+    assert target.local_steps is None and isinstance(surrogate, Surrogate)
+    assert (surrogate.lr, surrogate.steps) == (0.01, 2)
+    assert [g.tolist() for g in surrogate.groups] == [[0, 1], [2, 3]]  # the client's BatchNorm: each step's two
+    objective = Objective(target, a)
+    (alpha,) = objective.restart_parameters()
+    assert alpha.item() == SME_ALPHA_START and alpha.requires_grad
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    objective.image_gradient(x)
+    assert alpha.grad is not None
+    written = alpha.grad.clone()
+    whole = objective.match.differentiable(objective.dummy_upload(x))
+    (by_autograd,) = torch.autograd.grad(whole, alpha)
+    assert float(written) != 0 and float(written) == pytest.approx(float(by_autograd), rel=1e-4)
+    assert objective.restart_parameters()[0] is not alpha  # a fresh alpha each restart
+    with pytest.raises(PipelineError, match="SME's surrogate is the gradient of the whole dummy batch"):
+        _check(path, attack_params(attack__split="batch", attack__processes=2, attack__local_steps_model="sme"), 2)
+    with pytest.raises(PipelineError, match="nor the client's modelled local steps"):
+        _check(path, a.model_copy(update={"compile": True}), 1)
+    sme = attack_one(path, attack_params(attack__iterations=400, attack__local_steps_model="sme"))
+    plain = attack_one(path, attack_params(attack__iterations=400, attack__client_model="plain"))
+    print(psnr(sme, images[:4]), psnr(plain, images[:4]), sme.grad_loss, plain.grad_loss)
+    assert 0 <= sme.grad_loss < 1
+
+
 def _check(path, a, processes: int) -> None:
     Target.of(Victim.load(path), a).check(a, processes)
 
@@ -102,7 +137,7 @@ def test_unrolling_needs_the_step_size_and_the_whole_dummy_batch(tmp_path, fashi
     path = make_upload(tmp_path, images[:4], labels[:4], local_steps=2, name="epoch-001")
     with pytest.raises(PipelineError, match="unrolled local steps train on parts of the whole dummy batch"):
         _check(path, attack_params(attack__split="batch", attack__processes=2), 2)
-    with pytest.raises(PipelineError, match="nor the client's unrolled local steps"):
+    with pytest.raises(PipelineError, match="nor the client's modelled local steps"):
         _check(path, attack_params().model_copy(update={"compile": True}), 1)
 
 

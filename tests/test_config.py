@@ -5,6 +5,7 @@ import yaml
 
 from pipeline.config import load_params, parse_params
 from pipeline.errors import PipelineError
+from pipeline.sections import PruningParams, SoteriaParams
 from tests.conftest import RAW_PARAMS, REPO, set_dotted
 
 
@@ -254,3 +255,55 @@ def test_a_setting_changes_the_attack_it_faces_and_only_its_own():
     assert params.attack_for("pure") == params.attack
     with pytest.raises(PipelineError, match="unknown setting 'nope'"):
         params.attack_for("nope")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            {"scheme": "pure", "defense": {"kind": "prune", "ratio": 1.5}},
+            "params.yaml: settings.defended.defense.prune.ratio: Input should be less than 1 (got 1.5)",
+        ),
+        (
+            {"scheme": "pure", "defense": {"kind": "blur"}},
+            "params.yaml: settings.defended.defense: Input tag 'blur' found using 'kind' does not match any of the "
+            "expected tags: 'prune', 'clip', 'sign', 'soteria' (got {'kind': 'blur'})",
+        ),
+        (
+            {"scheme": "pure", "local_steps": 2, "defense": {"kind": "soteria", "percentile": 60}},
+            "params.yaml: settings.defended: defense soteria: its mask is of one gradient of the whole batch "
+            "(participants: 1, local_steps: 1)",
+        ),
+        (
+            {
+                "scheme": "pure",
+                "mode": "eval",
+                "defense": {"kind": "sign"},
+                "dp": {"kind": "per-sample", "clip": 1.0, "sigma": 0.1, "delta": 1.0e-5},
+            },
+            "params.yaml: settings.defended: defense and dp: one post-processing of the update at a time "
+            "(DP clips already)",
+        ),
+        (
+            {"scheme": "pure", "defense": {"kind": "clip", "bound": 4, "scope": "global"}, "attack": {"compile": True}},
+            "params.yaml: settings.defended.attack.compile: the compiled step does not apply settings.defended's "
+            "defense to its dummy upload (compile: false, or client_model: plain)",
+        ),
+    ],
+)
+def test_a_bad_defense_is_refused_in_one_line(setting, message):
+    raw = copy.deepcopy(RAW_PARAMS)
+    raw["settings"]["defended"] = setting
+    with pytest.raises(PipelineError) as err:
+        parse_params(raw)
+    assert str(err.value) == message
+
+
+def test_the_fields_defenses_parse_as_client_settings():
+    raw = copy.deepcopy(RAW_PARAMS)
+    raw["settings"]["pruned"] = {"scheme": "pure", "defense": {"kind": "prune", "ratio": 0.9}}
+    raw["settings"]["soteria"] = {"scheme": "pure", "defense": {"kind": "soteria", "percentile": 60}}
+    params = parse_params(raw)
+    assert params.setting("pruned")[1].defense == PruningParams(kind="prune", ratio=0.9)
+    assert params.setting("soteria")[1].defense == SoteriaParams(kind="soteria", percentile=60)
+    assert params.setting("pure")[1].defense is None

@@ -131,6 +131,8 @@ def test_repro_writes_metrics_from_a_real_chain(project):
     assert json.loads((root / "models/ra/rank_analysis.json").read_text())["ra_index"] > 0
     dp = json.loads((root / "models/dp-sgd/epoch-002.json").read_text())
     assert dp["norm"] == "group" and dp["epsilon"] > 0 and dp["delta"] == 1e-5
+    assert dp["epsilon"] == min(dp["epsilon_rdp"], dp["epsilon_prv"]) == dp["epsilon_" + dp["accountant"]]
+    assert f"by {dp['accountant'].upper()}" in table  # the report names whose epsilon it shows
     gh = json.loads((root / "models/gh/epoch-002.json").read_text())
     assert gh["bn"] == "async" and gh["bn_state_rank"] == 0 and gh["processes"] == 2 and gh["global_batch"] == 192
     assert "no privacy guarantee" in table

@@ -51,6 +51,17 @@ def test_a_profile_key_params_yaml_lacks_is_refused(tmp_path):
         apply_profile(profile, params)
 
 
+def test_a_profile_adds_a_setting_and_refuses_a_misspelt_one(tmp_path):
+    params, profile = tmp_path / "params.yaml", tmp_path / "more.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    profile.write_text("settings:\n  sign: {scheme: pure, defense: {kind: sign}}\n")
+    apply_profile(profile, params)
+    assert load_params(params).setting("sign")[1].defense.kind == "sign"
+    profile.write_text("settings:\n  local-step: {local_steps: 4}\n")  # local-steps, misspelt: no scheme
+    with pytest.raises(PipelineError, match="missing key 'settings.local-step.scheme'"):
+        apply_profile(profile, params)
+
+
 def _jpeg_folder(root: Path, classes: int = 4, per_class: int = 8) -> None:
     """224-px JPEGs (some larger, to be resized): colour, two grey, one CMYK, as ImageNet's are."""
     rng = np.random.default_rng(0)

@@ -48,7 +48,8 @@ def write_params(root, **sections) -> None:
 def made(tmp_path_factory, fashion_images):
     """uploads/pure and truth/pure as extract@pure leaves them: at each of two checkpoint epochs
     (the untrained ConvNet's), two plain client batches of four images of four distinct classes;
-    the checkpoints in checkpoints/. Made once: the tools only read it."""
+    the checkpoints in checkpoints/; and at the first epoch the same batches uploaded after two
+    local steps (uploads/local-steps, truth/local-steps). Made once: the tools only read it."""
     root = tmp_path_factory.mktemp("project")
     images, labels, _, _ = fashion_images
     first = {c: int(torch.nonzero(labels == c)[0, 0]) for c in range(TRIALS * BATCH)}  # one image of each class
@@ -65,6 +66,15 @@ def made(tmp_path_factory, fashion_images):
                 path.rename(uploads / path.name)
             pixels = (to_unit_range(images[chosen], MEAN, STD) * 255).round().to(torch.uint8)
             save_truth(truth / name, pixels, labels[chosen], {"trial": trial, "setting": "pure"})
+            if epoch == EPOCHS[0]:
+                steps_uploads, steps_truth = root / "uploads" / "local-steps", root / "truth" / "local-steps"
+                steps_uploads.mkdir(parents=True, exist_ok=True)
+                steps_truth.mkdir(parents=True, exist_ok=True)
+                batch = (images[chosen], labels[chosen])
+                stepped = make_upload(root / "checkpoints", *batch, name=f"steps-{stem}", epoch=epoch, local_steps=2)
+                stepped.rename(steps_uploads / name)
+                stepped.with_suffix(".json").rename((steps_uploads / name).with_suffix(".json"))
+                save_truth(steps_truth / name, pixels, labels[chosen], {"trial": trial, "setting": "local-steps"})
     write_params(root)
     return root
 
@@ -180,8 +190,9 @@ def test_budget_refuses_in_one_line(project, capsys, args, message):
 
 
 def test_defense_probe_attacks_each_defense_twice_and_pairs_by_batch(project, capsys):
-    """Four defenses, two attackers, two batches: one row a defense, every cell an interval, the
-    undefended attack read from reports/per_image.csv (here made up: 20 dB an image)."""
+    """Four defenses (pruning under both models), two attackers, two batches: one row a defense,
+    every cell an interval, the undefended attack read from reports/per_image.csv (here made up:
+    20 dB an image)."""
     from tools.defense_probe import main
 
     (project / "reports").mkdir(exist_ok=True)
@@ -198,7 +209,7 @@ def test_defense_probe_attacks_each_defense_twice_and_pairs_by_batch(project, ca
     done = run_main(main, ["--trials", "2"], capsys)  # params.yaml's 20 iterations, as the undefended's
     assert done.returncode == 0, done.stderr
     table = _table(done.stdout, 3)
-    assert [row[0] for row in table] == ["prune", "clip", "sign", "soteria"]
+    assert [row[0] for row in table] == ["prune, magnitude", "prune, mask", "clip", "sign", "soteria"]
     assert all(row[1] == "2" and ", p " in row[4] and ", p " in row[5] for row in table)
     other_budget = run_main(main, ["--trials", "2", "--iterations", "5"], capsys)
     assert "no comparison with the undefended uploads" in other_budget.stdout
@@ -215,6 +226,35 @@ def test_defense_probe_attacks_each_defense_twice_and_pairs_by_batch(project, ca
 )
 def test_defense_probe_refuses_in_one_line(project, capsys, args, message):
     from tools.defense_probe import main
+
+    assert_one_line_failure(run_main(main, args, capsys), message)
+
+
+# ---- tools.local_steps_probe -----------------------------------------------------------------------
+
+
+def test_local_steps_probe_attacks_with_each_model_and_pairs_by_batch(project, capsys):
+    from tools.local_steps_probe import main
+
+    done = run_main(main, ["--trials", "2"], capsys)
+    assert done.returncode == 0, done.stderr
+    table = _table(done.stdout, 3)
+    assert [row[0] for row in table] == ["classic", "unrolled", "sme"]
+    assert all(row[1] == "2" and float(row[3]) > 0 for row in table)
+    assert ", p " in table[0][4] and table[1][4] == "" and ", p " in table[2][4]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trials", "1"], "local_steps_probe: error: --trials takes at least 2"),
+        (["--setting", "pure", "--trials", "2"], "local_steps_probe: error: pure: its client takes one local step"),
+        (["--setting", "none"], "local_steps_probe: error: setting 'none' is not in params.yaml"),
+        (["--trials", "3"], "local_steps_probe: error: uploads/local-steps/epoch-000-trial-02.safetensors: no such"),
+    ],
+)
+def test_local_steps_probe_refuses_in_one_line(project, capsys, args, message):
+    from tools.local_steps_probe import main
 
     assert_one_line_failure(run_main(main, args, capsys), message)
 

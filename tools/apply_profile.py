@@ -4,7 +4,8 @@
 
 A profile holds only the keys it changes; a key params.yaml does not have is refused (a
 typo would otherwise be silently ignored), and the result must validate. `settings: {name: null}`
-removes that client setting.
+removes that client setting; a setting params.yaml does not have is added (it must name its
+scheme, so a misspelt override of an existing one is refused by the validation).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.errors import PipelineError
 def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
     # A client setting may change any key of client and attack without params.yaml listing it
     # there; its keys are validated with the result, so a typo is refused all the same.
-    open_mapping = where.startswith("settings.") and where.count(".") >= 2
+    open_mapping = where.startswith("settings.")
     for key, value in overrides.items():
         name = f"{where}{key}"
         if value is None and where == "settings.":  # a profile drops a setting (gone already: nothing to do)

@@ -1,5 +1,6 @@
 """The field's post-processing defenses on `pure`'s uploads, each against the classic attacker and
-the adaptive one that applies it (pipeline.defenses), before the pipeline runs them as settings.
+the adaptive one that applies it (pipeline.defenses): a first look on a few batches, without the
+pipeline's settings (profiles/defenses.yaml) and their corrected family.
 
     python -m tools.defense_probe [--checkpoint epoch-000] [--trials 4] [--iterations 500]
                                   [--prune 0.9] [--clip 1.0] [--soteria 60]
@@ -8,7 +9,8 @@ Run after `dvc repro` (it reads uploads/pure, and truth/pure to score). Each def
 client applies to the upload it would otherwise send, so here it is applied to `pure`'s plain
 uploads at one checkpoint: magnitude pruning, per-tensor clipping (a global clip only scales,
 which the cosine objective ignores), sign, and Soteria (whose mask the client computes from its
-own images: read from truth/pure as the client's, never given to the attacker). Both attackers
+own images: read from truth/pure as the client's, never given to the attacker). Pruning is
+attacked under both of the adaptive attacker's models (attack.pruning_model). Both attackers
 run params.yaml's attack (fixed hyper-parameters) with the same seed: a batch's two attacks differ
 only in the transform. Per defense: PSNR mean [t interval over the batches] for each attacker,
 the adaptive less the classic paired by batch, and, at params.yaml's budget, the adaptive less the
@@ -40,8 +42,9 @@ from pipeline.statistics import t_estimate
 from pipeline.uploads import ADAPTIVE, CLASSIC, load_truth, upload_name
 
 
-def probe(checkpoint: str, trials: int, iterations: int | None, defenses: list) -> pd.DataFrame:
-    """One row per (defense, trial, attacker): the batch's mean PSNR, and the attack's seconds."""
+def probe(checkpoint: str, trials: int, iterations: int | None, defenses: dict) -> pd.DataFrame:
+    """One row per (defense, trial, attacker): the batch's mean PSNR, and the attack's seconds.
+    `defenses`: label -> (the defense, the adaptive attacker's pruning model)."""
     p = load_params(Path("params.yaml"))
     if p.attack.labels != "known":
         raise PipelineError(
@@ -60,15 +63,15 @@ def probe(checkpoint: str, trials: int, iterations: int | None, defenses: list) 
         images, _, _ = load_truth(Path("truth/pure") / path.name)
         client_images = normalise(images.float() / 255, list(tm.mean), list(tm.std))  # the client's own
         plain = Target.of(victim, a)
-        for d in defenses:
+        for label, (d, pruning) in defenses.items():
             upload = defended(plain.gradients, d, victim.model, client_images)
-            modelled = ModelledDefense(d, upload, victim.model)
+            modelled = ModelledDefense(d, upload, victim.model, a.sign_temperature, pruning=pruning)
             for attacker, transform in ((CLASSIC, None), (ADAPTIVE, modelled)):
-                key = Path(f"{d.kind}-{attacker}-{path.stem}.safetensors")
+                key = Path(f"{label}-{attacker}-{path.stem}.safetensors".replace(" ", "_"))
                 targets[key] = Target(
                     plain.model, upload, plain.labels, plain.image_shape, plain.mean, plain.std, defense=transform
                 )
-                truths[key] = (d.kind, attacker, trial, images.float() / 255)
+                truths[key] = (label, attacker, trial, images.float() / 255)
     jobs = [Job(key, r) for key in targets for r in range(a.restarts)]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -120,27 +123,32 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--soteria", type=float, default=60, help="Soteria's pruned percentile of entries")
     args = parser.parse_args(argv)
     try:
-        defenses = [
-            PruningParams(kind="prune", ratio=args.prune),
-            ClippingParams(kind="clip", bound=args.clip, scope="per-tensor"),
-            SignParams(kind="sign"),
-            SoteriaParams(kind="soteria", percentile=args.soteria),
-        ]
+        pruning = PruningParams(kind="prune", ratio=args.prune)
+        defenses = {  # both of the adaptive attacker's models of pruning
+            "prune, magnitude": (pruning, "magnitude"),
+            "prune, mask": (pruning, "mask"),
+            "clip": (ClippingParams(kind="clip", bound=args.clip, scope="per-tensor"), "magnitude"),
+            "sign": (SignParams(kind="sign"), "magnitude"),
+            "soteria": (SoteriaParams(kind="soteria", percentile=args.soteria), "magnitude"),
+        }
     except ValueError as err:
         _fail(" ".join(str(err).split()))
     if args.trials < 2 or (args.iterations is not None and args.iterations < 1):
         _fail("--trials takes at least 2 (an interval needs two batches), --iterations a positive number")
     try:
         rows = probe(args.checkpoint, args.trials, args.iterations, defenses)
-        per_image = pd.read_csv("reports/per_image.csv")
-    except (PipelineError, FileNotFoundError) as err:
+    except PipelineError as err:
         _fail(str(err))
-    mine = per_image[
-        (per_image.setting == "pure") & (per_image.checkpoint == args.checkpoint) & (per_image.attacker == ADAPTIVE)
-    ]
     p = load_params(Path("params.yaml"))
     same_budget = args.iterations in (None, p.attack.iterations)  # the undefended attack ran at params.yaml's
-    undefended = mine.groupby("trial").psnr.mean() if same_budget else None
+    attacked = Path("reports/per_image.csv").is_file()
+    undefended = None
+    if same_budget and attacked:
+        per_image = pd.read_csv("reports/per_image.csv")
+        mine = per_image[
+            (per_image.setting == "pure") & (per_image.checkpoint == args.checkpoint) & (per_image.attacker == ADAPTIVE)
+        ]
+        undefended = mine.groupby("trial").psnr.mean()
     table = summary(rows, undefended, p.report.confidence)
     print(
         f"pure's uploads at {args.checkpoint}, {args.trials} batches: PSNR (dB) mean [t interval over batches]; "
@@ -149,6 +157,8 @@ def main(argv: list[str]) -> None:
     print(table.to_markdown(index=False))
     if not same_budget:
         print(f"(no comparison with the undefended uploads: they were attacked at {p.attack.iterations} iterations)")
+    elif not attacked:
+        print("(no comparison with the undefended uploads: reports/per_image.csv not found; `dvc repro` attacks them)")
 
 
 if __name__ == "__main__":

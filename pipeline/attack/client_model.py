@@ -1,5 +1,5 @@
 """The client as the attacker models it: the dummy batch's gradient, forwarded in the client's
-normalisation shards, or the client's E local steps unrolled."""
+normalisation shards, the client's E local steps unrolled, or SME's surrogate of them."""
 
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def unrolled_update(
     return [torch.stack(per_step).mean(0) for per_step in zip(*taken)]
 
 
+# SME's alpha at the start of every restart: the midpoint of the line from theta_0 to theta_E
+SME_ALPHA_START = 0.5
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """The client's E local steps of size lr as SME models them (surrogate_point), and the groups
+    of dummy positions the client's BatchNorm normalised together (each step's batch, or each
+    participant's part of it: LocalSteps'), which the surrogate's one gradient forwards apart."""
+
+    lr: float
+    steps: int
+    groups: list[torch.Tensor]
+
+
 def surrogate_point(
     start: list[torch.Tensor], upload: list[torch.Tensor], lr: float, steps: int, alpha: torch.Tensor | float
 ) -> list[torch.Tensor]:
@@ -70,15 +85,24 @@ def surrogate_point(
 
 
 def surrogate_gradient(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, point: list[torch.Tensor]
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    point: list[torch.Tensor],
+    groups: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """The dummy batch's gradient (one full-batch step, as the classic attacker's) at the weights
-    `point` (one per trainable parameter of `model`), differentiable with respect to the images and
-    the point: SME matches it to the upload in place of the E unrolled steps."""
+    """The dummy batch's gradient (one full-batch step, the mean loss over every image) at the
+    weights `point` (one per trainable parameter of `model`), each of `groups` (positions; None:
+    the whole batch) forwarded apart, as the client's BatchNorm normalised them; differentiable
+    with respect to the images and the point: SME matches it to the upload in place of the E
+    unrolled steps."""
     from torch.func import functional_call
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # train-mode BatchNorm moves them: not the caller's
-    fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **buffers}
-    loss = F.cross_entropy(functional_call(model, {**fixed, **dict(zip(names, point))}, (images,)), labels)
-    return list(torch.autograd.grad(loss, point, create_graph=True))
+    state = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **buffers, **dict(zip(names, point))}
+    summed = sum(
+        F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum")
+        for g in (groups if groups is not None else [torch.arange(len(labels))])
+    )
+    return list(torch.autograd.grad(cast(torch.Tensor, summed) / len(labels), point, create_graph=True))

@@ -80,7 +80,8 @@ def invert(
         # the attacker's own dropout (a train-mode VGG) draws from (seed, restart) alone
         torch.manual_seed(mix(Draw.ATTACK_DROPOUT, seed, restart))
         x = start(restart).chunk(world)[rank].clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=a.lr)
+        learned = objective.restart_parameters()  # SME's alpha, or none
+        opt = torch.optim.Adam([x, *learned], lr=a.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.iterations, eta_min=a.lr_min)
         kept = Reconstruction(x.detach().clone(), labels, float("inf"), restart, iterations_run=a.iterations)
         tenth = a.iterations // 10
@@ -101,6 +102,8 @@ def invert(
             sched.step()
             with torch.no_grad():
                 x.clamp_(low, high)
+                for weight in learned:  # alpha on the segment from theta_0 to theta_E
+                    weight.clamp_(0, 1)
             if it % LOG_EVERY == 0 or it == a.iterations - 1:
                 kept.curve.append((it, g_value))
                 bar.set_postfix(restart=restart, grad_loss=f"{g_value:.4f}", refresh=False)

@@ -13,7 +13,13 @@ from torch import distributed as dist
 from torch import nn
 
 from pipeline.attack.bn_prior import BatchNormPrior
-from pipeline.attack.client_model import dummy_gradient, unrolled_update
+from pipeline.attack.client_model import (
+    SME_ALPHA_START,
+    dummy_gradient,
+    surrogate_gradient,
+    surrogate_point,
+    unrolled_update,
+)
 from pipeline.nets import crop_dead_taps
 from pipeline.sections import AttackParams
 from pipeline.seeds import Draw, mix
@@ -123,6 +129,11 @@ class Objective:
         self.match = GradientMatch(self.model, target.gradients, a.objective, a.layer_weights, crops)
         self.defense = None if target.defense is None else target.defense.cropped(crops)
         self.target, self.a, self.world = target, a, world
+        self.alpha: torch.Tensor | None = None  # SME's, learned in each restart (restart_parameters)
+        if target.surrogate is not None:  # the line from theta_0 along the upload, cut as the weights are
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            self.start = [p.detach() for p in self.model.parameters() if p.requires_grad]
+            self.direction = [target.gradients[n][crops[n]] if n in crops else target.gradients[n] for n in names]
         self.labels = target.labels.chunk(world)[rank]  # this process's part (all of it without a split)
         prior = BatchNormPrior(self.model, target.shards, target.bn_statistics) if a.bn_prior else None
         self.prior = prior if prior is not None and len(prior) else None  # GroupNorm: the prior is a constant 0
@@ -135,14 +146,25 @@ class Objective:
         dist.all_reduce(value)
         return value / self.world
 
+    def restart_parameters(self) -> list[torch.Tensor]:
+        """What a restart learns besides the images, fresh: SME's alpha at its start, or nothing."""
+        if self.target.surrogate is None:
+            return []
+        self.alpha = torch.tensor(SME_ALPHA_START, device=self.start[0].device, requires_grad=True)
+        return [self.alpha]
+
     def dummy_upload(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """What the modelled client uploads for the dummy part `x`: its gradient, or its unrolled
-        steps, through its defense where the attacker models one."""
+        """What the modelled client uploads for the dummy part `x`: its gradient, its unrolled
+        steps or SME's surrogate of them, through its defense where the attacker models one."""
         t = self.target
-        if t.local_steps is None:
-            upload = dummy_gradient(self.model, x, self.labels, max(t.shards // self.world, 1))
-        else:
+        if t.local_steps is not None:
             upload = unrolled_update(self.model, x, self.labels, t.local_steps)
+        elif t.surrogate is not None:
+            alpha = SME_ALPHA_START if self.alpha is None else self.alpha
+            point = surrogate_point(self.start, self.direction, t.surrogate.lr, t.surrogate.steps, alpha)
+            upload = surrogate_gradient(self.model, x, self.labels, point, t.surrogate.groups)
+        else:
+            upload = dummy_gradient(self.model, x, self.labels, max(t.shards // self.world, 1))
         return upload if self.defense is None else self.defense(upload)
 
     def image_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -166,7 +188,10 @@ class Objective:
         outputs, seeds = grads, directions
         if extra is not None:
             outputs, seeds = [*grads, extra], [*directions, torch.ones((), device=x.device)]
-        (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
+        if self.alpha is None:
+            (grad,) = torch.autograd.grad(outputs, x, grad_outputs=seeds)
+        else:  # alpha's gradient for its own step (invert's optimiser holds it)
+            grad, self.alpha.grad = torch.autograd.grad(outputs, [x, self.alpha], grad_outputs=seeds)
         return grad, float(g_loss)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.attack.bn_prior import statistics_from_buffers
-from pipeline.attack.client_model import LocalSteps
+from pipeline.attack.client_model import LocalSteps, Surrogate
 from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
@@ -75,6 +75,7 @@ class Target:
     local_steps: LocalSteps | None = None  # the client's E > 1 steps, unrolled
     source: str = "the upload"  # what refusals name
     defense: ModelledDefense | None = None  # the client's post-processing, applied to the dummy upload
+    surrogate: Surrogate | None = None  # the client's E > 1 steps as SME's surrogate, in place of local_steps
 
     @property
     def box(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +85,18 @@ class Target:
     def of(cls, victim: Victim, a: AttackParams) -> Target:
         """The victim as attacker `a` sees it. An attacker who knows the protocol
         (client_model: exact) normalises its dummy shards as the client's asynchronous BatchNorm
-        did, and takes the client's local steps on the same parts of its dummy batch."""
+        did, and takes the client's local steps on the same parts of its dummy batch (or, with
+        local_steps_model: sme, matches SME's surrogate gradient in their place)."""
         tm, where = victim.threat_model, str(victim.path)
         try:
             shards, parts = modelled_client(tm, a)
         except PipelineError as err:
             raise PipelineError(f"{where}: {err}") from None
-        local_steps = None if parts is None else LocalSteps(parts, separate=shards > 1, lr=tm.lr)
+        local_steps, surrogate = None, None
+        if parts is not None and a.local_steps_model == "sme":
+            surrogate = Surrogate(tm.lr, tm.local_steps, normalised_together(parts, separate=shards > 1))
+        elif parts is not None:
+            local_steps = LocalSteps(parts, separate=shards > 1, lr=tm.lr)
         return cls(
             victim.model,
             victim.upload.gradients,
@@ -102,6 +108,8 @@ class Target:
             _statistics(a, victim),
             local_steps,
             where,
+            modelled_defense(tm, a, victim),
+            surrogate,
         )
 
     def to(self, device: torch.device) -> Target:
@@ -125,10 +133,10 @@ class Target:
         take, or a dummy batch split over `processes` (split: batch) that would not compute the
         one-process objective."""
         # params.yaml's attack is refused these at parsing; an AttackParams made in code is refused here
-        if a.compile and (a.bn_prior or self.local_steps is not None):
+        if a.compile and (a.bn_prior or self.local_steps is not None or self.surrogate is not None):
             raise PipelineError(
                 f"{self.source}: attack.compile: the compiled step takes neither the BatchNorm prior nor "
-                "the client's unrolled local steps (compile: false, or client_model: plain)"
+                "the client's modelled local steps (compile: false, or client_model: plain)"
             )
         if a.compile and self.defense is not None:
             raise PipelineError(
@@ -145,6 +153,8 @@ class Target:
             problem = (
                 "unrolled local steps train on parts of the whole dummy batch (use split: jobs, or client_model: plain)"
             )
+        elif self.surrogate is not None:
+            problem = "SME's surrogate is the gradient of the whole dummy batch (use split: jobs)"
         elif self.defense is not None:
             problem = "the client's defense acts on the whole batch's upload (use split: jobs, or client_model: plain)"
         elif batch % processes:
@@ -175,10 +185,31 @@ def modelled_client(tm: ThreatModel, a: AttackParams) -> tuple[int, list[list[to
         raise PipelineError(f"the threat model's local steps: {err}") from None
 
 
+def modelled_defense(tm: ThreatModel, a: AttackParams, victim: Victim) -> ModelledDefense | None:
+    """The client's defense as attacker `a` applies it to its dummy upload: the adaptive attacker
+    (exact) applies the one the threat model states; the classic one ignores it."""
+    if a.client_model != "exact" or tm.defense is None:
+        return None
+    return ModelledDefense(
+        tm.defense,
+        victim.upload.gradients,
+        victim.model,
+        a.sign_temperature,
+        bound_known=a.clip_bound == "stated",
+        pruning=a.pruning_model,
+    )
+
+
+def normalised_together(parts: list[list[torch.Tensor]], separate: bool) -> list[torch.Tensor]:
+    """The groups of dummy positions the client's BatchNorm normalised together over its steps
+    (`parts`: each step's participant parts): each step's batch, or each part alone (`separate`)."""
+    return [group for step in parts for group in (step if separate else [torch.cat(step)])]
+
+
 def adapts(tm: ThreatModel, a: AttackParams) -> bool:
     """Whether attacker `a` models this upload's client otherwise than the classic attacker."""
     shards, parts = modelled_client(tm, a)
-    return shards > 1 or parts is not None
+    return shards > 1 or parts is not None or (a.client_model == "exact" and tm.defense is not None)
 
 
 def _labels(a: AttackParams, victim: Victim) -> torch.Tensor:
