@@ -186,8 +186,9 @@ def _run_client(
     params = [p for _, p in named]
     if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
         raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
+    # Soteria's mask is taken at theta_0; copied before the statistics' hooks, which it must not feed
+    start = copy.deepcopy(model) if isinstance(c.defense, SoteriaParams) else None
     statistics = NormalisationStatistics(model, c.local_steps, normalisation_groups(c))
-    start = copy.deepcopy(model) if isinstance(c.defense, SoteriaParams) else None  # its mask is at theta_0
     steps: list[Grads] = []
     for e, parts in enumerate(step_parts(c.batch_size, c.participants, c.local_steps)):
         n_step = sum(len(p) for p in parts)

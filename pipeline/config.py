@@ -112,6 +112,11 @@ class Params(_Section):
                     f"{where}.compile: the compiled step does not apply settings.{name}'s defense to its dummy "
                     "upload (compile: false, or client_model: plain)"
                 )
+            if client.defense is not None and attack.local_steps_model == "sme" and client.local_steps > 1:
+                raise ValueError(
+                    f"{where}.local_steps_model: SME's surrogate steps along the upload, which settings.{name}'s "
+                    "defense has changed (unrolled)"
+                )
             if attack.bn_statistics == "from-buffers" and not client.upload_buffers:
                 raise ValueError(
                     f"{where}.bn_statistics: 'from-buffers' needs the client to upload its buffers "

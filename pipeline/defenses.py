@@ -4,9 +4,9 @@ applies it to its dummy upload (docs/defenses.md).
 The client applies a defense to the update it would otherwise send: magnitude pruning, norm
 clipping (no noise), sign quantisation, or Soteria's pruning of the classifier's weight gradient.
 The adaptive attacker applies the same deterministic transform to its dummy upload, differentiably:
-the upload's own mask of zeros where the defense prunes (it need not know the ratio, nor
-Soteria's sensitivities, which depend on the client's images), the clip bound (stated, or
-estimated from the upload as GGL does), and sign through a stated relaxation, tanh(g / tau).
+magnitude pruning at the stated ratio (or, GIFD's model, the upload's own mask of zeros), Soteria's
+mask as the upload's zeros (its sensitivities depend on the client's images), the clip bound
+(stated, or estimated from the upload as GGL does), and sign through a stated relaxation, tanh(g / tau).
 """
 
 from __future__ import annotations

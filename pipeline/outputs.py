@@ -120,6 +120,8 @@ def describe(p: Params, models: Path, setting: str, at: str, uploads: pd.DataFra
     client_guarantee, client_privacy = None, ""
     if client.dp is not None and client.dp.kind == "batch":
         client_privacy = "client clip+noise: no privacy guarantee"
+    elif client.dp is not None and client.dp.sigma == 0:
+        client_privacy = "client clipping without noise: no privacy guarantee"
     elif client.dp is not None:
         assert client.dp.delta is not None  # per-sample DP has one (pipeline.config)
         client_guarantee, accountant = client_epsilon(client.dp.sigma, client.dp.delta)

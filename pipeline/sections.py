@@ -64,8 +64,8 @@ class TrainParams(_Section):
 
 
 class DPParams(_Section):
-    # per-sample: DP-SGD (clip each sample's gradient, Poisson batches, epsilon from the RDP
-    # accountant). batch: the original's "DP-SGD", the batch gradient clipped: no guarantee.
+    # per-sample: DP-SGD (clip each sample's gradient, Poisson batches, epsilon by the tighter of
+    # the RDP and PRV accountants). batch: the original's "DP-SGD", the batch gradient clipped: no guarantee.
     kind: Literal["per-sample", "batch"]
     clip: float = Field(gt=0)
     sigma: float = Field(ge=0)  # noise standard deviation is sigma * clip

@@ -117,10 +117,8 @@ def test_smes_attacker_learns_alpha_beside_the_images(tmp_path, fashion_images):
         _check(path, attack_params(attack__split="batch", attack__processes=2, attack__local_steps_model="sme"), 2)
     with pytest.raises(PipelineError, match="nor the client's modelled local steps"):
         _check(path, a.model_copy(update={"compile": True}), 1)
-    sme = attack_one(path, attack_params(attack__iterations=400, attack__local_steps_model="sme"))
-    plain = attack_one(path, attack_params(attack__iterations=400, attack__client_model="plain"))
-    print(psnr(sme, images[:4]), psnr(plain, images[:4]), sme.grad_loss, plain.grad_loss)
-    assert 0 <= sme.grad_loss < 1
+    sme = attack_one(path, attack_params(attack__iterations=100, attack__local_steps_model="sme"))
+    assert sme.tail is not None and sme.grad_loss < sme.tail[0]  # below its first iterate's loss
 
 
 def _check(path, a, processes: int) -> None:

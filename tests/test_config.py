@@ -289,6 +289,16 @@ def test_a_setting_changes_the_attack_it_faces_and_only_its_own():
             "params.yaml: settings.defended.attack.compile: the compiled step does not apply settings.defended's "
             "defense to its dummy upload (compile: false, or client_model: plain)",
         ),
+        (
+            {
+                "scheme": "pure",
+                "local_steps": 2,
+                "defense": {"kind": "sign"},
+                "attack": {"local_steps_model": "sme"},
+            },
+            "params.yaml: settings.defended.attack.local_steps_model: SME's surrogate steps along the upload, which "
+            "settings.defended's defense has changed (unrolled)",
+        ),
     ],
 )
 def test_a_bad_defense_is_refused_in_one_line(setting, message):

@@ -65,7 +65,9 @@ def probe(checkpoint: str, trials: int, iterations: int | None, defenses: dict) 
         plain = Target.of(victim, a)
         for label, (d, pruning) in defenses.items():
             upload = defended(plain.gradients, d, victim.model, client_images)
-            modelled = ModelledDefense(d, upload, victim.model, a.sign_temperature, pruning=pruning)
+            modelled = ModelledDefense(
+                d, upload, victim.model, a.sign_temperature, bound_known=a.clip_bound == "stated", pruning=pruning
+            )
             for attacker, transform in ((CLASSIC, None), (ADAPTIVE, modelled)):
                 key = Path(f"{label}-{attacker}-{path.stem}.safetensors".replace(" ", "_"))
                 targets[key] = Target(

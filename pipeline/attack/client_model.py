@@ -23,6 +23,12 @@ def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return list(torch.autograd.grad(F.cross_entropy(logits, labels), params, create_graph=True))
 
 
+def step_groups(parts: list[torch.Tensor], separate: bool) -> list[torch.Tensor]:
+    """The groups of positions one local step's BatchNorm normalised together, from the step's
+    participant `parts`: each part alone (`separate`: asynchronous BatchNorm), or all of them."""
+    return parts if separate else [torch.cat(parts)]
+
+
 @dataclass(frozen=True)
 class LocalSteps:
     """The client's E local steps as the attacker models them: which dummy positions each step
@@ -48,7 +54,7 @@ def unrolled_update(
     fixed = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **dict(model.named_buffers())}
     taken: list[tuple[torch.Tensor, ...]] = []
     for parts in steps.parts:
-        groups = parts if steps.separate else [torch.cat(parts)]
+        groups = step_groups(parts, steps.separate)
         state = {**fixed, **dict(zip(names, current))}
         summed = sum(
             F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum") for g in groups

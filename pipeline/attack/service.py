@@ -55,6 +55,8 @@ class Attacked:
             "setting": tm.setting,
             "labels_method": a.labels,
             "client_model": a.client_model,
+            # SME's attack only (the unrolled one's files read as before)
+            **({"local_steps_model": "sme"} if self.target.surrogate is not None else {}),
             "grad_loss": round(rec.grad_loss, 6),
             "restart": rec.restart,
             "iterations": a.iterations,

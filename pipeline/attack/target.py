@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.attack.bn_prior import statistics_from_buffers
-from pipeline.attack.client_model import LocalSteps, Surrogate
+from pipeline.attack.client_model import LocalSteps, Surrogate, step_groups
 from pipeline.attack.labels import mean_prediction, recover_labels
 from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
@@ -94,7 +94,7 @@ class Target:
             raise PipelineError(f"{where}: {err}") from None
         local_steps, surrogate = None, None
         if parts is not None and a.local_steps_model == "sme":
-            surrogate = Surrogate(tm.lr, tm.local_steps, normalised_together(parts, separate=shards > 1))
+            surrogate = Surrogate(tm.lr, tm.local_steps, [g for step in parts for g in step_groups(step, shards > 1)])
         elif parts is not None:
             local_steps = LocalSteps(parts, separate=shards > 1, lr=tm.lr)
         return cls(
@@ -185,10 +185,15 @@ def modelled_client(tm: ThreatModel, a: AttackParams) -> tuple[int, list[list[to
         raise PipelineError(f"the threat model's local steps: {err}") from None
 
 
+def applies_defense(tm: ThreatModel, a: AttackParams) -> bool:
+    """Whether attacker `a` applies the client's defense: the adaptive one (exact) applies the one
+    the threat model states; the classic one ignores it."""
+    return a.client_model == "exact" and tm.defense is not None
+
+
 def modelled_defense(tm: ThreatModel, a: AttackParams, victim: Victim) -> ModelledDefense | None:
-    """The client's defense as attacker `a` applies it to its dummy upload: the adaptive attacker
-    (exact) applies the one the threat model states; the classic one ignores it."""
-    if a.client_model != "exact" or tm.defense is None:
+    """The client's defense as attacker `a` applies it to its dummy upload (None: it does not)."""
+    if not applies_defense(tm, a) or tm.defense is None:
         return None
     return ModelledDefense(
         tm.defense,
@@ -200,16 +205,10 @@ def modelled_defense(tm: ThreatModel, a: AttackParams, victim: Victim) -> Modell
     )
 
 
-def normalised_together(parts: list[list[torch.Tensor]], separate: bool) -> list[torch.Tensor]:
-    """The groups of dummy positions the client's BatchNorm normalised together over its steps
-    (`parts`: each step's participant parts): each step's batch, or each part alone (`separate`)."""
-    return [group for step in parts for group in (step if separate else [torch.cat(step)])]
-
-
 def adapts(tm: ThreatModel, a: AttackParams) -> bool:
     """Whether attacker `a` models this upload's client otherwise than the classic attacker."""
     shards, parts = modelled_client(tm, a)
-    return shards > 1 or parts is not None or (a.client_model == "exact" and tm.defense is not None)
+    return shards > 1 or parts is not None or applies_defense(tm, a)
 
 
 def _labels(a: AttackParams, victim: Victim) -> torch.Tensor:
