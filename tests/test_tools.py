@@ -398,6 +398,8 @@ def test_from_mlflow_without_stage_runs_exits_2_with_one_error_line(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: an earlier test's store would be read
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(SystemExit) as stopped:
         from_mlflow.main(["--check"])
     assert stopped.value.code == 2
