@@ -117,14 +117,16 @@ def describe(p: Params, models: Path, setting: str, at: str, uploads: pd.DataFra
     """The columns of a cell that are not statistics: the scheme's checkpoint, the client, privacy."""
     scheme, client = p.setting(setting)
     checkpoint = read_json(models / scheme / Path(checkpoint_name(at)).with_suffix(".json"))
-    client_guarantee, client_privacy = None, ""
+    # the uploads' recorded epsilon, as MLflow has it (tools.from_mlflow rebuilds the table from there)
+    client_guarantee = None if uploads.epsilon.isna().any() else float(uploads.epsilon.mean())
+    client_privacy = ""
     if client.dp is not None and client.dp.kind == "batch":
         client_privacy = "client clip+noise: no privacy guarantee"
     elif client.dp is not None and client.dp.sigma == 0:
         client_privacy = "client clipping without noise: no privacy guarantee"
-    elif client.dp is not None:
+    elif client.dp is not None and client_guarantee is not None:
         assert client.dp.delta is not None  # per-sample DP has one (pipeline.config)
-        client_guarantee, accountant = client_epsilon(client.dp.sigma, client.dp.delta)
+        accountant = client_epsilon(client.dp.sigma, client.dp.delta)[1]  # whose epsilon the client's is
         client_privacy = f"client ({client_guarantee:.3g}, {client.dp.delta:g})-DP by {accountant.upper()}"
     return {
         "scheme": scheme,
