@@ -6,4 +6,13 @@ stage does, or their 500-iteration row would not be the stage's: importing `stag
 anything loads torch, pins the same CPU kernels (see `stages/__init__.py`).
 """
 
+import sys
+from typing import NoReturn
+
 import stages  # noqa: F401
+
+
+def fail(tool: str, message: str) -> NoReturn:
+    """How every tool refuses bad input: one line on stderr, exit 2."""
+    print(f"{tool}: error: {message}", file=sys.stderr)
+    sys.exit(2)

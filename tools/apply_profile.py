@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from ruamel.yaml.comments import CommentedSeq
 
 from pipeline.config import parse_params
 from pipeline.errors import PipelineError
+from tools import fail
 
 
 def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         apply_profile(args.profile, args.params)
     except (PipelineError, OSError, yaml.YAMLError) as err:
-        print(f"apply_profile: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("apply_profile", str(err))
     print(f"apply_profile: {args.profile} applied to {args.params}")
 
 

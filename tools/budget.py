@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import paired_scores
 from pipeline.statistics import t_estimate
 from pipeline.uploads import load_truth
+from tools import fail
 
 COMBINE_RULES = ("best", "mlco")
 
@@ -97,11 +98,6 @@ def budget_rows(
     return rows
 
 
-def _fail(message: str) -> None:
-    print(f"budget: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _numbers(text: str | None) -> list[int] | None:
     return None if text is None else [int(x) for x in text.split(",")]
 
@@ -119,14 +115,14 @@ def main(argv: list[str]) -> None:
         if min(iterations) < 1 or (restarts and (len(restarts) > 1 or restarts[0] < 1)):
             raise ValueError
     except ValueError:
-        _fail("--iterations and --epochs take comma-separated positive whole numbers, --restarts one")
+        fail("budget", "--iterations and --epochs take comma-separated positive whole numbers, --restarts one")
     combines = tuple(args.combine.split(","))
     if not set(combines) <= set(COMBINE_RULES) or len(set(combines)) < len(combines):
-        _fail(f"--combine takes distinct rules of {', '.join(COMBINE_RULES)} (got {args.combine!r})")
+        fail("budget", f"--combine takes distinct rules of {', '.join(COMBINE_RULES)} (got {args.combine!r})")
     try:
         rows = budget_rows(args.setting, iterations, epochs, restarts and restarts[0], combines)
     except PipelineError as err:
-        _fail(str(err))
+        fail("budget", str(err))
     print(
         f"{args.setting}: PSNR (dB) by attack budget, mean [t interval over the batches] of n images"
         + (

@@ -40,6 +40,7 @@ from pipeline.metrics import paired_scores
 from pipeline.sections import ClippingParams, PruningParams, SignParams, SoteriaParams
 from pipeline.statistics import t_estimate
 from pipeline.uploads import ADAPTIVE, CLASSIC, load_truth, upload_name
+from tools import fail
 
 
 def probe(checkpoint: str, trials: int, iterations: int | None, defenses: dict) -> pd.DataFrame:
@@ -110,11 +111,6 @@ def summary(rows: pd.DataFrame, undefended: pd.Series | None, confidence: float)
     return pd.DataFrame(out)
 
 
-def _fail(message: str) -> None:
-    print(f"defense_probe: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.defense_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="epoch-000", help="an attacked checkpoint of pure (epoch-000)")
@@ -134,13 +130,13 @@ def main(argv: list[str]) -> None:
             "soteria": (SoteriaParams(kind="soteria", percentile=args.soteria), "magnitude"),
         }
     except ValueError as err:
-        _fail(" ".join(str(err).split()))
+        fail("defense_probe", " ".join(str(err).split()))
     if args.trials < 2 or (args.iterations is not None and args.iterations < 1):
-        _fail("--trials takes at least 2 (an interval needs two batches), --iterations a positive number")
+        fail("defense_probe", "--trials takes at least 2 (an interval needs two batches), --iterations a positive one")
     try:
         rows = probe(args.checkpoint, args.trials, args.iterations, defenses)
     except PipelineError as err:
-        _fail(str(err))
+        fail("defense_probe", str(err))
     p = load_params(Path("params.yaml"))
     same_budget = args.iterations in (None, p.attack.iterations)  # the undefended attack ran at params.yaml's
     attacked = Path("reports/per_image.csv").is_file()

@@ -19,6 +19,7 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.report import markdown_table
 from pipeline.tracking import EXPERIMENT, table_from_mlflow, tracking_uri
+from tools import fail
 
 RESULTS_CSV = Path("reports/results.csv")
 # The columns both tables have: the one built from the DVC outputs and the one rebuilt from MLflow.
@@ -72,8 +73,7 @@ def main(argv: list[str]) -> None:
     try:
         table = table_from_mlflow(tracking_uri(Path(".")), experiment, SHARED, args.group)
     except PipelineError as err:
-        print(f"from_mlflow: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("from_mlflow", str(err))
     print(markdown_table(table))
     if args.check:
         ours = pd.read_csv(RESULTS_CSV)

@@ -19,6 +19,7 @@ from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.metrics import label_accuracy
 from pipeline.uploads import load_truth
+from tools import fail
 
 
 def label_rows(setting: str, methods: list[str]) -> list[dict]:
@@ -47,11 +48,6 @@ def label_rows(setting: str, methods: list[str]) -> list[dict]:
     ]
 
 
-def _fail(message: str) -> None:
-    print(f"labels: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.labels", description=__doc__.split("\n\n")[0])
     parser.add_argument("setting")
@@ -60,11 +56,11 @@ def main(argv: list[str]) -> None:
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in LABEL_METHODS[1:]]
     if unknown:
-        _fail(f"--methods: unknown method {unknown[0]!r}; choose of {', '.join(LABEL_METHODS[1:])}")
+        fail("labels", f"--methods: unknown method {unknown[0]!r}; choose of {', '.join(LABEL_METHODS[1:])}")
     try:
         rows = label_rows(args.setting, methods)
     except PipelineError as err:
-        _fail(str(err))
+        fail("labels", str(err))
     print(f"{args.setting}: label accuracy by recovery method, mean over the uploads of each checkpoint")
     print("| method | checkpoint | uploads | label accuracy | exact |\n|---|---|---|---|---|")
     for r in rows:

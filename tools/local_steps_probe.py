@@ -31,6 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import paired_scores
 from pipeline.statistics import t_estimate
 from pipeline.uploads import load_truth, upload_name
+from tools import fail
 
 # attacker -> what it changes of the setting's attack
 ATTACKERS = {
@@ -93,11 +94,6 @@ def summary(rows: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _fail(message: str) -> None:
-    print(f"local_steps_probe: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.local_steps_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", default="local-steps", help="a setting whose client takes local steps")
@@ -105,11 +101,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--trials", type=int, default=8, help="client batches (the setting's first)")
     args = parser.parse_args(argv)
     if args.trials < 2:
-        _fail("--trials takes at least 2 (an interval needs two batches)")
+        fail("local_steps_probe", "--trials takes at least 2 (an interval needs two batches)")
     try:
         rows = probe(args.setting, args.checkpoint, args.trials)
     except PipelineError as err:
-        _fail(str(err))
+        fail("local_steps_probe", str(err))
     p = load_params(Path("params.yaml"))
     print(
         f"{args.setting}'s uploads at {args.checkpoint}, {args.trials} batches: PSNR (dB) mean "

@@ -22,6 +22,7 @@ from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.statistics import batch_means, t_estimate
 from pipeline.uploads import ADAPTIVE
+from tools import fail
 
 KEYS = ["setting", "checkpoint", "trial", "victim"]
 
@@ -79,8 +80,7 @@ def main(argv: list[str]) -> None:
         settings = None if args.settings is None else args.settings.split(",")
         rows = paired_rows(_read(args.base, args.attacker), _read(args.other, args.attacker), settings, r.confidence)
     except PipelineError as err:
-        print(f"paired: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("paired", str(err))
     print(f"PSNR (dB) per cell, mean [{r.confidence:.0%} t interval over batches]; other - base, paired by batch")
     print("| setting | checkpoint | batches | n | base | other | difference | p (paired t) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -28,6 +28,7 @@ from pipeline.results import paired
 from pipeline.sections import pairs_with
 from pipeline.statistics import batches_needed, variance_components
 from pipeline.uploads import ADAPTIVE
+from tools import fail
 
 EFFECTS = (1.0, 2.0, 3.0)
 
@@ -104,8 +105,7 @@ def main(argv: list[str]) -> None:
             raise PipelineError("no paired cell to estimate the variance from")
         rows = power_rows(cells, r.alpha, r.power, family)
     except (PipelineError, ValueError) as err:
-        print(f"power: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("power", str(err))
     which = "the cells without a verdict of effect" if args.cells == "null" else "every paired cell"
     print(
         f"Paired PSNR differences to {r.baseline} (dB) in {which}, variance components over batches of images; "
