@@ -64,7 +64,12 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     out["GH"] = table.gh.round(4)
     if "psnr_diff" in table:
         out["vs baseline dB"] = [_interval(r.psnr_diff, r.psnr_diff_low, r.psnr_diff_high) for r in table.itertuples()]
-        out["p"] = [_p(p) for p in table.p_value]
+        if "classic_p_value" in table and table.classic_p_value.notna().any():
+            out["classic vs baseline dB"] = [
+                _interval(r.classic_psnr_diff, r.classic_psnr_diff_low, r.classic_psnr_diff_high)
+                for r in table.itertuples()
+            ]
+        out["p"] = [_p(p) for p in table.p_verdict]
         out["p (Holm)"] = [_p(p) for p in table.p_adjusted]
         out["verdict"] = [_cell_word(r) for r in table.itertuples()]
     out["unconverged"] = table.unconverged.astype("Int64")
@@ -134,7 +139,11 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
         f"interval; p is the paired t-test of the same batch means (scipy.stats.ttest_1samp), so the interval "
         f"and the test are one procedure. The family is every paired cell of the table ({family} tests; the "
         f"budget row and the cells that are another setting's upload are not in it): p adjusted by Holm "
-        f"(statsmodels). Verdict, per cell: **protects** when the Holm-adjusted p < {r.alpha:g} and the "
+        f"(statsmodels). Where the classic attacker ran beside the adaptive one, a verdict of effect needs "
+        "both: the cell's p is the larger of their two paired p-values (an intersection-union test), and "
+        "differences of opposite signs are no effect (its detectable difference is the larger of the two "
+        "attackers'). Verdict, per cell: **protects** when the Holm-adjusted "
+        f"p < {r.alpha:g} and the "
         "difference is negative; **leaks more** when it is positive; else **no detectable effect**, with the "
         f"smallest difference the design would detect with {r.power:.0%} power at Holm's strictest level "
         f"(alpha / {family}), from that cell's batch SD (statsmodels' t-test power); **underpowered** where "

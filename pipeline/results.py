@@ -11,8 +11,10 @@ would have detected. Image-level numbers (the median, the image count) are descr
 A cell whose uploads are byte for byte another setting's (the same checkpoint and the same client
 behaviour under two names: stages.copies finds them) is attacked once and shown as "same upload
 as <setting>": it enters no family. The verdicts are read against the adaptive attacker, the one
-that models what the threat model says of the client; where it differs from the classic one the
-classic's PSNR is shown beside it (`add_classic`).
+that models what the threat model says of the client; where the classic attacker ran beside it
+(`add_classic`) a verdict of effect needs both: the cell's p is the larger of the two attackers'
+paired p-values, an intersection-union test (a defense beaten by either attacker is not credited
+with protecting), and differences of opposite signs are no effect.
 """
 
 from __future__ import annotations
@@ -163,9 +165,11 @@ def difference_statistics(both: pd.DataFrame, evidence: Evidence) -> dict:
     }
 
 
-def shown_difference(row) -> str:
-    """ "-6.1 dB [-7.0, -5.2]": a table row's paired difference with its interval."""
-    return f"{row.psnr_diff:+.1f} dB [{row.psnr_diff_low:+.1f}, {row.psnr_diff_high:+.1f}]"
+def shown_difference(row, attacker: str = "") -> str:
+    """ "-6.1 dB [-7.0, -5.2]": a table row's paired difference with its interval (`attacker`
+    "classic_": the classic attacker's)."""
+    mean, low, high = (getattr(row, f"{attacker}psnr_diff{end}") for end in ("", "_low", "_high"))
+    return f"{mean:+.1f} dB [{low:+.1f}, {high:+.1f}]"
 
 
 def results_table(
@@ -272,8 +276,9 @@ def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
     tests = out.role == TEST if "role" in out else pd.Series(False, index=out.index)
     size = int(tests.sum())
     out["family_size"] = size
+    out["p_verdict"] = [verdict_p(row) if tests[row.Index] else math.nan for row in out.itertuples()]
     out["p_adjusted"] = math.nan
-    out.loc[tests, "p_adjusted"] = holm(out.loc[tests, "p_value"].astype(float))
+    out.loc[tests, "p_adjusted"] = holm(out.loc[tests, "p_verdict"].astype(float))
     effects: list[str | None] = []
     detectable: list[float] = []
     for row in out.itertuples():
@@ -285,13 +290,33 @@ def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
             detectable.append(math.nan)
         else:
             effects.append("none")
+            sds = [row.diff_sd] + ([row.classic_diff_sd] if _classic_tested(row) else [])
             detectable.append(
-                detectable_difference(row.diff_sd, int(row.paired_batches), evidence.alpha / size, evidence.power)
+                max(
+                    detectable_difference(sd, int(row.paired_batches), evidence.alpha / size, evidence.power)
+                    for sd in sds
+                )
             )
     out["effect"] = effects
     out["detectable"] = detectable
     out["underpowered"] = [bool(d > evidence.effect) if not math.isnan(d) else None for d in detectable]
     return out
+
+
+def _classic_tested(row) -> bool:
+    """Whether the cell's classic attacker, run apart from the adaptive one, was paired with the baseline."""
+    value = getattr(row, "classic_p_value", math.nan)
+    return value is not None and not pd.isna(value)
+
+
+def verdict_p(row) -> float:
+    """The p a test row's verdict reads: the adaptive attacker's paired p, or, where the classic
+    attacker was tested too, the larger of the two (both must show the effect, the same way)."""
+    if not _classic_tested(row):
+        return float(row.p_value)
+    if np.sign(row.psnr_diff) != np.sign(row.classic_psnr_diff):
+        return 1.0
+    return float(max(row.p_value, row.classic_p_value))
 
 
 def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
@@ -309,7 +334,14 @@ def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
     if row.role == BUDGET:
         text = f"the attacker at {int(row.iterations)} iterations gains {shown_difference(row)}, {batches}"
     else:
-        shown = f"{shown_difference(row)}, p = {row.p_value:.2g} (Holm {row.p_adjusted:.2g}), {batches}"
+        if _classic_tested(row):
+            shown = (
+                f"{shown_difference(row)}, classic attacker {shown_difference(row, 'classic_')}, "
+                f"p = {row.p_verdict:.2g} (the larger of "
+                f"the two attackers'; Holm {row.p_adjusted:.2g}), {batches}"
+            )
+        else:
+            shown = f"{shown_difference(row)}, p = {row.p_value:.2g} (Holm {row.p_adjusted:.2g}), {batches}"
         if row.effect != "none":
             text = f"{row.effect}: {shown}"
         else:
@@ -332,10 +364,17 @@ def verdict(cells: pd.DataFrame, evidence: Evidence, baseline: str | None) -> st
     )
 
 
-def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
+def add_classic(
+    table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence, baseline: str | None = None
+) -> pd.DataFrame:
     """The classic attacker's PSNR per cell, mean and t interval over its batches, where it ran as a
-    separate attack; else the adaptive attacker's (`classic_separate` False: the same attack)."""
+    separate attack; else the adaptive attacker's (`classic_separate` False: the same attack). For a
+    test row (add_differences) with a separate classic attack, also its paired difference to the
+    baseline's classic attacker (the baseline's only attacker where it has one): `classic_psnr_diff`
+    [interval], `classic_diff_sd`, `classic_p_value`."""
     classic = per_image[per_image.attacker == CLASSIC]
+    base = per_image[per_image.setting == baseline]
+    base = base[base.attacker == CLASSIC] if (base.attacker == CLASSIC).any() else base
     rows = []
     for row in table.itertuples():
         cell = classic[(classic.setting == row.setting) & (classic.checkpoint == row.checkpoint)]
@@ -349,6 +388,18 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
                     "classic_psnr_high": found.high,
                 }
             )
+            if baseline is not None and getattr(row, "role", None) == TEST:
+                both = paired(pd.concat([cell, base]), row.setting, baseline, row.checkpoint)
+                d = t_estimate(batch_differences(both), evidence.confidence)
+                rows[-1].update(
+                    {
+                        "classic_psnr_diff": d.mean,
+                        "classic_psnr_diff_low": d.low,
+                        "classic_psnr_diff_high": d.high,
+                        "classic_diff_sd": d.sd,
+                        "classic_p_value": d.p,
+                    }
+                )
         else:
             rows.append(
                 {
@@ -358,7 +409,20 @@ def add_classic(table: pd.DataFrame, per_image: pd.DataFrame, evidence: Evidence
                     "classic_psnr_high": row.psnr_high,
                 }
             )
-    return pd.concat([table, pd.DataFrame(rows, index=table.index)], axis=1)
+    return pd.concat([table, pd.DataFrame(rows, index=table.index, columns=_CLASSIC)], axis=1)
+
+
+_CLASSIC = [
+    "classic_separate",
+    "classic_psnr",
+    "classic_psnr_low",
+    "classic_psnr_high",
+    "classic_psnr_diff",
+    "classic_psnr_diff_low",
+    "classic_psnr_diff_high",
+    "classic_diff_sd",
+    "classic_p_value",
+]
 
 
 def summary_of(

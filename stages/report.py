@@ -55,7 +55,7 @@ def main(stage: Stage) -> None:
         evidence,
         p.report.budget,
     )
-    table = add_floor(add_family(add_classic(table, every_image, evidence), evidence), per_image, evidence)
+    table = add_floor(add_family(add_classic(table, every_image, evidence, baseline), evidence), per_image, evidence)
     if baseline is not None and not table.family_size.iloc[0]:
         raise PipelineError(
             f"report.baseline {baseline}: no cell of the table pairs with it (every other setting's uploads are "

@@ -1,4 +1,5 @@
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,16 @@ def upload_file(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so a test that logs would leave its store
+    to every later test in the process; each test starts with the environment it was given."""
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", given or "")  # recorded, so undone after the test
+    if given is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 # The end-to-end file (two clean clones running the whole tiny chain side by side) takes the

@@ -137,9 +137,12 @@ def _uploads(per_image: pd.DataFrame, unconverged: set = frozenset()) -> pd.Data
     return u
 
 
+def _describe(setting, checkpoint, uploads):
+    return {"scheme": setting, "test_accuracy": 0.8, "client": "B=4", "epsilon": None, "privacy": ""}
+
+
 def _table(per_image, uploads, baseline="pure", copies=None, budget=None):
-    describe = lambda s, e, u: {"scheme": s, "test_accuracy": 0.8, "client": "B=4", "epsilon": None, "privacy": ""}  # noqa: E731
-    table = results_table(per_image, uploads, describe, EVIDENCE, ORDER, copies)
+    table = results_table(per_image, uploads, _describe, EVIDENCE, ORDER, copies)
     return add_family(add_differences(table, per_image, baseline, lambda s: True, EVIDENCE, budget), EVIDENCE)
 
 
@@ -299,6 +302,42 @@ def test_the_classic_attackers_cells_sit_beside_the_adaptive_ones_and_leave_the_
     shown = shown_summary(summary).set_index("setting")
     assert shown.loc["pure", "classic epoch 0"] == "same attack"
     assert shown.loc["defended", "classic epoch 0"].startswith(f"{mine.psnr.mean():.1f} [")
+
+
+@pytest.mark.parametrize(
+    "adaptive_shift, classic_shift, effect",
+    [(-6.0, -6.0, "protects"), (-6.0, 0.0, "none"), (-6.0, 6.0, "none"), (6.0, 6.0, "leaks more")],
+)
+def test_a_verdict_of_effect_needs_both_attackers_where_both_ran(adaptive_shift, classic_shift, effect):
+    """Intersection-union: the cell's p is the larger of the two attackers' paired t-tests (scipy's, on
+    the batch means against the baseline's), 1 where their differences disagree in sign; a defense
+    that only the adaptive attacker is beaten by is not credited, though the adaptive test alone is."""
+    adaptive = _per_image({"pure": 0.0, "defended": adaptive_shift}).assign(attacker="adaptive")
+    classic = adaptive[adaptive.setting == "defended"].assign(attacker="classic")
+    batch_noise = np.random.default_rng(2).normal(0, 1.0, size=classic.trial.max() + 1)
+    classic = classic.assign(psnr=classic.psnr + classic_shift - adaptive_shift + batch_noise[classic.trial])
+    every = pd.concat([adaptive, classic])
+    alone = _table(adaptive, _uploads(adaptive)).set_index(["setting", "checkpoint"])
+    assert alone.loc[("defended", FIRST), "effect"] == ("protects" if adaptive_shift < 0 else "leaks more")
+    table = results_table(adaptive, _uploads(adaptive), _describe, EVIDENCE, ORDER)
+    table = add_differences(table, adaptive, "pure", lambda s: True, EVIDENCE)
+    table = add_family(add_classic(table, every, EVIDENCE, "pure"), EVIDENCE)
+    cell = table.set_index(["setting", "checkpoint"]).loc[("defended", FIRST)]
+    base = adaptive[(adaptive.setting == "pure") & (adaptive.checkpoint == FIRST)].groupby("trial").psnr.mean()
+    differences = {
+        name: frame[(frame.setting == "defended") & (frame.checkpoint == FIRST)].groupby("trial").psnr.mean() - base
+        for name, frame in (("adaptive", adaptive), ("classic", classic))
+    }
+    p = {name: stats.ttest_1samp(d, 0).pvalue for name, d in differences.items()}
+    assert cell.p_value == pytest.approx(p["adaptive"]) and cell.classic_p_value == pytest.approx(p["classic"])
+    agree = np.sign(differences["adaptive"].mean()) == np.sign(differences["classic"].mean())
+    assert cell.p_verdict == pytest.approx(max(p.values()) if agree else 1.0)
+    assert cell.effect == effect
+    verdict = summary_of(table, TRAINING, EVIDENCE, "pure").set_index("setting").loc["defended", "verdict"]
+    assert verdict.startswith(f"epoch 0: {'no detectable effect' if effect == 'none' else effect}")
+    assert "classic attacker" in verdict.split("; epoch 3")[0]
+    pure = table.set_index(["setting", "checkpoint"]).loc[("pure", FIRST)]
+    assert pd.isna(pure.classic_p_value)  # the baseline is no test
 
 
 def test_the_summary_names_tuned_hyperparameters_and_only_then_has_the_column():
