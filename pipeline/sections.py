@@ -82,54 +82,6 @@ class DPParams(_Section):
         return self
 
 
-class SchemeParams(_Section):
-    """One defense scheme: how its model is normalised and trained."""
-
-    # batch-sync: BatchNorm over the global batch; batch-async: each process its own shard;
-    # group: GroupNorm (no batch statistics, as per-sample clipping needs).
-    norm: Literal["batch-sync", "batch-async", "group"]
-    batch_multiplier: int = Field(ge=1)  # the scheme's global batch is train.batch_size times this
-    maxpool_kernel: Annotated[int, Field(ge=2)] | Literal["auto"] | None  # ResNet-18's stem maxpool (RA defense)
-    dp: DPParams | None
-
-    @model_validator(mode="after")
-    def _dp_needs_group_norm(self) -> SchemeParams:
-        if self.dp is not None and self.dp.kind == "per-sample" and self.norm != "group":
-            raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
-        return self
-
-
-class ExtractParams(_Section):
-    # checkpoints every setting's client uploads from: after these epochs, and after these
-    # optimizer steps (each one of train.checkpoint_steps)
-    epochs: list[Annotated[int, Field(ge=0)]]
-    steps: list[Annotated[int, Field(ge=1)]]
-    # client batches per setting and epoch, disjoint, drawn from the victim pool by trial: trial t
-    # holds the same images in every setting that draws its batch the same way (the pairing)
-    trials: int = Field(ge=1)
-    # Put the true labels into the threat model (the attacker's "known labels" oracle).
-    reveal_labels: bool
-    # Put into the upload the statistics the client's BatchNorm layers normalised with (per
-    # local step and shard), as a client that shares its BatchNorm state does.
-    reveal_bn_statistics: bool
-
-
-class ClientDPParams(_Section):
-    # per-sample: each sample's gradient clipped to C, noise sigma*C on every local step
-    # (epsilon reported); batch: the original's, each step's batch gradient clipped to C and
-    # noise sigma*C added once to the upload: no guarantee.
-    kind: Literal["per-sample", "batch"]
-    clip: float = Field(gt=0)
-    sigma: float = Field(ge=0)
-    delta: float | None = Field(gt=0, lt=1)  # per-sample only
-
-    @model_validator(mode="after")
-    def _kind(self) -> ClientDPParams:
-        if (self.kind == "per-sample") != (self.delta is not None):
-            raise ValueError("delta is needed by per-sample DP and meaningless for batch clipping (no guarantee)")
-        return self
-
-
 class PruningParams(_Section):
     """Magnitude pruning: the `ratio` smallest entries (by absolute value) of every tensor of the
     upload zeroed (GradAttack's p = 0.9, Plato's 80 %)."""
@@ -163,6 +115,64 @@ class SoteriaParams(_Section):
 
 # what a client does to its upload before sending it (pipeline.defenses)
 DefenseParams = Annotated[PruningParams | ClippingParams | SignParams | SoteriaParams, Field(discriminator="kind")]
+
+
+class SchemeParams(_Section):
+    """One defense scheme: how its model is normalised and trained."""
+
+    # batch-sync: BatchNorm over the global batch; batch-async: each process its own shard;
+    # group: GroupNorm (no batch statistics, as per-sample clipping needs).
+    norm: Literal["batch-sync", "batch-async", "group"]
+    batch_multiplier: int = Field(ge=1)  # the scheme's global batch is train.batch_size times this
+    maxpool_kernel: Annotated[int, Field(ge=2)] | Literal["auto"] | None  # ResNet-18's stem maxpool (RA defense)
+    dp: DPParams | None
+    # applied to every step's gradient, averaged over the processes, before the optimizer takes it:
+    # every client of the federation defends every round, so its accuracy cost is trained in
+    defense: DefenseParams | None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SchemeParams:
+        if self.dp is not None and self.dp.kind == "per-sample" and self.norm != "group":
+            raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
+        if self.defense is not None and self.dp is not None:
+            raise ValueError("defense and dp: one post-processing of the gradient at a time (DP clips already)")
+        if isinstance(self.defense, SoteriaParams):
+            raise ValueError(
+                "defense soteria trains no scheme: its mask takes one backward per representation entry at "
+                "every step (docs/defenses.md); use it as a client setting's defense"
+            )
+        return self
+
+
+class ExtractParams(_Section):
+    # checkpoints every setting's client uploads from: after these epochs, and after these
+    # optimizer steps (each one of train.checkpoint_steps)
+    epochs: list[Annotated[int, Field(ge=0)]]
+    steps: list[Annotated[int, Field(ge=1)]]
+    # client batches per setting and epoch, disjoint, drawn from the victim pool by trial: trial t
+    # holds the same images in every setting that draws its batch the same way (the pairing)
+    trials: int = Field(ge=1)
+    # Put the true labels into the threat model (the attacker's "known labels" oracle).
+    reveal_labels: bool
+    # Put into the upload the statistics the client's BatchNorm layers normalised with (per
+    # local step and shard), as a client that shares its BatchNorm state does.
+    reveal_bn_statistics: bool
+
+
+class ClientDPParams(_Section):
+    # per-sample: each sample's gradient clipped to C, noise sigma*C on every local step
+    # (epsilon reported); batch: the original's, each step's batch gradient clipped to C and
+    # noise sigma*C added once to the upload: no guarantee.
+    kind: Literal["per-sample", "batch"]
+    clip: float = Field(gt=0)
+    sigma: float = Field(ge=0)
+    delta: float | None = Field(gt=0, lt=1)  # per-sample only
+
+    @model_validator(mode="after")
+    def _kind(self) -> ClientDPParams:
+        if (self.kind == "per-sample") != (self.delta is not None):
+            raise ValueError("delta is needed by per-sample DP and meaningless for batch clipping (no guarantee)")
+        return self
 
 
 class ClientProtocol(_Section):

@@ -10,7 +10,9 @@ changes:
 * batch_multiplier: the scheme's global batch is `train.batch_size` times it (`gh`: 3);
 * maxpool_kernel: ResNet-18's stem maxpool (`ra`), "auto" for the smallest with RA-i > 0;
 * dp: per-sample DP-SGD (Poisson batches, clipping, noise, epsilon per epoch), or the
-  original's batch clipping plus noise (no guarantee).
+  original's batch clipping plus noise (no guarantee);
+* defense: a client's post-processing (pruning, clipping, sign; pipeline.defenses) applied to
+  every step's gradient after it is averaged over the processes, before momentum and weight decay.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.config import Params
 from pipeline.data import normalise
+from pipeline.defenses import defended
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilons, per_sample_method, tightest
 from pipeline.errors import PipelineError
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
@@ -171,7 +174,12 @@ class Classifier(L.LightningModule):
         self.loss_sum.zero_()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        dp = self.scheme.dp
+        dp, defense = self.scheme.dp, self.scheme.defense
+        if defense is not None:  # as a client would defend its update: on the averaged gradient
+            grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+            for name, g in defended(grads, defense).items():
+                grads[name].copy_(g)
+            return
         if dp is None or dp.kind != "batch":
             return
         # The original's clip-noise, after the gradient is averaged over processes, with the same
@@ -346,6 +354,7 @@ def train(
         "processes": processes,
         "global_batch": params.train.batch_size * scheme.batch_multiplier,
         **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
+        **({"defense": scheme.defense.model_dump()} if scheme.defense is not None else {}),
     }
     mean, std = data_meta["mean"], data_meta["std"]
     train_set, test_set = (

@@ -40,6 +40,18 @@ def test_project_params_validate():
             "params.yaml: schemes.clip-noise.dp: batch clipping has no delta and no per_sample: it gives no guarantee to account",
         ),
         (
+            "schemes.clip-noise.defense",
+            {"kind": "sign"},
+            "params.yaml: schemes.clip-noise: defense and dp: one post-processing of the gradient at a time "
+            "(DP clips already)",
+        ),
+        (
+            "schemes.pure.defense",
+            {"kind": "soteria", "percentile": 60},
+            "params.yaml: schemes.pure: defense soteria trains no scheme: its mask takes one backward per "
+            "representation entry at every step (docs/defenses.md); use it as a client setting's defense",
+        ),
+        (
             "schemes.gh.batch_multiplier",
             0,
             "params.yaml: schemes.gh.batch_multiplier: Input should be greater than or equal to 1 (got 0)",

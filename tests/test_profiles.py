@@ -62,6 +62,18 @@ def test_a_profile_adds_a_setting_and_refuses_a_misspelt_one(tmp_path):
         apply_profile(profile, params)
 
 
+def test_a_profile_adds_a_trained_scheme_and_refuses_an_incomplete_one(tmp_path):
+    params, profile = tmp_path / "params.yaml", tmp_path / "more.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    scheme = "{norm: batch-sync, batch_multiplier: 1, maxpool_kernel: null, dp: null, defense: {kind: sign}}"
+    profile.write_text(f"schemes:\n  signed: {scheme}\nsettings:\n  signed: {{scheme: signed}}\n")
+    apply_profile(profile, params)
+    assert load_params(params).scheme("signed").defense.kind == "sign"
+    profile.write_text("schemes:\n  pur: {defense: {kind: sign}}\n")  # pure, misspelt: not a whole scheme
+    with pytest.raises(PipelineError, match="missing key 'schemes.pur.norm'"):
+        apply_profile(profile, params)
+
+
 def _jpeg_folder(root: Path, classes: int = 4, per_class: int = 8) -> None:
     """224-px JPEGs (some larger, to be resized): colour, two grey, one CMYK, as ImageNet's are."""
     rng = np.random.default_rng(0)

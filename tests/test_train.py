@@ -170,6 +170,68 @@ def test_a_step_checkpoint_holds_the_weights_a_plain_loop_reaches_after_that_man
 
 
 @pytest.mark.parametrize(
+    "defense",
+    [
+        {"kind": "prune", "ratio": 0.9},
+        {"kind": "clip", "bound": 0.5, "scope": "global"},
+        {"kind": "clip", "bound": 0.1, "scope": "per-tensor"},
+        {"kind": "sign"},
+    ],
+    ids=["prune", "clip-global", "clip-per-tensor", "sign"],
+)
+def test_a_defended_scheme_steps_with_the_defended_gradient(fashion_root, tmp_path, defense):
+    """A scheme's defense is the client's transform (pipeline.defenses.defended) of each step's batch
+    gradient before SGD's momentum and weight decay: a plain loop doing that reaches the step
+    checkpoints' bytes, and they differ from the undefended loop's (the defense acted)."""
+    import lightning as L
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from pipeline.data import normalise
+    from pipeline.defenses import defended
+    from pipeline.nets import build_model
+    from pipeline.train import architecture
+
+    params = make_params(
+        data__train_size=256, data__test_size=64, model__arch="convnet", train__epochs=1, train__batch_size=32,
+        train__devices=1, extract__epochs=[0, 1], train__checkpoint_steps=[1, 3], extract__steps=[3],
+        schemes__pure__defense=defense,
+    )  # fmt: skip
+    data = prepare(params.data, params.seed)
+    meta = {"classes": data.classes, "mean": data.mean, "std": data.std, "channels": 1, "image_size": 32}
+    train(data.train, data.test, meta, params, "pure", tmp_path)
+    _, saved_meta = load_checkpoint(tmp_path / "step-000003.safetensors")
+    assert saved_meta["defense"] == params.scheme("pure").defense.model_dump()
+
+    def loop(defend: bool) -> dict[int, dict[str, torch.Tensor]]:
+        L.seed_everything(params.seed, workers=True, verbose=False)
+        model = build_model(**architecture(params, params.scheme("pure"), meta, None))
+        hp = params.train
+        opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        dataset = TensorDataset(normalise(data.train.images, data.mean, data.std), data.train.labels)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=params.seed)
+        sampler.set_epoch(0)
+        states = {}
+        for step, (images, labels) in enumerate(DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler), 1):
+            opt.zero_grad()
+            F.cross_entropy(model.train()(images), labels).backward()
+            if defend:
+                grads = {n: p.grad for n, p in model.named_parameters()}
+                for name, g in defended(grads, params.scheme("pure").defense).items():
+                    grads[name].copy_(g)
+            opt.step()
+            states[step] = {n: v.clone() for n, v in model.state_dict().items()}
+        return states
+
+    with_defense, without = loop(True), loop(False)
+    for step in (1, 3):
+        saved, _ = load_checkpoint(tmp_path / f"step-{step:06d}.safetensors")
+        for name, value in saved.state_dict().items():
+            assert torch.equal(with_defense[step][name], value), (step, name)
+    assert not torch.equal(with_defense[3]["fc.weight"], without[3]["fc.weight"])
+
+
+@pytest.mark.parametrize(
     ("steps", "message"),
     [
         ([4, 4], "train: checkpoint_steps: a step is listed twice"),

@@ -4,8 +4,9 @@
 
 A profile holds only the keys it changes; a key params.yaml does not have is refused (a
 typo would otherwise be silently ignored), and the result must validate. `settings: {name: null}`
-removes that client setting; a setting params.yaml does not have is added (it must name its
-scheme, so a misspelt override of an existing one is refused by the validation).
+removes that client setting, `schemes: {name: null}` that scheme; a setting or a scheme params.yaml
+does not have is added (a setting must name its scheme, a scheme give every key, so a misspelt
+override of an existing one is refused by the validation).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
     open_mapping = where.startswith("settings.")
     for key, value in overrides.items():
         name = f"{where}{key}"
-        if value is None and where == "settings.":  # a profile drops a setting (gone already: nothing to do)
+        if value is None and where in ("settings.", "schemes."):  # a profile drops one (gone already: nothing to do)
             target.pop(key, None)
             continue
-        if key not in target and not open_mapping:
+        if key not in target and not open_mapping and where != "schemes.":
             raise PipelineError(f"profile sets {name!r}, which params.yaml does not have")
         if key not in target:
             target[key] = value
