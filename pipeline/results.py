@@ -314,9 +314,13 @@ def verdict_p(row) -> float:
     attacker was tested too, the larger of the two (both must show the effect, the same way)."""
     if not _classic_tested(row):
         return float(row.p_value)
-    if np.sign(row.psnr_diff) != np.sign(row.classic_psnr_diff):
+    if not _attackers_agree(row):
         return 1.0
     return float(max(row.p_value, row.classic_p_value))
+
+
+def _attackers_agree(row) -> bool:
+    return bool(np.sign(row.psnr_diff) == np.sign(row.classic_psnr_diff))
 
 
 def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
@@ -337,8 +341,9 @@ def cell_verdict(row, evidence: Evidence, baseline: str | None) -> str:
         if _classic_tested(row):
             shown = (
                 f"{shown_difference(row)}, classic attacker {shown_difference(row, 'classic_')}, "
-                f"p = {row.p_verdict:.2g} (the larger of "
-                f"the two attackers'; Holm {row.p_adjusted:.2g}), {batches}"
+                f"p = {row.p_verdict:.2g} ("
+                + ("the larger of the two attackers'" if _attackers_agree(row) else "the attackers disagree in sign")
+                + f"; Holm {row.p_adjusted:.2g}), {batches}"
             )
         else:
             shown = f"{shown_difference(row)}, p = {row.p_value:.2g} (Holm {row.p_adjusted:.2g}), {batches}"

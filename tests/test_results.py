@@ -336,6 +336,8 @@ def test_a_verdict_of_effect_needs_both_attackers_where_both_ran(adaptive_shift,
     verdict = summary_of(table, TRAINING, EVIDENCE, "pure").set_index("setting").loc["defended", "verdict"]
     assert verdict.startswith(f"epoch 0: {'no detectable effect' if effect == 'none' else effect}")
     assert "classic attacker" in verdict.split("; epoch 3")[0]
+    why = "the larger of the two attackers'" if agree else "the attackers disagree in sign"
+    assert f"({why}; Holm" in verdict.split("; epoch 3")[0]
     pure = table.set_index(["setting", "checkpoint"]).loc[("pure", FIRST)]
     assert pd.isna(pure.classic_p_value)  # the baseline is no test
 
