@@ -69,7 +69,9 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
                 _interval(r.classic_psnr_diff, r.classic_psnr_diff_low, r.classic_psnr_diff_high)
                 for r in table.itertuples()
             ]
-        out["p"] = [_p(p) for p in table.p_verdict]
+        out["p"] = [
+            _p(v if not pd.isna(v) else p) for v, p in zip(table.p_verdict, table.p_value)
+        ]  # budget: no verdict
         out["p (Holm)"] = [_p(p) for p in table.p_adjusted]
         out["verdict"] = [_cell_word(r) for r in table.itertuples()]
     out["unconverged"] = table.unconverged.astype("Int64")
@@ -142,7 +144,8 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
         f"(statsmodels). Where the classic attacker ran beside the adaptive one, a verdict of effect needs "
         "both: the cell's p is the larger of their two paired p-values (an intersection-union test), and "
         "differences of opposite signs are no effect (its detectable difference is the larger of the two "
-        "attackers'). Verdict, per cell: **protects** when the Holm-adjusted "
+        f"attackers', each at {(1 + r.power) / 2:.0%} power, so that both detect it with {r.power:.0%}). "
+        "Verdict, per cell: **protects** when the Holm-adjusted "
         f"p < {r.alpha:g} and the "
         "difference is negative; **leaks more** when it is positive; else **no detectable effect**, with the "
         f"smallest difference the design would detect with {r.power:.0%} power at Holm's strictest level "

@@ -290,12 +290,12 @@ def add_family(table: pd.DataFrame, evidence: Evidence) -> pd.DataFrame:
             detectable.append(math.nan)
         else:
             effects.append("none")
-            sds = [row.diff_sd] + ([row.classic_diff_sd] if _classic_tested(row) else [])
+            # both attackers must detect it: each at power (1 + power) / 2 gives the pair `power`
+            sds, power = [row.diff_sd], evidence.power
+            if _classic_tested(row):
+                sds, power = [row.diff_sd, row.classic_diff_sd], (1 + evidence.power) / 2
             detectable.append(
-                max(
-                    detectable_difference(sd, int(row.paired_batches), evidence.alpha / size, evidence.power)
-                    for sd in sds
-                )
+                max(detectable_difference(sd, int(row.paired_batches), evidence.alpha / size, power) for sd in sds)
             )
     out["effect"] = effects
     out["detectable"] = detectable
@@ -375,11 +375,12 @@ def add_classic(
     """The classic attacker's PSNR per cell, mean and t interval over its batches, where it ran as a
     separate attack; else the adaptive attacker's (`classic_separate` False: the same attack). For a
     test row (add_differences) with a separate classic attack, also its paired difference to the
-    baseline's classic attacker (the baseline's only attacker where it has one): `classic_psnr_diff`
-    [interval], `classic_diff_sd`, `classic_p_value`."""
+    baseline's classic attacker at that checkpoint: `classic_psnr_diff` [interval], `classic_diff_sd`,
+    `classic_p_value`. Where the baseline's cell has no separate classic attack its one attack is the
+    classic one, if it ran with fixed hyper-parameters as the classic attacker always does; after a
+    tuned one there is no like to pair with, and the cell is tested by its adaptive attacker alone."""
     classic = per_image[per_image.attacker == CLASSIC]
     base = per_image[per_image.setting == baseline]
-    base = base[base.attacker == CLASSIC] if (base.attacker == CLASSIC).any() else base
     rows = []
     for row in table.itertuples():
         cell = classic[(classic.setting == row.setting) & (classic.checkpoint == row.checkpoint)]
@@ -393,8 +394,9 @@ def add_classic(
                     "classic_psnr_high": found.high,
                 }
             )
-            if baseline is not None and getattr(row, "role", None) == TEST:
-                both = paired(pd.concat([cell, base]), row.setting, baseline, row.checkpoint)
+            like = _baseline_classic(table, base, baseline, row.checkpoint)
+            if getattr(row, "role", None) == TEST and like is not None:
+                both = paired(pd.concat([cell, like]), row.setting, baseline, row.checkpoint)
                 d = t_estimate(batch_differences(both), evidence.confidence)
                 rows[-1].update(
                     {
@@ -415,6 +417,17 @@ def add_classic(
                 }
             )
     return pd.concat([table, pd.DataFrame(rows, index=table.index, columns=_CLASSIC)], axis=1)
+
+
+def _baseline_classic(table: pd.DataFrame, base: pd.DataFrame, baseline: str | None, at: str) -> pd.DataFrame | None:
+    """The baseline's images at `at` as the classic attacker reconstructed them (add_classic), or None."""
+    if baseline is None:
+        return None
+    cell = base[base.checkpoint == at]
+    if (cell.attacker == CLASSIC).any():
+        return cell[cell.attacker == CLASSIC]
+    fixed = table[(table.setting == baseline) & (table.checkpoint == at)].hyperparameters == "fixed"
+    return cell if fixed.all() and len(fixed) else None
 
 
 _CLASSIC = [

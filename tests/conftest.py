@@ -1,5 +1,6 @@
 import copy
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,12 +95,16 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _own_tracking_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so a test that logs would leave its store
-    to every later test in the process; each test starts with the environment it was given."""
+    """mlflow.set_tracking_uri sets a module global and exports MLFLOW_TRACKING_URI, so a test that
+    logs would leave its store to every later test in the process; each starts as it was given."""
     given = os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", given or "")  # recorded, so undone after the test
     if given is None:
         monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:  # set_tracking_uri's module global, which mlflow reads before the environment
+        utils._tracking_uri = None
 
 
 # The end-to-end file (two clean clones running the whole tiny chain side by side) takes the

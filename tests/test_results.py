@@ -340,6 +340,26 @@ def test_a_verdict_of_effect_needs_both_attackers_where_both_ran(adaptive_shift,
     assert f"({why}; Holm" in verdict.split("; epoch 3")[0]
     pure = table.set_index(["setting", "checkpoint"]).loc[("pure", FIRST)]
     assert pd.isna(pure.classic_p_value)  # the baseline is no test
+    if effect == "none":  # both attackers must detect it: each sized at power (1 + 0.8) / 2
+        sds = [differences[name].std(ddof=1) for name in ("adaptive", "classic")]
+        alpha = EVIDENCE.alpha / int(cell.family_size)
+        expected = max(detectable_difference(sd, 6, alpha, (1 + EVIDENCE.power) / 2) for sd in sds)
+        assert cell.detectable == pytest.approx(expected)
+
+
+def test_the_classic_attacker_is_not_paired_with_a_tuned_baseline():
+    """The classic attacker runs with fixed hyper-parameters; a baseline whose only attack was tuned
+    is another attacker, so the cell is tested by its adaptive attacker alone."""
+    adaptive = _per_image({"pure": 0.0, "defended": -6.0}).assign(attacker="adaptive")
+    classic = adaptive[adaptive.setting == "defended"].assign(attacker="classic")
+    uploads = _uploads(adaptive)
+    uploads.loc[uploads.setting == "pure", "hyperparameters"] = "tuned: lr 0.1"
+    table = results_table(adaptive, uploads, _describe, EVIDENCE, ORDER)
+    table = add_differences(table, adaptive, "pure", lambda s: True, EVIDENCE)
+    table = add_family(add_classic(table, pd.concat([adaptive, classic]), EVIDENCE, "pure"), EVIDENCE)
+    cell = table.set_index(["setting", "checkpoint"]).loc[("defended", FIRST)]
+    assert cell.classic_separate and pd.isna(cell.classic_p_value)
+    assert cell.p_verdict == cell.p_value and cell.effect == "protects"
 
 
 def test_the_summary_names_tuned_hyperparameters_and_only_then_has_the_column():
