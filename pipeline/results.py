@@ -395,7 +395,7 @@ def add_classic(
                 }
             )
             like = _baseline_classic(table, base, baseline, row.checkpoint)
-            if getattr(row, "role", None) == TEST and like is not None:
+            if getattr(row, "role", None) == TEST and like is not None and baseline is not None:
                 both = paired(pd.concat([cell, like]), row.setting, baseline, row.checkpoint)
                 d = t_estimate(batch_differences(both), evidence.confidence)
                 rows[-1].update(
