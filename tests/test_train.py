@@ -120,17 +120,43 @@ def test_a_streamed_folder_trains_in_loader_workers_and_repeats_its_bytes(tmp_pa
     assert sha256(tmp_path / "centre" / "epoch-001.safetensors") != sha256(tmp_path / "a" / "epoch-001.safetensors")
 
 
-def test_a_step_checkpoint_holds_the_weights_a_plain_loop_reaches_after_that_many_steps(fashion_root, tmp_path):
-    """On one process: SGD with momentum and weight decay over the sampler's batches, step by step,
-    gives the step checkpoints' bytes; the checkpoint at an epoch's last step is the epoch's."""
+def _plain_sgd_states(params, data, meta, epochs: int, defense=None) -> dict[int, dict[str, torch.Tensor]]:
+    """The weights after each optimizer step of a plain loop on one process: SGD with momentum and
+    weight decay over the sampler's batches, each step's gradient defended first where `defense` is."""
     import lightning as L
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from pipeline.data import normalise
+    from pipeline.defenses import defended
     from pipeline.nets import build_model
     from pipeline.train import architecture
 
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    model = build_model(**architecture(params, params.scheme("pure"), meta, None))
+    hp = params.train
+    opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    dataset = TensorDataset(normalise(data.train.images, data.mean, data.std), data.train.labels)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=params.seed)
+    states, step = {}, 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for images, labels in DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler):
+            opt.zero_grad()
+            F.cross_entropy(model.train()(images), labels).backward()
+            if defense is not None:
+                grads = {n: p.grad for n, p in model.named_parameters()}
+                for name, g in defended(grads, defense).items():
+                    grads[name].copy_(g)
+            opt.step()
+            step += 1
+            states[step] = {n: v.clone() for n, v in model.state_dict().items()}
+    return states
+
+
+def test_a_step_checkpoint_holds_the_weights_a_plain_loop_reaches_after_that_many_steps(fashion_root, tmp_path):
+    """On one process: SGD with momentum and weight decay over the sampler's batches, step by step,
+    gives the step checkpoints' bytes; the checkpoint at an epoch's last step is the epoch's."""
     params = make_params(
         data__train_size=256, data__test_size=64, model__arch="convnet", train__epochs=2, train__batch_size=32,
         train__devices=1, extract__epochs=[0, 2], train__checkpoint_steps=[1, 3, 8, 11], extract__steps=[8],
@@ -145,24 +171,11 @@ def test_a_step_checkpoint_holds_the_weights_a_plain_loop_reaches_after_that_man
     ]  # fmt: skip
     assert all(0 <= m["test_accuracy"] <= 1 for m in written)
 
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    model = build_model(**architecture(params, params.scheme("pure"), meta, None))
-    hp = params.train
-    opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-    dataset = TensorDataset(normalise(data.train.images, data.mean, data.std), data.train.labels)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=params.seed)
-    step = 0
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        for images, labels in DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler):
-            opt.zero_grad()
-            F.cross_entropy(model.train()(images), labels).backward()
-            opt.step()
-            step += 1
-            if step in hp.checkpoint_steps:
-                saved, _ = load_checkpoint(tmp_path / f"step-{step:06d}.safetensors")
-                for name, value in model.state_dict().items():
-                    assert torch.equal(saved.state_dict()[name], value), (step, name)
+    states = _plain_sgd_states(params, data, meta, epochs=2)
+    for step in params.train.checkpoint_steps:
+        saved, _ = load_checkpoint(tmp_path / f"step-{step:06d}.safetensors")
+        for name, value in states[step].items():
+            assert torch.equal(saved.state_dict()[name], value), (step, name)
     at_epoch_end, _ = load_checkpoint(tmp_path / "step-000008.safetensors")
     epoch_one, _ = load_checkpoint(tmp_path / "epoch-001.safetensors")
     for name, value in epoch_one.state_dict().items():
@@ -183,15 +196,6 @@ def test_a_defended_scheme_steps_with_the_defended_gradient(fashion_root, tmp_pa
     """A scheme's defense is the client's transform (pipeline.defenses.defended) of each step's batch
     gradient before SGD's momentum and weight decay: a plain loop doing that reaches the step
     checkpoints' bytes, and they differ from the undefended loop's (the defense acted)."""
-    import lightning as L
-    from torch.nn import functional as F
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    from pipeline.data import normalise
-    from pipeline.defenses import defended
-    from pipeline.nets import build_model
-    from pipeline.train import architecture
-
     params = make_params(
         data__train_size=256, data__test_size=64, model__arch="convnet", train__epochs=1, train__batch_size=32,
         train__devices=1, extract__epochs=[0, 1], train__checkpoint_steps=[1, 3], extract__steps=[3],
@@ -203,27 +207,8 @@ def test_a_defended_scheme_steps_with_the_defended_gradient(fashion_root, tmp_pa
     _, saved_meta = load_checkpoint(tmp_path / "step-000003.safetensors")
     assert saved_meta["defense"] == params.scheme("pure").defense.model_dump()
 
-    def loop(defend: bool) -> dict[int, dict[str, torch.Tensor]]:
-        L.seed_everything(params.seed, workers=True, verbose=False)
-        model = build_model(**architecture(params, params.scheme("pure"), meta, None))
-        hp = params.train
-        opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        dataset = TensorDataset(normalise(data.train.images, data.mean, data.std), data.train.labels)
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=params.seed)
-        sampler.set_epoch(0)
-        states = {}
-        for step, (images, labels) in enumerate(DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler), 1):
-            opt.zero_grad()
-            F.cross_entropy(model.train()(images), labels).backward()
-            if defend:
-                grads = {n: p.grad for n, p in model.named_parameters()}
-                for name, g in defended(grads, params.scheme("pure").defense).items():
-                    grads[name].copy_(g)
-            opt.step()
-            states[step] = {n: v.clone() for n, v in model.state_dict().items()}
-        return states
-
-    with_defense, without = loop(True), loop(False)
+    trained = params.scheme("pure").defense
+    with_defense, without = (_plain_sgd_states(params, data, meta, 1, d) for d in (trained, None))
     for step in (1, 3):
         saved, _ = load_checkpoint(tmp_path / f"step-{step:06d}.safetensors")
         for name, value in saved.state_dict().items():
