@@ -7,7 +7,8 @@ one-sample t on the batch means (`scipy.stats.ttest_1samp`, whose `confidence_in
 interval of the same statistic). Against the baseline the number per batch is the mean paired
 difference over the batch's images, and the same t makes a paired t-test of the batch means.
 The verdicts of one table are one family, adjusted by Holm (`statsmodels`); power and the
-smallest detectable difference come from statsmodels' t-test power solver.
+smallest detectable difference come from statsmodels' t-test power solver, the batches a
+test needs from the same power as an expectation over the t's variance (`t_test_power`).
 """
 
 from __future__ import annotations
@@ -88,12 +89,36 @@ def detectable_difference(sd: float, batches: int, alpha: float, power: float) -
     return float(sd * TTestPower().solve_power(effect_size=None, nobs=batches, alpha=alpha, power=power))
 
 
-def batches_needed(sd: float, effect: float, alpha: float, power: float) -> int:
-    """Batches a two-sided t-test needs to detect `effect` with `power` at `alpha` (rounded up)."""
-    from statsmodels.stats.power import TTestPower
+def t_test_power(effect_size: float, batches: int, alpha: float) -> float:
+    """Power of a two-sided one-sample t-test over `batches` values at standardised `effect_size`:
+    P(|T| > t crit) for T = (Z + effect_size sqrt(n)) / (X / sqrt(df)), X chi with df = n - 1,
+    as an expectation over X (`scipy.stats.chi.expect`). The same as statsmodels' TTestPower.power,
+    whose noncentral t returns nan where the power is near 1."""
+    df = batches - 1
+    crit = float(stats.t.isf(alpha / 2, df)) / math.sqrt(df)
+    shift = effect_size * math.sqrt(batches)
 
-    n = TTestPower().solve_power(effect_size=effect / sd, nobs=None, alpha=alpha, power=power)
-    return math.ceil(float(np.atleast_1d(n)[0]) - 1e-9)
+    def rejects(x: float) -> float:
+        return float(stats.norm.cdf(shift - crit * x) + stats.norm.cdf(-shift - crit * x))
+
+    return float(min(1.0, stats.chi(df).expect(rejects)))
+
+
+def batches_needed(sd: float, effect: float, alpha: float, power: float) -> int:
+    """The fewest batches (at least 2) with which a two-sided t-test detects a mean paired
+    difference `effect` with `power` at `alpha`, the batch SD being `sd`; with no spread, 2."""
+    if not math.isfinite(sd) or sd < 0 or effect <= 0:
+        raise ValueError(f"no sample size for an effect of {effect:g} at a batch SD of {sd:g}")
+    if sd == 0:
+        return 2
+    size = effect / sd
+    low, high = 1, 2  # power(low) < power <= power(high), power rising with the batches
+    while t_test_power(size, high, alpha) < power:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if t_test_power(size, middle, alpha) >= power else (middle, high)
+    return high
 
 
 @dataclass(frozen=True)

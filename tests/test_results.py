@@ -31,6 +31,7 @@ from pipeline.statistics import (
     detectable_difference,
     holm,
     t_estimate,
+    t_test_power,
     variance_components,
 )
 from tools.from_mlflow import SHARED, table_differences
@@ -67,6 +68,24 @@ def test_the_detectable_difference_and_the_batches_needed_are_statsmodels_power_
     needed = batches_needed(sd, 2.0, 0.05, 0.8)
     assert TTestPower().power(2.0 / sd, needed, 0.05) >= 0.8 > TTestPower().power(2.0 / sd, needed - 1, 0.05)
     assert np.isnan(detectable_difference(sd, 1, alpha, 0.8))
+
+
+@pytest.mark.parametrize("size", [0.3, 1.0, 1.5])
+@pytest.mark.parametrize("batches", [2, 5, 16])
+def test_the_t_test_power_is_statsmodels_power(size, batches):
+    for alpha in (0.05, 0.05 / 27):
+        assert t_test_power(size, batches, alpha) == pytest.approx(TTestPower().power(size, batches, alpha), abs=1e-8)
+
+
+def test_the_batches_needed_hold_where_the_power_solver_gives_up():
+    # At 10 SDs and alpha 0.05 / 27 statsmodels' solver answers 2.000005 (so 3 batches, with
+    # power 0.43), and at 50 SDs nan; the fewest batches with the power are 4 and 3.
+    assert batches_needed(1.0, 10.0, 0.05 / 27, 0.8) == 4
+    assert t_test_power(10.0, 3, 0.05 / 27) < 0.8 <= t_test_power(10.0, 4, 0.05 / 27)
+    assert batches_needed(1.0, 50.0, 0.05 / 27, 0.8) == 3
+    assert batches_needed(0.0, 1.0, 0.05, 0.8) == 2
+    with pytest.raises(ValueError, match="no sample size"):
+        batches_needed(float("nan"), 1.0, 0.05, 0.8)
 
 
 def test_variance_components_recover_a_known_clustered_design():
