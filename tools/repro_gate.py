@@ -40,9 +40,10 @@ KEYS = ("setting", "scheme", "arch", "checkpoint", "step", "client", "labels")
 # roundings, and the attack's sign steps amplify that. Measured on the tiny profile between an
 # Intel AVX-512 and an AMD AVX2 machine, both pinned to AVX2 kernels: test accuracy 0.035 apart,
 # GH 0.072, PSNR 3.7 dB, SSIM 0.13 after two epochs (with an attack change of 0.4 dB at most in
-# it); the trained tolerances leave room above that.
+# it); between the AMD AVX2 and an AMD Zen 4 machine test accuracy 0.117 apart (15 of the 128
+# test images), GH 0.039, PSNR 1.0 dB, SSIM 0.059; the trained tolerances leave room above both.
 DEFAULT_TOLERANCE = {"test_accuracy": 0.02, "gh": 0.001, "psnr": 0.5, "ssim": 0.02, "label_accuracy": 0.0}
-TRAINED_TOLERANCE = {"test_accuracy": 0.06, "gh": 0.12, "psnr": 6.0, "ssim": 0.2, "label_accuracy": 0.0}
+TRAINED_TOLERANCE = {"test_accuracy": 0.15, "gh": 0.12, "psnr": 6.0, "ssim": 0.2, "label_accuracy": 0.0}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
