@@ -6,9 +6,10 @@ those. One procedure serves each question, so its interval and its test cannot d
 one-sample t on the batch means (`scipy.stats.ttest_1samp`, whose `confidence_interval` is the
 interval of the same statistic). Against the baseline the number per batch is the mean paired
 difference over the batch's images, and the same t makes a paired t-test of the batch means.
-The verdicts of one table are one family, adjusted by Holm (`statsmodels`); power and the
-smallest detectable difference come from statsmodels' t-test power solver, the batches a
-test needs from the same power as an expectation over the t's variance (`t_test_power`).
+The verdicts of one table are one family, adjusted by Holm (`statsmodels`); the power of the
+t-test is an expectation over its chi-distributed scale (`t_test_power`, equal to statsmodels'
+where that is finite), and the smallest detectable difference and the batches needed are its
+roots.
 """
 
 from __future__ import annotations
@@ -77,16 +78,9 @@ def holm(pvalues) -> np.ndarray:
     return multipletests(p, method="holm")[1]
 
 
-def detectable_difference(sd: float, batches: int, alpha: float, power: float) -> float:
-    """The smallest mean paired difference (in the unit of `sd`) a two-sided t-test over `batches`
-    batches detects with `power` at level `alpha`, the batch SD being `sd` (statsmodels' solver)."""
-    if batches < 2 or not math.isfinite(sd):
-        return math.nan
-    if sd == 0:
-        return 0.0
-    from statsmodels.stats.power import TTestPower
-
-    return float(sd * TTestPower().solve_power(effect_size=None, nobs=batches, alpha=alpha, power=power))
+def _levels(alpha: float, power: float) -> None:
+    if not 0 < alpha < power < 1:
+        raise ValueError(f"a power analysis needs 0 < alpha < power < 1 (alpha {alpha:g}, power {power:g})")
 
 
 def t_test_power(effect_size: float, batches: int, alpha: float) -> float:
@@ -94,6 +88,8 @@ def t_test_power(effect_size: float, batches: int, alpha: float) -> float:
     P(|T| > t crit) for T = (Z + effect_size sqrt(n)) / (X / sqrt(df)), X chi with df = n - 1,
     as an expectation over X (`scipy.stats.chi.expect`). The same as statsmodels' TTestPower.power,
     whose noncentral t returns nan where the power is near 1."""
+    if batches < 2:
+        raise ValueError(f"a t-test needs at least 2 batches, not {batches}")
     df = batches - 1
     crit = float(stats.t.isf(alpha / 2, df)) / math.sqrt(df)
     shift = effect_size * math.sqrt(batches)
@@ -101,13 +97,35 @@ def t_test_power(effect_size: float, batches: int, alpha: float) -> float:
     def rejects(x: float) -> float:
         return float(stats.norm.cdf(shift - crit * x) + stats.norm.cdf(-shift - crit * x))
 
-    return float(min(1.0, stats.chi(df).expect(rejects)))
+    # Over the chi's own mass: over [0, inf) the quadrature misses its narrow peak at large df.
+    chi = stats.chi(df)
+    return float(min(1.0, chi.expect(rejects, lb=float(chi.ppf(1e-15)), ub=float(chi.isf(1e-15)))))
+
+
+def detectable_difference(sd: float, batches: int, alpha: float, power: float) -> float:
+    """The smallest mean paired difference (in the unit of `sd`) a two-sided t-test over `batches`
+    batches detects with `power` at level `alpha`, the batch SD being `sd`: the root of
+    `t_test_power` in the effect (statsmodels' solver returns a wrong root, silently, at few
+    batches and strict levels)."""
+    _levels(alpha, power)
+    if batches < 2 or not math.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    from scipy.optimize import brentq
+
+    high = 1.0  # the power rises with the effect, from alpha at 0
+    while t_test_power(high, batches, alpha) < power:
+        high *= 2
+    size = brentq(lambda size: t_test_power(size, batches, alpha) - power, 0.0, high, xtol=1e-10)
+    return float(sd * size)
 
 
 def batches_needed(sd: float, effect: float, alpha: float, power: float) -> int:
     """The fewest batches (at least 2) with which a two-sided t-test detects a mean paired
     difference `effect` with `power` at `alpha`, the batch SD being `sd`; with no spread, 2."""
-    if not math.isfinite(sd) or sd < 0 or effect <= 0:
+    _levels(alpha, power)
+    if not (math.isfinite(sd) and sd >= 0 and math.isfinite(effect) and effect > 0):
         raise ValueError(f"no sample size for an effect of {effect:g} at a batch SD of {sd:g}")
     if sd == 0:
         return 2

@@ -1,5 +1,6 @@
 """What several test modules build the same way: the plain client, small models, an upload,
-stage and tool runs that must fail in one line, image folders, and a copy of the project.
+stage and tool runs that must fail in one line, image folders, a copy of the project, and
+scipy's power of a t-test.
 Fixtures live in conftest.py; no test module imports another."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from scipy import stats
 
 from pipeline.attack.invert import invert
 from pipeline.attack.jobs import Job, run_jobs
@@ -242,3 +244,13 @@ def copy_project(root: Path) -> dict:
     sh(git + ["add", "-A"], root, env)
     sh(git + ["commit", "-qm", "tiny project"], root, env)
     return env
+
+
+def noncentral_t_power(size: float, batches: int, alpha: float) -> float:
+    """scipy's power of a two-sided one-sample t-test of `batches` values at standardised `size`:
+    the noncentral t's two tails, an independent computation of `pipeline.statistics.t_test_power`.
+    Its far tail, below 1e-10 where the tests use it, comes out nan from scipy at some shifts:
+    counted as 0."""
+    df, shift = batches - 1, size * np.sqrt(batches)
+    crit = stats.t.isf(alpha / 2, df)
+    return float(stats.nct.sf(crit, df, shift) + np.nan_to_num(stats.nct.cdf(-crit, df, shift)))

@@ -16,7 +16,7 @@ from pipeline.checkpoints import epoch_checkpoint
 from pipeline.data import to_unit_range
 from pipeline.uploads import save_truth, upload_name
 from tests.conftest import RAW_PARAMS
-from tests.helpers import MEAN, STD, assert_one_line_failure, make_upload
+from tests.helpers import MEAN, STD, assert_one_line_failure, make_upload, noncentral_t_power
 
 # tools.budget and tools.labels are imported in their tests: they drive the attack, and an
 # attack that fails to import fails those tests, not the collection of the paired and power ones
@@ -350,13 +350,6 @@ def test_paired_refuses_runs_of_other_images_in_one_line(tmp_path, monkeypatch, 
     )
 
 
-def _t_test_power(n: int, effect: float, sd: float, alpha: float) -> float:
-    """scipy's power of a two-sided one-sample t-test of n batches: the noncentral t's tails."""
-    df, nc = n - 1, effect / sd * np.sqrt(n)
-    crit = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
-
-
 def test_power_sizes_the_trials_by_the_spread_of_the_batch_mean_differences(tmp_path, monkeypatch, capsys):
     from tools.power import main
 
@@ -386,9 +379,9 @@ def test_power_sizes_the_trials_by_the_spread_of_the_batch_mean_differences(tmp_
     for effect in (1, 2, 3):
         for column, alpha in ((f"{effect} dB", 0.05), (f"{effect} dB, alpha/4", 0.05 / 4)):
             n = int(rows[0][column])  # the fewest batches with the power asked for
-            assert _t_test_power(n, effect, sd, alpha) >= 0.8 - 1e-3, column
+            assert noncentral_t_power(effect / sd, n, alpha) >= 0.8 - 1e-3, column
             if n > 2:
-                assert _t_test_power(n - 1, effect, sd, alpha) < 0.8, column
+                assert noncentral_t_power(effect / sd, n - 1, alpha) < 0.8, column
 
 
 def test_from_mlflow_without_stage_runs_exits_2_with_one_error_line(tmp_path, monkeypatch, capsys):
