@@ -149,7 +149,7 @@ def intro(p: Params, table: pd.DataFrame, baseline: str | None) -> str:
         f"p < {r.alpha:g} and the "
         "difference is negative; **leaks more** when it is positive; else **no detectable effect**, with the "
         f"smallest difference the design would detect with {r.power:.0%} power at Holm's strictest level "
-        f"(alpha / {family}), from that cell's batch SD (statsmodels' t-test power); **underpowered** where "
+        f"(alpha / {family}), from that cell's batch SD (the paired t-test's power); **underpowered** where "
         f"that exceeds {r.effect:g} dB."
     )
     budget = (
