@@ -15,6 +15,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.files import load_tensors, read_json, save_tensors
 from pipeline.nets import build_model
+from pipeline.sections import BottleneckParams
 
 
 class Architecture(BaseModel):
@@ -28,9 +29,12 @@ class Architecture(BaseModel):
     image_size: int = Field(ge=1)
     norm: str
     maxpool_kernel: int | None
+    # PRECODE's block; only a checkpoint that has one names it, so the others' bytes are unchanged
+    bottleneck: BottleneckParams | None = None
 
 
 ARCH_KEYS = tuple(Architecture.model_fields)
+REQUIRED_ARCH_KEYS = tuple(k for k, f in Architecture.model_fields.items() if f.is_required())
 
 
 def epoch_checkpoint(epoch: int) -> str:
@@ -72,14 +76,14 @@ def training_order(table) -> list[str]:
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    missing = [k for k in ARCH_KEYS if k not in meta]
+    missing = [k for k in REQUIRED_ARCH_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     save_tensors(path, model.state_dict(), meta)
 
 
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
-    return build_model(**{k: meta[k] for k in ARCH_KEYS})
+    return build_model(**{k: meta[k] for k in ARCH_KEYS if k in meta})
 
 
 def load_checkpoint(path: Path, expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -90,7 +94,7 @@ def load_checkpoint(path: Path, expect: dict[str, Any] | None = None) -> tuple[n
     """
     path = Path(path)
     state, meta = load_tensors(path)
-    missing = [k for k in ARCH_KEYS if k not in meta]
+    missing = [k for k in REQUIRED_ARCH_KEYS if k not in meta]
     if missing:
         raise PipelineError(f"{path}: not a model checkpoint (metadata lacks {missing[0]!r})")
     for key, value in (expect or {}).items():

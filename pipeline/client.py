@@ -34,7 +34,13 @@ from torch.nn import functional as F
 from pipeline.defenses import defended
 from pipeline.dp import add_noise, client_epsilon, clip_and_sum, clip_whole
 from pipeline.errors import PipelineError
-from pipeline.nets import batchnorm_layers, running_statistics, smallest_batchnorm_input
+from pipeline.nets import (
+    VariationalBottleneck,
+    batchnorm_layers,
+    running_statistics,
+    smallest_batchnorm_input,
+    take_penalty,
+)
 from pipeline.parallel import worker_fabric
 from pipeline.sections import ClientParams, SoteriaParams
 from pipeline.seeds import Draw, generator
@@ -102,15 +108,21 @@ def client_model(model: nn.Module, mode: str) -> nn.Module:
 
 @contextmanager
 def _feeding(model: nn.Module, positions: torch.Tensor, key: tuple[int, int]) -> Iterator[None]:
+    """The draws of a forward of the batch `positions` at local step key[1]: dropout's masks per
+    sample, and a bottleneck's noise per forwarded group (named by its first position)."""
     for m in model.modules():
         if isinstance(m, SeededDropout):
             m.positions, m.key = positions, key
+        elif isinstance(m, VariationalBottleneck):
+            m.generator = generator(Draw.CLIENT_BOTTLENECK, *key, int(positions[0]))
     try:
         yield
     finally:
         for m in model.modules():
             if isinstance(m, SeededDropout):
                 m.positions = None
+            elif isinstance(m, VariationalBottleneck):
+                m.generator = None
 
 
 def _has_train_batchnorm(model: nn.Module) -> bool:
@@ -186,6 +198,9 @@ def _run_client(
     params = [p for _, p in named]
     if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
         raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
+    has_bottleneck = any(isinstance(m, VariationalBottleneck) for m in model.modules())
+    if c.dp is not None and c.dp.kind == "per-sample" and has_bottleneck:
+        raise PipelineError("per-sample DP leaves out a bottleneck's KL term (PRECODE): use a model without one")
     # Soteria's mask is taken at theta_0; copied before the statistics' hooks, which it must not feed
     start = copy.deepcopy(model) if isinstance(c.defense, SoteriaParams) else None
     statistics = NormalisationStatistics(model, c.local_steps, normalisation_groups(c))
@@ -211,6 +226,7 @@ def _run_client(
                 statistics.at = (e, g)
                 with _feeding(model, group, key):
                     loss = loss + F.cross_entropy(model(images[group]), labels[group], reduction="sum")
+                    loss = loss + len(group) * take_penalty(model)  # PRECODE's KL term, a mean per image
             local = torch.autograd.grad(loss / n_step, params)
             grads = reduce({n: g for (n, _), g in zip(named, local)})
             if c.dp is not None:  # the original's: each step's batch gradient clipped as a whole

@@ -1,16 +1,22 @@
 """Model builders: ResNet-18 (the original's model), VGG-11 (dropout), a small ConvNet.
 
 Every builder takes the data's input shape and class count, so the same code serves
-Fashion-MNIST (1 channel), CIFAR and ImageNet folders (3 channels). Two architecture
-variants come from the defense schemes: GroupNorm instead of BatchNorm (DP-SGD) and a
-larger ResNet maxpool kernel (the RA defense). Checkpoint metadata records both, so every
-stage rebuilds exactly the model that was trained.
+Fashion-MNIST (1 channel), CIFAR and ImageNet folders (3 channels). Three architecture
+variants come from the defense schemes: GroupNorm instead of BatchNorm (DP-SGD), a
+larger ResNet maxpool kernel (the RA defense) and PRECODE's variational bottleneck before
+the classifier. Checkpoint metadata records them, so every stage rebuilds exactly the model
+that was trained.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
 
@@ -79,6 +85,86 @@ def _vgg11(in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+# sigma = softplus(s - 5): an untrained block's codes start near their means (sigma ~ 0.007)
+BOTTLENECK_SIGMA_SHIFT = 5.0
+
+
+class VariationalBottleneck(nn.Module):
+    """PRECODE's block (Scheliga et al., WACV'22): the features encoded as the means and standard
+    deviations of `size` Gaussian codes, one code vector drawn per image (the means in eval mode,
+    or where `sample` is off), decoded back to the features' size.
+
+    `penalty` holds `beta` times the KL divergence of the codes' Gaussians from N(0, 1), summed
+    over the codes and averaged over the images, of the last forward: the training loss adds it
+    (`take_penalty`). `generator`, where set, draws the codes' noise (the client's seeded draw);
+    else torch's global generator does."""
+
+    def __init__(self, features: int, size: int, beta: float):
+        super().__init__()
+        self.encoder = nn.Linear(features, 2 * size)
+        self.decoder = nn.Linear(size, features)
+        self.size, self.beta = size, beta
+        self.sample = True
+        self.generator: torch.Generator | None = None
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = self.encoder(x)
+        mean, sigma = codes[:, : self.size], F.softplus(codes[:, self.size :] - BOTTLENECK_SIGMA_SHIFT)
+        kl = 0.5 * (mean.pow(2) + sigma.pow(2) - 1).sum(1) - sigma.log().sum(1)
+        self.penalty = self.beta * kl.mean()
+        if self.training and self.sample:
+            noise = torch.randn(sigma.shape, generator=self.generator, dtype=sigma.dtype, device="cpu")
+            mean = mean + sigma * noise.to(sigma.device)
+        return self.decoder(mean)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies (deepcopy, spawned processes) leave the last forward's penalty and its graph behind
+        return {**super().__getstate__(), "penalty": None, "generator": None}
+
+
+def take_penalty(model: nn.Module) -> torch.Tensor | float:
+    """The penalties of `model`'s bottleneck blocks from their last forward, summed, and cleared
+    (0 where it has none): what the training loss adds to the cross-entropy after each forward."""
+    total: torch.Tensor | float = 0.0
+    for m in model.modules():
+        if isinstance(m, VariationalBottleneck) and m.penalty is not None:
+            total, m.penalty = total + m.penalty, None
+    return total
+
+
+def with_bottleneck(model: nn.Module, size: int, beta: float) -> nn.Module:
+    """`model` with a variational bottleneck before its last linear layer (in place)."""
+    name = classifier_weight_name(model).rpartition(".")[0]
+    linear = model.get_submodule(name)
+    assert isinstance(linear, nn.Linear)
+    parent, _, attr = name.rpartition(".")
+    block = nn.Sequential(VariationalBottleneck(linear.in_features, size, beta), linear)
+    setattr(model.get_submodule(parent) if parent else model, attr, block)
+    return model
+
+
+def bottleneck_left_out(model: nn.Module) -> nn.Module:
+    """A copy of `model` as the attacker of a PRECODE model uses it (Scheliga et al.): the block's
+    codes at their means (the client's noise is its own), and the block's and every later
+    parameter frozen, so that their gradients, which the client's noise drew, are left out of the
+    match. The model itself where it has no block."""
+    names = [n for n, m in model.named_modules() if isinstance(m, VariationalBottleneck)]
+    if not names:
+        return model
+    model = copy.deepcopy(model)
+    first = names[0]
+    after = False
+    for name, p in model.named_parameters():
+        after = after or name.startswith(first + ".")
+        p.requires_grad_(not after)
+    for name in names:
+        block = model.get_submodule(name)
+        assert isinstance(block, VariationalBottleneck)
+        block.sample = False
+    return model
+
+
 def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> nn.Module:
     """Replace every BatchNorm2d by a GroupNorm over the same channels (affine kept)."""
     for name, child in module.named_children():
@@ -97,12 +183,14 @@ def build_model(
     image_size: int,
     norm: str = "batch",
     maxpool_kernel: int | None = None,
+    bottleneck: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A freshly initialised model (initialise under a seeded generator for reproducibility).
 
     `norm="group"` swaps BatchNorm for GroupNorm; `maxpool_kernel` sets the stem maxpool
     kernel (ResNet-18's, stride 2 and padding 1 kept as the original's RA defense did; the
-    ConvNet gains one after its first block).
+    ConvNet gains one after its first block); `bottleneck` ({size, beta}) puts PRECODE's block
+    before the classifier.
     """
     if maxpool_kernel is not None and arch not in RA_ARCHS:
         raise PipelineError(f"a maxpool kernel (the RA defense) needs a stem maxpool: {arch} has none")
@@ -122,6 +210,8 @@ def build_model(
         batchnorm_to_groupnorm(model)
     elif norm != "batch":
         raise PipelineError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORMS)}")
+    if bottleneck is not None:
+        with_bottleneck(model, int(bottleneck["size"]), float(bottleneck["beta"]))
     return model
 
 

@@ -117,6 +117,14 @@ class SoteriaParams(_Section):
 DefenseParams = Annotated[PruningParams | ClippingParams | SignParams | SoteriaParams, Field(discriminator="kind")]
 
 
+class BottleneckParams(_Section):
+    """PRECODE (Scheliga et al., WACV'22): a variational bottleneck of `size` Gaussian codes before
+    the classifier, trained with `beta` times its KL divergence from N(0, 1) added to the loss."""
+
+    size: int = Field(ge=1)
+    beta: float = Field(ge=0)
+
+
 class SchemeParams(_Section):
     """One defense scheme: how its model is normalised and trained."""
 
@@ -129,6 +137,9 @@ class SchemeParams(_Section):
     # applied to every step's gradient, averaged over the processes, before the optimizer takes it:
     # every client of the federation defends every round, so its accuracy cost is trained in
     defense: DefenseParams | None
+    # Optional, so the schemes written before them keep their parameters, and their outputs their bytes:
+    bottleneck: BottleneckParams | None = None  # PRECODE's block before the classifier (a model variant)
+    lr: float | None = Field(default=None, gt=0)  # this scheme's SGD step size in place of train.lr
 
     @model_validator(mode="after")
     def _consistent(self) -> SchemeParams:
@@ -136,6 +147,8 @@ class SchemeParams(_Section):
             raise ValueError("per-sample DP needs norm: group (BatchNorm ties the samples of a batch together)")
         if self.defense is not None and self.dp is not None:
             raise ValueError("defense and dp: one post-processing of the gradient at a time (DP clips already)")
+        if self.bottleneck is not None and self.dp is not None and self.dp.kind == "per-sample":
+            raise ValueError("bottleneck and per-sample dp: DP-SGD's per-sample gradients leave out the KL term")
         if isinstance(self.defense, SoteriaParams):
             raise ValueError(
                 "defense soteria trains no scheme: its mask takes one backward per representation entry at "
@@ -358,6 +371,12 @@ class ReportParams(_Section):
     alpha: float = Field(gt=0, lt=1)  # the family's level, on Holm-adjusted p
     power: float = Field(gt=0, lt=1)  # of the smallest detectable difference
     effect: float = Field(gt=0)  # dB: the paired difference the trials are sized for (underpowered above)
+
+    @model_validator(mode="after")
+    def _levels(self) -> ReportParams:
+        if self.power <= self.alpha:
+            raise ValueError(f"power {self.power} at level alpha {self.alpha}: a test's power exceeds its level")
+        return self
 
 
 def pairs_with(client: ClientParams, baseline_client: ClientParams) -> bool:

@@ -40,6 +40,7 @@ class Draw(IntEnum):
     SURROGATE_CLIENT = 15  # the client it simulates on them (dropout, DP noise)
     TUNE_SAMPLER = 16  # the study's sampler before one trial
     NORMALISATION_SAMPLE = 17  # the training images a streamed folder's mean and std are estimated on
+    CLIENT_BOTTLENECK = 18  # the client's PRECODE noise at one step, for one forwarded group
 
 
 def mix(draw: Draw, *numbers: int) -> int:

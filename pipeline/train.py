@@ -12,7 +12,9 @@ changes:
 * dp: per-sample DP-SGD (Poisson batches, clipping, noise, epsilon per epoch), or the
   original's batch clipping plus noise (no guarantee);
 * defense: a client's post-processing (pruning, clipping, sign; pipeline.defenses) applied to
-  every step's gradient after it is averaged over the processes, before momentum and weight decay.
+  every step's gradient after it is averaged over the processes, before momentum and weight decay;
+* bottleneck: PRECODE's variational block before the classifier, its KL term in the loss;
+* lr: the scheme's own SGD step size in place of `train.lr`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pipeline.defenses import defended
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilons, per_sample_method, tightest
 from pipeline.errors import PipelineError
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
-from pipeline.nets import build_model
+from pipeline.nets import build_model, take_penalty
 from pipeline.parallel import resolve_accelerator, threads_per_process
 from pipeline.sections import SchemeParams, TrainParams
 from pipeline.seeds import Draw, generator
@@ -141,7 +143,7 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, _index):
         images, labels = batch
         if not self.per_sample_dp:
-            loss = F.cross_entropy(self.model(images), labels)
+            loss = F.cross_entropy(self.model(images), labels) + take_penalty(self.model)  # PRECODE's KL term
             self._count_loss(loss.detach(), len(labels))
             return loss
         dp, world = self.scheme.dp, self.trainer.world_size
@@ -227,7 +229,10 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(
-            self.model.parameters(), lr=self.hp.lr, momentum=self.hp.momentum, weight_decay=self.hp.weight_decay
+            self.model.parameters(),
+            lr=self.scheme.lr or self.hp.lr,
+            momentum=self.hp.momentum,
+            weight_decay=self.hp.weight_decay,
         )
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.hp.lr_milestones, gamma=self.hp.lr_gamma)
         return [opt], [sched]
@@ -322,6 +327,7 @@ def architecture(
         "image_size": data_meta["image_size"],
         "norm": "group" if scheme.norm == "group" else "batch",
         "maxpool_kernel": maxpool_kernel,
+        **({"bottleneck": scheme.bottleneck.model_dump()} if scheme.bottleneck is not None else {}),
     }
 
 
@@ -355,6 +361,7 @@ def train(
         "global_batch": params.train.batch_size * scheme.batch_multiplier,
         **({"bn_state_rank": 0} if scheme.norm == "batch-async" and processes > 1 else {}),
         **({"defense": scheme.defense.model_dump()} if scheme.defense is not None else {}),
+        **({"lr": scheme.lr} if scheme.lr is not None else {}),
     }
     mean, std = data_meta["mean"], data_meta["std"]
     train_set, test_set = (

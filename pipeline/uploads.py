@@ -54,7 +54,7 @@ class ThreatModel(Architecture, ClientProtocol):
     @property
     def arch_meta(self) -> dict[str, Any]:
         """The checkpoint metadata that rebuilds the client's architecture."""
-        return {k: getattr(self, k) for k in ARCH_KEYS}
+        return self.model_dump(include=set(ARCH_KEYS), exclude={"bottleneck"} if self.bottleneck is None else None)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -123,8 +123,9 @@ def split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ..
 
 def save_upload(path: Path, upload: Upload) -> None:
     tm = upload.threat_model
-    # an undefended client's threat model names no defense: its bytes are those of the uploads before defenses
-    stated = tm.model_dump(exclude={"defense"} if tm.defense is None else None)
+    # an undefended client of a model without a bottleneck names neither: its bytes are those of the
+    # uploads before defenses
+    stated = tm.model_dump(exclude={k for k in ("defense", "bottleneck") if getattr(tm, k) is None})
     save_tensors(path, joined(upload.gradients, upload.bn_statistics, upload.bn_buffers), {"kind": "upload", **stated})
 
 
@@ -205,7 +206,7 @@ def threat_model(
     """What the server knows of the upload of client `c` starting from `model`, the checkpoint
     at `checkpoint` (whose metadata is `ckpt`): the exact model and the client's protocol."""
     return ThreatModel(
-        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "step", "epoch")},
+        **{k: ckpt[k] for k in (*ARCH_KEYS, "mean", "std", "scheme", "step", "epoch") if k in ckpt},
         setting=setting,
         trial=trial,
         checkpoint=checkpoint.as_posix(),

@@ -78,11 +78,14 @@ def make_upload(
     upload_buffers=False,
     epoch=0,
     defense=None,
+    bottleneck=None,
 ) -> Path:
     """A client's upload of `images` from an untrained ConvNet (seed 0) whose checkpoint says
     `epoch`, the checkpoint beside it in `folder` as <name>/epoch-<epoch>.safetensors (a checkpoint
-    is known by its file's name), the labels revealed; returns the upload's path."""
+    is known by its file's name), the labels revealed; returns the upload's path. `bottleneck`:
+    PRECODE's block ({size, beta}) in the ConvNet."""
     arch = {**ARCH, "norm": norm, "maxpool_kernel": maxpool_kernel}
+    arch.update({"bottleneck": bottleneck} if bottleneck else {})
     torch.manual_seed(0)
     model = build_model(**arch)
     checkpoint = folder / name / f"{epoch_checkpoint(epoch)}.safetensors"

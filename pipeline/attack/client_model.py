@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.nets import take_penalty
+
 
 def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, shards: int = 1) -> list[torch.Tensor]:
     """The batch gradient of `images`, one tensor per trainable parameter, differentiable with
@@ -19,8 +21,19 @@ def dummy_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     its own statistics: the client's asynchronous BatchNorm over W participants, modelled.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    logits = torch.cat([model(part) for part in images.chunk(shards)])
-    return list(torch.autograd.grad(F.cross_entropy(logits, labels), params, create_graph=True))
+    logits: list[torch.Tensor] = []
+    penalty: torch.Tensor | float = 0.0
+    for part in images.chunk(shards):  # a bottleneck's KL term (PRECODE) is a mean per image, as the client's
+        logits.append(model(part))
+        penalty = penalty + len(part) / len(images) * take_penalty(model)
+    loss = F.cross_entropy(torch.cat(logits), labels) + penalty
+    return list(torch.autograd.grad(loss, params, create_graph=True))
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The client's loss of one forward, summed over its images: the cross-entropy and a
+    bottleneck's KL term (PRECODE), each a mean per image."""
+    return F.cross_entropy(logits, labels, reduction="sum") + len(labels) * take_penalty(model)
 
 
 def step_groups(parts: list[torch.Tensor], separate: bool) -> list[torch.Tensor]:
@@ -56,9 +69,7 @@ def unrolled_update(
     for parts in steps.parts:
         groups = step_groups(parts, steps.separate)
         state = {**fixed, **dict(zip(names, current))}
-        summed = sum(
-            F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum") for g in groups
-        )
+        summed = sum(_summed_loss(functional_call(model, state, (images[g],)), labels[g], model) for g in groups)
         loss = cast(torch.Tensor, summed) / sum(len(g) for g in groups)
         grads = torch.autograd.grad(loss, current, create_graph=True)
         taken.append(grads)
@@ -108,7 +119,7 @@ def surrogate_gradient(
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # train-mode BatchNorm moves them: not the caller's
     state = {**{n: p for n, p in model.named_parameters() if not p.requires_grad}, **buffers, **dict(zip(names, point))}
     summed = sum(
-        F.cross_entropy(functional_call(model, state, (images[g],)), labels[g], reduction="sum")
+        _summed_loss(functional_call(model, state, (images[g],)), labels[g], model)
         for g in (groups if groups is not None else [torch.arange(len(labels))])
     )
     return list(torch.autograd.grad(cast(torch.Tensor, summed) / len(labels), point, create_graph=True))

@@ -25,7 +25,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
 from pipeline.defenses import ModelledDefense
 from pipeline.errors import PipelineError
-from pipeline.nets import batchnorm_layers, classifier_weight_name
+from pipeline.nets import VariationalBottleneck, batchnorm_layers, bottleneck_left_out, classifier_weight_name
 from pipeline.sections import AttackParams
 from pipeline.uploads import ThreatModel, Upload, check_fits, load_upload
 
@@ -97,8 +97,9 @@ class Target:
             surrogate = Surrogate(tm.lr, tm.local_steps, [g for step in parts for g in step_groups(step, shards > 1)])
         elif parts is not None:
             local_steps = LocalSteps(parts, separate=shards > 1, lr=tm.lr)
+        model = bottleneck_left_out(victim.model) if a.client_model == "exact" else victim.model
         return cls(
-            victim.model,
+            model,
             victim.upload.gradients,
             _labels(a, victim),
             tm.image_shape,
@@ -108,7 +109,7 @@ class Target:
             _statistics(a, victim),
             local_steps,
             where,
-            modelled_defense(tm, a, victim),
+            modelled_defense(tm, a, victim.upload.gradients, model),
             surrogate,
         )
 
@@ -137,6 +138,11 @@ class Target:
             raise PipelineError(
                 f"{self.source}: attack.compile: the compiled step takes neither the BatchNorm prior nor "
                 "the client's modelled local steps (compile: false, or client_model: plain)"
+            )
+        if a.compile and any(isinstance(m, VariationalBottleneck) for m in self.model.modules()):
+            raise PipelineError(
+                f"{self.source}: attack.compile: the compiled step leaves out a bottleneck's KL term (PRECODE); "
+                "use compile: false"
             )
         if a.compile and self.defense is not None:
             raise PipelineError(
@@ -191,14 +197,24 @@ def applies_defense(tm: ThreatModel, a: AttackParams) -> bool:
     return a.client_model == "exact" and tm.defense is not None
 
 
-def modelled_defense(tm: ThreatModel, a: AttackParams, victim: Victim) -> ModelledDefense | None:
-    """The client's defense as attacker `a` applies it to its dummy upload (None: it does not)."""
+def leaves_bottleneck_out(tm: ThreatModel, a: AttackParams) -> bool:
+    """Whether attacker `a` leaves a PRECODE block, and what follows it, out of the match
+    (pipeline.nets.bottleneck_left_out): the adaptive one does; the classic one attacks the whole
+    model, its noise drawn by itself."""
+    return a.client_model == "exact" and tm.bottleneck is not None
+
+
+def modelled_defense(
+    tm: ThreatModel, a: AttackParams, upload: dict[str, torch.Tensor], model: nn.Module
+) -> ModelledDefense | None:
+    """The client's defense as attacker `a` applies it to its dummy upload of `model`'s trainable
+    parameters (None: it does not)."""
     if not applies_defense(tm, a) or tm.defense is None:
         return None
     return ModelledDefense(
         tm.defense,
-        victim.upload.gradients,
-        victim.model,
+        upload,
+        model,
         a.sign_temperature,
         bound_known=a.clip_bound == "stated",
         pruning=a.pruning_model,
@@ -208,7 +224,7 @@ def modelled_defense(tm: ThreatModel, a: AttackParams, victim: Victim) -> Modell
 def adapts(tm: ThreatModel, a: AttackParams) -> bool:
     """Whether attacker `a` models this upload's client otherwise than the classic attacker."""
     shards, parts = modelled_client(tm, a)
-    return shards > 1 or parts is not None or applies_defense(tm, a)
+    return shards > 1 or parts is not None or applies_defense(tm, a) or leaves_bottleneck_out(tm, a)
 
 
 def _labels(a: AttackParams, victim: Victim) -> torch.Tensor:
