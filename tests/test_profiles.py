@@ -155,3 +155,24 @@ def test_a_profile_applied_twice_gives_the_same_parameters(tmp_path):
     once = params.read_text()
     apply_profile(REPO / "profiles" / "tiny.yaml", params)
     assert params.read_text() == once and "pure-2x" not in yaml.safe_load(once)["settings"]
+
+
+def test_a_profile_sets_a_schemes_optional_key_and_refuses_a_misspelt_one(tmp_path):
+    params, profile = tmp_path / "params.yaml", tmp_path / "more.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    profile.write_text("schemes:\n  pure: {lr: 0.01, bottleneck: {size: 8, beta: 0.001}}\n")
+    apply_profile(profile, params)
+    assert load_params(params).scheme("pure").lr == 0.01 and load_params(params).scheme("pure").bottleneck.size == 8
+    profile.write_text("schemes:\n  pure: {rate: 0.01}\n")
+    with pytest.raises(PipelineError, match="unknown key 'schemes.pure.rate'"):
+        apply_profile(profile, params)
+
+
+def test_the_precode_profile_trains_precode_and_sign_at_their_own_step_sizes(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    apply_profile(REPO / "profiles" / "precode.yaml", params)
+    p = load_params(params)
+    assert p.scheme("precode").bottleneck.model_dump() == {"size": 256, "beta": 1e-3} and p.scheme("precode").lr == 5e-3
+    assert p.scheme("sign-lr").defense.kind == "sign" and p.scheme("sign-lr").lr == 1e-4
+    assert sorted(p.settings) == ["precode", "pure", "sign-lr"]

@@ -6,7 +6,8 @@ A profile holds only the keys it changes; a key params.yaml does not have is ref
 typo would otherwise be silently ignored), and the result must validate. `settings: {name: null}`
 removes that client setting, `schemes: {name: null}` that scheme; a setting or a scheme params.yaml
 does not have is added (a setting must name its scheme, a scheme give every key, so a misspelt
-override of an existing one is refused by the validation).
+override of an existing one is refused by the validation), and a scheme's optional key (`lr`,
+`bottleneck`) may be set on one that does not list it (a misspelt key is refused by the validation).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from tools import fail
 
 def merge(target: Any, overrides: dict[str, Any], where: str = "") -> None:
     # A client setting may change any key of client and attack without params.yaml listing it
-    # there; its keys are validated with the result, so a typo is refused all the same.
-    open_mapping = where.startswith("settings.")
+    # there, and a scheme may set its optional keys (bottleneck, lr); their keys are validated with
+    # the result, so a typo is refused all the same.
+    open_mapping = where.startswith(("settings.", "schemes."))
     for key, value in overrides.items():
         name = f"{where}{key}"
         if value is None and where in ("settings.", "schemes."):  # a profile drops one (gone already: nothing to do)
