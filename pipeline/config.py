@@ -80,6 +80,11 @@ class Params(_Section):
                     f"does not split evenly over {processes} processes"
                 )
             _check_name("schemes", name)
+            if scheme.bottleneck is not None and self.model.arch != "convnet":
+                raise ValueError(
+                    f"schemes.{name}.bottleneck: PRECODE's block is built and measured on the convnet only "
+                    f"(the rank analysis reads {self.model.arch}'s classifier by its own name)"
+                )
         self._check_attack(self.attack, "attack")
         for name, setting in self.settings.items():
             _check_name("settings", name)
@@ -101,6 +106,8 @@ class Params(_Section):
                     f"settings.{name}: per-sample DP cannot run through train-mode BatchNorm, which "
                     "ties the samples together (use mode: eval or a scheme with norm: group)"
                 )
+            if self.schemes[setting.scheme].bottleneck is not None:
+                _check_bottleneck_client(name, client, attack)
             if attack.labels == "idlg" and client.batch_size != 1:
                 raise ValueError(f"{where}.labels: 'idlg' needs batch_size 1 (settings.{name} has {client.batch_size})")
             if setting.attack:
@@ -278,6 +285,26 @@ def _changed(section: _Section, overrides: dict[str, Any], where: str, about: st
         raise ValueError(
             f"{where}" + (f".{key}" if key else "") + f": {first['msg'].removeprefix('Value error, ')}{got}"
         ) from None
+
+
+def _check_bottleneck_client(name: str, client: ClientParams, attack: AttackParams) -> None:
+    """What a client of a PRECODE model (and its attackers) cannot do yet: each would upload, or
+    be attacked, otherwise than the block's seeded draws and the adaptive attacker's model of it
+    (the block and the classifier frozen, so left out of the match) assume."""
+    refusals = [
+        (client.defense is not None, "a client defense (its modelled transform would cover the matched tensors only)"),
+        (client.local_steps > 1, "local_steps > 1 (the adaptive attacker would hold the frozen block at theta_0)"),
+        (
+            client.participants > 1 and client.participants_as == "processes",
+            "participants_as: processes (each process would draw the block's noise for its own shard)",
+        ),
+        (client.dp is not None and client.dp.kind == "per-sample", "per-sample DP (it leaves out the KL term)"),
+        (attack.compile, "attack.compile (the compiled step leaves out the KL term)"),
+        (attack.labels in ("llg", "idlg"), "labels llg or idlg (they assume ReLU features before the classifier)"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise ValueError(f"settings.{name}: its scheme's bottleneck (PRECODE) does not take {what}")
 
 
 def _check_name(section: str, name: str) -> None:

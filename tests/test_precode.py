@@ -143,3 +143,23 @@ def test_bad_precode_step_size_and_power_parameters_are_refused_in_one_line(over
     with pytest.raises(PipelineError, match=message) as err:
         make_params(**overrides)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"scheme": "precode", "defense": {"kind": "sign"}}, "a client defense"),
+        ({"scheme": "precode", "local_steps": 2}, "local_steps > 1"),
+        ({"scheme": "precode", "participants": 2, "participants_as": "processes"}, "participants_as: processes"),
+        ({"scheme": "precode", "attack": {"labels": "llg"}}, "labels llg or idlg"),
+    ],
+)
+def test_what_a_precode_client_cannot_do_yet_is_refused_in_one_line(setting, message):
+    scheme = {"norm": "batch-sync", "batch_multiplier": 1, "maxpool_kernel": None, "dp": None, "defense": None}
+    overrides = {"schemes__precode": {**scheme, "bottleneck": PRECODE}, "settings__precode": setting}
+    with pytest.raises(
+        PipelineError, match=f"settings.precode: its scheme's bottleneck \\(PRECODE\\) does not take {message}"
+    ):
+        make_params(**overrides)
+    with pytest.raises(PipelineError, match="PRECODE's block is built and measured on the convnet only"):
+        make_params(model__arch="resnet18", schemes__precode={**scheme, "bottleneck": PRECODE})
