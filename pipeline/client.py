@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.nets import (
     VariationalBottleneck,
     batchnorm_layers,
+    bottlenecks,
     running_statistics,
     smallest_batchnorm_input,
     take_penalty,
@@ -108,13 +109,14 @@ def client_model(model: nn.Module, mode: str) -> nn.Module:
 
 @contextmanager
 def _feeding(model: nn.Module, positions: torch.Tensor, key: tuple[int, int]) -> Iterator[None]:
-    """The draws of a forward of the batch `positions` at local step key[1]: dropout's masks per
-    sample, and a bottleneck's noise per forwarded group (named by its first position)."""
+    """The draws of a forward of the batch `positions` at local step key[1], each sample's from
+    (seed, step, its position): dropout's masks and a bottleneck's noise, so that a sample draws
+    alike in whichever group or process forwards it."""
     for m in model.modules():
         if isinstance(m, SeededDropout):
             m.positions, m.key = positions, key
         elif isinstance(m, VariationalBottleneck):
-            m.generator = generator(Draw.CLIENT_BOTTLENECK, *key, int(positions[0]))
+            m.row_generators = [generator(Draw.CLIENT_BOTTLENECK, *key, int(i)) for i in positions]
     try:
         yield
     finally:
@@ -122,7 +124,7 @@ def _feeding(model: nn.Module, positions: torch.Tensor, key: tuple[int, int]) ->
             if isinstance(m, SeededDropout):
                 m.positions = None
             elif isinstance(m, VariationalBottleneck):
-                m.generator = None
+                m.row_generators = None
 
 
 def _has_train_batchnorm(model: nn.Module) -> bool:
@@ -198,8 +200,7 @@ def _run_client(
     params = [p for _, p in named]
     if c.dp is not None and c.dp.kind == "per-sample" and _has_train_batchnorm(model):
         raise PipelineError("per-sample DP cannot run through train-mode BatchNorm, which ties the samples together")
-    has_bottleneck = any(isinstance(m, VariationalBottleneck) for m in model.modules())
-    if c.dp is not None and c.dp.kind == "per-sample" and has_bottleneck:
+    if c.dp is not None and c.dp.kind == "per-sample" and bottlenecks(model):
         raise PipelineError("per-sample DP leaves out a bottleneck's KL term (PRECODE): use a model without one")
     # Soteria's mask is taken at theta_0; copied before the statistics' hooks, which it must not feed
     start = copy.deepcopy(model) if isinstance(c.defense, SoteriaParams) else None

@@ -296,7 +296,7 @@ def _check_bottleneck_client(name: str, client: ClientParams, attack: AttackPara
         (client.local_steps > 1, "local_steps > 1 (the adaptive attacker would hold the frozen block at theta_0)"),
         (
             client.participants > 1 and client.participants_as == "processes",
-            "participants_as: processes (each process would draw the block's noise for its own shard)",
+            "participants_as: processes (not tested with a bottleneck)",
         ),
         (client.dp is not None and client.dp.kind == "per-sample", "per-sample DP (it leaves out the KL term)"),
         (attack.compile, "attack.compile (the compiled step leaves out the KL term)"),

@@ -96,8 +96,9 @@ class VariationalBottleneck(nn.Module):
 
     `penalty` holds `beta` times the KL divergence of the codes' Gaussians from N(0, 1), summed
     over the codes and averaged over the images, of the last forward: the training loss adds it
-    (`take_penalty`). `generator`, where set, draws the codes' noise (the client's seeded draw);
-    else torch's global generator does."""
+    (`take_penalty`). The noise comes from `row_generators` where set (one per image: the client's
+    draw per sample, as its dropout's), else from `generator` (the batch's: a training step's on one
+    process), else from torch's global generator (an attacker's restart, seeded)."""
 
     def __init__(self, features: int, size: int, beta: float):
         super().__init__()
@@ -106,29 +107,43 @@ class VariationalBottleneck(nn.Module):
         self.size, self.beta = size, beta
         self.sample = True
         self.generator: torch.Generator | None = None
+        self.row_generators: list[torch.Generator] | None = None
         self.penalty: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encoder(x)
-        mean, sigma = codes[:, : self.size], F.softplus(codes[:, self.size :] - BOTTLENECK_SIGMA_SHIFT)
+        mean = codes[:, : self.size]
+        # floored: a softplus that underflows to 0 would make log(sigma), and the step, NaN
+        sigma = F.softplus(codes[:, self.size :] - BOTTLENECK_SIGMA_SHIFT).clamp_min(torch.finfo(codes.dtype).tiny)
         kl = 0.5 * (mean.pow(2) + sigma.pow(2) - 1).sum(1) - sigma.log().sum(1)
         self.penalty = self.beta * kl.mean()
         if self.training and self.sample:
-            noise = torch.randn(sigma.shape, generator=self.generator, dtype=sigma.dtype, device="cpu")
-            mean = mean + sigma * noise.to(sigma.device)
+            mean = mean + sigma * self._noise(sigma.shape).to(sigma)
         return self.decoder(mean)
+
+    def _noise(self, shape: torch.Size) -> torch.Tensor:
+        if self.row_generators is not None:
+            if len(self.row_generators) != shape[0]:
+                raise RuntimeError("the bottleneck's per-image generators do not match its batch")
+            return torch.stack([torch.randn(shape[1:], generator=g) for g in self.row_generators])
+        return torch.randn(shape, generator=self.generator)
 
     def __getstate__(self) -> dict[str, Any]:
         # copies (deepcopy, spawned processes) leave the last forward's penalty and its graph behind
-        return {**super().__getstate__(), "penalty": None, "generator": None}
+        return {**super().__getstate__(), "penalty": None}
+
+
+def bottlenecks(model: nn.Module) -> list[VariationalBottleneck]:
+    """`model`'s PRECODE blocks, in module order."""
+    return [m for m in model.modules() if isinstance(m, VariationalBottleneck)]
 
 
 def take_penalty(model: nn.Module) -> torch.Tensor | float:
     """The penalties of `model`'s bottleneck blocks from their last forward, summed, and cleared
     (0 where it has none): what the training loss adds to the cross-entropy after each forward."""
     total: torch.Tensor | float = 0.0
-    for m in model.modules():
-        if isinstance(m, VariationalBottleneck) and m.penalty is not None:
+    for m in bottlenecks(model):
+        if m.penalty is not None:
             total, m.penalty = total + m.penalty, None
     return total
 

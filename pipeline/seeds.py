@@ -40,7 +40,8 @@ class Draw(IntEnum):
     SURROGATE_CLIENT = 15  # the client it simulates on them (dropout, DP noise)
     TUNE_SAMPLER = 16  # the study's sampler before one trial
     NORMALISATION_SAMPLE = 17  # the training images a streamed folder's mean and std are estimated on
-    CLIENT_BOTTLENECK = 18  # the client's PRECODE noise at one step, for one forwarded group
+    CLIENT_BOTTLENECK = 18  # the client's PRECODE noise of one sample at one step
+    TRAINING_BOTTLENECK = 19  # PRECODE's noise at one training step on one process
 
 
 def mix(draw: Draw, *numbers: int) -> int:

@@ -47,7 +47,7 @@ from pipeline.defenses import defended
 from pipeline.dp import PoissonBatches, batch_clip_noise_gradient, dp_gradient, epsilons, per_sample_method, tightest
 from pipeline.errors import PipelineError
 from pipeline.images import ImageIndex, Images, Split, StreamedImages
-from pipeline.nets import build_model, take_penalty
+from pipeline.nets import bottlenecks, build_model, take_penalty
 from pipeline.parallel import resolve_accelerator, threads_per_process
 from pipeline.sections import SchemeParams, TrainParams
 from pipeline.seeds import Draw, generator
@@ -143,6 +143,12 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, _index):
         images, labels = batch
         if not self.per_sample_dp:
+            for block in bottlenecks(
+                self.model
+            ):  # its noise a function of (seed, step, rank): a resumed run draws alike
+                block.generator = generator(
+                    Draw.TRAINING_BOTTLENECK, self.seed, self.global_step, self.trainer.global_rank
+                )
             loss = F.cross_entropy(self.model(images), labels) + take_penalty(self.model)  # PRECODE's KL term
             self._count_loss(loss.detach(), len(labels))
             return loss

@@ -48,10 +48,15 @@ def test_the_block_samples_in_train_mode_and_decodes_the_means_otherwise():
     means = block.decoder(block.encoder(x)[:, :8])
     torch.testing.assert_close(block.eval()(x), means)
     block.train()
-    block.generator = generator(Draw.CLIENT_BOTTLENECK, 0)
+    block.generator = generator(Draw.TRAINING_BOTTLENECK, 0)
     first = block(x)
-    block.generator = generator(Draw.CLIENT_BOTTLENECK, 0)
+    block.generator = generator(Draw.TRAINING_BOTTLENECK, 0)
     assert torch.equal(block(x), first) and not torch.allclose(first, means)
+    # per image: a sample draws alike whichever batch forwards it (the client's groups and processes)
+    block.row_generators = [generator(Draw.CLIENT_BOTTLENECK, 0, 0, i) for i in range(5)]
+    whole = block(x)
+    block.row_generators = [generator(Draw.CLIENT_BOTTLENECK, 0, 0, i) for i in range(3, 5)]
+    torch.testing.assert_close(block(x[3:]), whole[3:])
     block.sample = False
     torch.testing.assert_close(block(x), means)
 
@@ -77,7 +82,7 @@ def test_the_client_uploads_the_gradient_of_its_whole_loss_with_its_seeded_noise
     again = simulate_client(model, images[:4], labels[:4], client, seed=3).gradients
     assert all(torch.equal(upload[n], again[n]) for n in upload)  # the same seed, the same bytes
     by_hand = model.train()
-    _block(by_hand).generator = generator(Draw.CLIENT_BOTTLENECK, 3, 0, 0)
+    _block(by_hand).row_generators = [generator(Draw.CLIENT_BOTTLENECK, 3, 0, i) for i in range(4)]
     loss = F.cross_entropy(by_hand(images[:4]), labels[:4]) + take_penalty(by_hand)
     want = torch.autograd.grad(loss, list(by_hand.parameters()))
     for (name, _), g in zip(by_hand.named_parameters(), want):

@@ -175,4 +175,4 @@ def test_the_precode_profile_trains_precode_and_sign_at_their_own_step_sizes(tmp
     p = load_params(params)
     assert p.scheme("precode").bottleneck.model_dump() == {"size": 256, "beta": 1e-3} and p.scheme("precode").lr == 5e-3
     assert p.scheme("sign-lr").defense.kind == "sign" and p.scheme("sign-lr").lr == 1e-4
-    assert sorted(p.settings) == ["precode", "pure"]  # sign-lr trains for its cost; its attack is not in the run
+    assert sorted(p.settings) == ["precode", "pure", "sign-lr"]

@@ -25,7 +25,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.client import step_parts
 from pipeline.defenses import ModelledDefense
 from pipeline.errors import PipelineError
-from pipeline.nets import VariationalBottleneck, batchnorm_layers, bottleneck_left_out, classifier_weight_name
+from pipeline.nets import batchnorm_layers, bottleneck_left_out, bottlenecks, classifier_weight_name
 from pipeline.sections import AttackParams
 from pipeline.uploads import ThreatModel, Upload, check_fits, load_upload
 
@@ -139,7 +139,7 @@ class Target:
                 f"{self.source}: attack.compile: the compiled step takes neither the BatchNorm prior nor "
                 "the client's modelled local steps (compile: false, or client_model: plain)"
             )
-        if a.compile and any(isinstance(m, VariationalBottleneck) for m in self.model.modules()):
+        if a.compile and bottlenecks(self.model):
             raise PipelineError(
                 f"{self.source}: attack.compile: the compiled step leaves out a bottleneck's KL term (PRECODE); "
                 "use compile: false"
