@@ -164,18 +164,15 @@ def bottleneck_left_out(model: nn.Module) -> nn.Module:
     codes at their means (the client's noise is its own), and the block's and every later
     parameter frozen, so that their gradients, which the client's noise drew, are left out of the
     match. The model itself where it has no block."""
-    names = [n for n, m in model.named_modules() if isinstance(m, VariationalBottleneck)]
-    if not names:
+    first = next((n for n, m in model.named_modules() if isinstance(m, VariationalBottleneck)), None)
+    if first is None:
         return model
     model = copy.deepcopy(model)
-    first = names[0]
     after = False
     for name, p in model.named_parameters():
         after = after or name.startswith(first + ".")
         p.requires_grad_(not after)
-    for name in names:
-        block = model.get_submodule(name)
-        assert isinstance(block, VariationalBottleneck)
+    for block in bottlenecks(model):
         block.sample = False
     return model
 

@@ -143,12 +143,10 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, _index):
         images, labels = batch
         if not self.per_sample_dp:
-            for block in bottlenecks(
-                self.model
-            ):  # its noise a function of (seed, step, rank): a resumed run draws alike
-                block.generator = generator(
-                    Draw.TRAINING_BOTTLENECK, self.seed, self.global_step, self.trainer.global_rank
-                )
+            # PRECODE's noise a function of (seed, step, rank): a resumed run draws alike
+            step_noise = (Draw.TRAINING_BOTTLENECK, self.seed, self.global_step, self.trainer.global_rank)
+            for block in bottlenecks(self.model):
+                block.generator = generator(*step_noise)
             loss = F.cross_entropy(self.model(images), labels) + take_penalty(self.model)  # PRECODE's KL term
             self._count_loss(loss.detach(), len(labels))
             return loss
